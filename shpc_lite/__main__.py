@@ -1,0 +1,3 @@
+from shpc_lite.cli.main import main
+
+raise SystemExit(main())
