@@ -1,0 +1,1 @@
+"""Fixtures for a real CNCF distribution registry (filled in by the OCI client work)."""
