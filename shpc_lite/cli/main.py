@@ -1,0 +1,93 @@
+"""Entry point: parse flags, merge config, dispatch, and turn errors into one line + exit code."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Optional, Sequence
+
+# command -> (module under shpc_lite.cli, one-line help). Modules are imported only when used,
+# except for their tiny ``add_arguments`` which argparse needs.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "install": ("install", "install a module from a recipe (pulling its image or from --sif)"),
+    "uninstall": ("uninstall", "remove a module version, or all versions of a module"),
+    "list": ("listing", "list installed modules"),
+    "show": ("show", "show a recipe and what is installed of it"),
+    "config": ("configcmd", "show the merged configuration and where each value came from"),
+}
+
+# Global flags that set config keys (the highest configuration layer).
+CONFIG_FLAGS = {
+    "root": "the module root (modules/, containers/, wrappers/ go below it)",
+    "module_system": "lmod or tcl",
+    "runtime": "container runtime binary the wrappers call (singularity, apptainer or a path)",
+    "gpu": "auto, always or never",
+    "default_version": "newest or none",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from shpc_lite import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="shpc-lite",
+        description="Turn container images into Lmod and Tcl environment modules.",
+    )
+    parser.add_argument("--version", action="version", version=f"shpc-lite {__version__}")
+    for key, text in CONFIG_FLAGS.items():
+        parser.add_argument("--" + key.replace("_", "-"), dest=key, metavar=key.upper(), help=text)
+    parser.add_argument(
+        "--registry", action="append", metavar="DIR", help="extra recipe directory (repeatable), searched first"
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="set any config key for this run"
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="print only errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, (module, text) in COMMANDS.items():
+        cmd = sub.add_parser(name, help=text, description=text)
+        importlib.import_module(f"shpc_lite.cli.{module}").add_arguments(cmd)
+        cmd.set_defaults(_module=module)
+    return parser
+
+
+def _flags(args: argparse.Namespace) -> dict:
+    from shpc_lite.config import KEYS
+    from shpc_lite.errors import ConfigError
+
+    flags = {key: getattr(args, key, None) for key in CONFIG_FLAGS}
+    flags["registry"] = args.registry
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in KEYS:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a known key")
+        flags[key] = value
+    return flags
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from shpc_lite.errors import ShpcLiteError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        from shpc_lite.config import load_config
+
+        config = load_config(_flags(args))
+        module = importlib.import_module(f"shpc_lite.cli.{args._module}")
+        return int(module.run(args, config) or 0)
+    except ShpcLiteError as err:
+        print(f"shpc-lite: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("shpc-lite: interrupted; nothing half-written was left behind", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 141
+    except OSError as err:
+        where = f": {err.filename}" if getattr(err, "filename", None) else ""
+        print(f"shpc-lite: error{where}: {err.strerror or err}", file=sys.stderr)
+        return 1

@@ -1,0 +1,217 @@
+"""Layered settings: package defaults < system file < user file < SHPC_LITE_<KEY> env < flags.
+
+Every value remembers where it came from, so ``config show`` can answer "why is it set so?".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from shpc_lite.errors import ConfigError
+
+SYSTEM_CONFIG = "/etc/shpc-lite/config.yaml"
+ENV_PREFIX = "SHPC_LITE_"
+
+
+def _default_root() -> str:
+    # Lazy: platformdirs is cheap, but keep it off the import path of modules that never need it.
+    import platformdirs
+
+    return platformdirs.user_data_dir("shpc-lite")
+
+
+# key -> (default, kind, choices). Kinds: str, int, bool, list, map.
+KEYS: dict[str, tuple[Any, str, tuple[str, ...]]] = {
+    "root": (None, "str", ()),
+    "central_root": ("", "str", ()),
+    "module_system": ("lmod", "str", ("lmod", "tcl")),
+    "runtime": ("singularity", "str", ()),
+    "runtime_module": ("", "str", ()),
+    "bind_paths": ([], "list", ()),
+    "gpu": ("auto", "str", ("auto", "always", "never")),
+    "default_version": ("newest", "str", ("newest", "none")),
+    "registry": ([], "list", ()),
+    "mirrors": ({}, "map", ()),
+    "insecure_registries": ([], "list", ()),
+    "platform": ("", "str", ()),
+    "puller": ("auto", "str", ("auto", "apptainer", "builtin")),
+    "squashfs_compression": ("zstd", "str", ("zstd", "gzip", "xz", "lz4", "lzo")),
+    "squashfs_level": (3, "int", ()),
+    "group": ("", "str", ()),
+    "file_mode": ("0644", "str", ()),
+    "lustre_stripe_count": (0, "int", ()),
+    "jobs": (4, "int", ()),
+    "timeout": (60, "int", ()),
+    "retries": (4, "int", ()),
+    "spider_cache": (False, "bool", ()),
+}
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _coerce(key: str, value: Any, where: str) -> Any:
+    """Check one value against its key's kind; strings from env/flags are parsed."""
+    default, kind, choices = KEYS[key]
+    bad = f"config: {where}: {key}: "
+    if kind == "str":
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(bad + f"expected a string, got {type(value).__name__}")
+        value = str(value)
+        if choices and value not in choices:
+            raise ConfigError(bad + f"{value!r} is not one of {', '.join(choices)}")
+        if key == "file_mode":
+            try:
+                int(value, 8)
+            except ValueError:
+                raise ConfigError(bad + f"{value!r} is not an octal mode such as 0644") from None
+        return value
+    if kind == "int":
+        try:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(bad + f"{value!r} is not a whole number") from None
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in _TRUE | _FALSE:
+            return text in _TRUE
+        raise ConfigError(bad + f"{value!r} is not true or false")
+    if kind == "list":
+        if isinstance(value, str):
+            seps = ",:" if key == "registry" else ","
+            for sep in seps[1:]:
+                value = value.replace(sep, seps[0])
+            return [item.strip() for item in value.split(seps[0]) if item.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(bad + "expected a list of strings")
+        return list(value)
+    if kind == "map":
+        if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        ):
+            raise ConfigError(bad + "expected a mapping of strings to strings")
+        return dict(value)
+    raise AssertionError(kind)
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except FileNotFoundError:
+        return {}
+    except PermissionError:
+        raise ConfigError(f"config: {path}: permission denied") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config: {path}:{line}: invalid YAML") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: {path}: expected a mapping of keys to values")
+    unknown = sorted(set(data) - set(KEYS))
+    if unknown:
+        raise ConfigError(f"config: {path}: unknown key {unknown[0]!r}")
+    return data
+
+
+def user_config_path(environ: Mapping[str, str] = os.environ) -> Path:
+    base = environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "shpc-lite" / "config.yaml"
+
+
+def system_config_path(environ: Mapping[str, str] = os.environ) -> Path:
+    return Path(environ.get("SHPC_LITE_SYSTEM_CONFIG") or SYSTEM_CONFIG)
+
+
+@dataclass(frozen=True)
+class Paths:
+    """The layout of one module root (central or a user's private tree)."""
+
+    root: Path
+
+    @property
+    def modules(self) -> Path:
+        return self.root / "modules"
+
+    @property
+    def containers(self) -> Path:
+        return self.root / "containers"
+
+    @property
+    def wrappers(self) -> Path:
+        return self.root / "wrappers"
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.root / "shpc-lite.lock"
+
+
+@dataclass(frozen=True)
+class Config:
+    values: dict[str, Any]
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.values[key]
+
+    @property
+    def paths(self) -> Paths:
+        return Paths(Path(self.values["root"]).expanduser())
+
+    @property
+    def file_mode(self) -> int:
+        return int(self.values["file_mode"], 8)
+
+    def with_overrides(self, overrides: Mapping[str, Any], source: str) -> "Config":
+        values, sources = dict(self.values), dict(self.sources)
+        for key, value in overrides.items():
+            values[key] = _coerce(key, value, source)
+            sources[key] = source
+        return Config(values, sources)
+
+    def to_json(self) -> str:
+        return json.dumps({k: {"value": self.values[k], "source": self.sources[k]} for k in KEYS}, indent=2)
+
+
+def load_config(
+    flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] = os.environ
+) -> Config:
+    """Merge all layers; ``flags`` maps config keys to command-line values (None = not given)."""
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for key, (default, _, _) in KEYS.items():
+        values[key] = _default_root() if key == "root" else default
+        sources[key] = "default"
+    for path in (system_config_path(environ), user_config_path(environ)):
+        for key, value in _read_file(path).items():
+            values[key] = _coerce(key, value, str(path))
+            sources[key] = str(path)
+    for key in KEYS:
+        env = ENV_PREFIX + key.upper()
+        if env in environ and KEYS[key][1] != "map":
+            values[key] = _coerce(key, environ[env], f"env {env}")
+            sources[key] = f"env {env}"
+    for key, value in (flags or {}).items():
+        if value is not None:
+            values[key] = _coerce(key, value, f"flag --{key.replace('_', '-')}")
+            sources[key] = f"flag --{key.replace('_', '-')}"
+    root = Path(os.path.expanduser(values["root"]))
+    if not root.is_absolute():
+        values["root"] = str(root.resolve())
+    return Config(values, sources)

@@ -1,0 +1,334 @@
+"""Modulefiles and wrapper scripts from one model (``ModuleSpec``) and Jinja2 templates.
+
+All text lives in ``modulefiles/*.j2``; this module computes values (the runtime argv, the
+quoting) once, so the Lmod and Tcl templates cannot disagree. Generated modulefiles never run
+a subprocess or probe the filesystem at load time: every path is decided here.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from shpc_lite.config import Config, Paths
+from shpc_lite.errors import NotFoundError, ShpcLiteError
+from shpc_lite.fsutil import TMP_PREFIX, atomic_write, remove_empty_parents
+from shpc_lite.quoting import lua_quote, sh_quote, tcl_quote
+from shpc_lite.recipe import Alias, Recipe
+
+METADATA = "install.json"
+GPU_FLAGS = {"nvidia": "--nv", "amd": "--rocm"}
+# Device files whose presence means "this node has such a GPU" (checked by wrappers at run time).
+GPU_DEVICES = {"nvidia": "/dev/nvidiactl", "amd": "/dev/kfd"}
+
+
+@dataclass(frozen=True)
+class Wrapper:
+    """One script on PATH: ``exec <runtime> <subcommand> [options] <sif> [argv] "$@"``."""
+
+    name: str
+    subcommand: str
+    argv: tuple[str, ...] = ()
+    options: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    """Everything a modulefile and its wrappers say, resolved to plain values."""
+
+    name: str
+    version: str
+    description: str
+    url: str
+    maintainer: str
+    image: str
+    tag: str
+    digest: str
+    sif: str
+    wrapper_dir: str
+    runtime: str
+    runtime_module: str
+    gpu: str
+    gpu_mode: str
+    bind: tuple[str, ...]
+    env: tuple[tuple[str, str], ...]
+    home: bool | str
+    x11: bool
+    aliases: tuple[Alias, ...]
+    recipe_source: str = ""
+
+    @property
+    def module(self) -> str:
+        return f"{self.name}/{self.version}"
+
+    @property
+    def sif_env_var(self) -> str:
+        return "SHPC_LITE_" + re.sub(r"[^A-Za-z0-9]", "_", self.name).upper() + "_SIF"
+
+    @property
+    def env_prefix(self) -> str:
+        """Apptainer reads APPTAINERENV_*, Singularity SINGULARITYENV_* (and warns on the other)."""
+        return "APPTAINERENV_" if "apptainer" in os.path.basename(self.runtime) else "SINGULARITYENV_"
+
+    @property
+    def runtime_options(self) -> tuple[str, ...]:
+        """Options every wrapper passes, before the per-alias ones; GPU flags are added at run time."""
+        opts: list[str] = []
+        for path in self.bind:
+            opts += ["-B", path]
+        if self.home is False:
+            opts.append("--no-home")
+        elif isinstance(self.home, str):
+            opts += ["--home", self.home]
+        return tuple(opts)
+
+    @property
+    def gpu_flag(self) -> str:
+        return GPU_FLAGS.get(self.gpu, "")
+
+    @property
+    def gpu_device(self) -> str:
+        return GPU_DEVICES.get(self.gpu, "")
+
+    @property
+    def wrappers(self) -> tuple[Wrapper, ...]:
+        own = [Wrapper(a.name, "exec", a.argv, a.options) for a in self.aliases]
+        own += [Wrapper(f"{self.name}-{sub}", sub) for sub in ("shell", "exec", "run")]
+        return tuple(own)
+
+    @property
+    def commands(self) -> list[str]:
+        return [w.name for w in self.wrappers]
+
+
+def make_spec(
+    recipe: Recipe, version: str, tag: str, digest: str, sif: Path, paths: Paths, config: Config
+) -> ModuleSpec:
+    return ModuleSpec(
+        name=recipe.name,
+        version=version,
+        description=recipe.description,
+        url=recipe.url,
+        maintainer=recipe.maintainer,
+        image=recipe.image,
+        tag=tag,
+        digest=digest,
+        sif=str(sif),
+        wrapper_dir=str(paths.wrappers / recipe.name / version / "bin"),
+        runtime=config["runtime"],
+        runtime_module=config["runtime_module"],
+        gpu=recipe.features.gpu,
+        gpu_mode=config["gpu"],
+        bind=tuple(config["bind_paths"]) + recipe.bind,
+        env=recipe.env,
+        home=recipe.features.home,
+        x11=recipe.features.x11,
+        aliases=recipe.aliases,
+        recipe_source=recipe.source,
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def _environment() -> Any:
+    import jinja2
+
+    from shpc_lite.resources import templates_dir
+
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(templates_dir())),
+        autoescape=False,
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters.update(sh=sh_quote, lua=lua_quote, tcl=tcl_quote)
+    return env
+
+
+def render(template: str, **context: Any) -> str:
+    from shpc_lite import __version__
+
+    return _environment().get_template(template).render(shpc_lite_version=__version__, **context)
+
+
+def render_modulefile(spec: ModuleSpec, module_system: str) -> str:
+    return render(f"module.{'lua' if module_system == 'lmod' else 'tcl'}.j2", spec=spec)
+
+
+def render_wrapper(spec: ModuleSpec, wrapper: Wrapper) -> str:
+    return render("wrapper.sh.j2", spec=spec, wrapper=wrapper)
+
+
+def modulefile_path(paths: Paths, name: str, version: str, module_system: str) -> Path:
+    return paths.modules / name / (f"{version}.lua" if module_system == "lmod" else version)
+
+
+def _version_key(version: str) -> tuple:
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return (1, Version(version), version)
+    except InvalidVersion:
+        return (0, version, version)
+
+
+def newest(versions: Iterable[str]) -> Optional[str]:
+    return max(versions, key=_version_key, default=None)
+
+
+# ---------------------------------------------------------------------------------------------
+# The installed tree: <root>/modules/<name>/<version>[.lua], <root>/wrappers/<name>/<version>/
+
+
+@dataclass(frozen=True)
+class Installed:
+    """What ``install.json`` records beside the wrappers of one installed version."""
+
+    name: str
+    version: str
+    image: str
+    tag: str
+    digest: str
+    sif: str
+    module_system: str
+    modulefile: str
+    commands: tuple[str, ...] = ()
+    gpu: str = "none"
+    description: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Installed":
+        data = json.loads(text)
+        data["commands"] = tuple(data.get("commands", ()))
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def installed(paths: Paths, name: Optional[str] = None) -> list[Installed]:
+    """Installed versions (of one module or all), sorted by name then version."""
+    found = []
+    pattern = f"{name}/*/{METADATA}" if name else f"*/*/{METADATA}"
+    for meta in paths.wrappers.glob(pattern):
+        try:
+            found.append(Installed.from_json(meta.read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError):
+            continue  # a half-removed or foreign directory: not ours to list
+    return sorted(found, key=lambda i: (i.name, _version_key(i.version)))
+
+
+def write_module(spec: ModuleSpec, paths: Paths, config: Config) -> Installed:
+    """Write wrappers (staged dir, then swapped in) and then the modulefile, atomically.
+
+    The modulefile goes last because it is what users see: a failure before it leaves the
+    previous state untouched.
+    """
+    module_system = config["module_system"]
+    final = Path(spec.wrapper_dir).parent
+    final.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=final.parent))
+    modulefile = modulefile_path(paths, spec.name, spec.version, module_system)
+    record = Installed(
+        name=spec.name,
+        version=spec.version,
+        image=spec.image,
+        tag=spec.tag,
+        digest=spec.digest,
+        sif=spec.sif,
+        module_system=module_system,
+        modulefile=str(modulefile),
+        commands=tuple(spec.commands),
+        gpu=spec.gpu,
+        description=spec.description,
+    )
+    old = None
+    try:
+        bindir = stage / "bin"
+        bindir.mkdir()
+        for wrapper in spec.wrappers:
+            (bindir / wrapper.name).write_text(render_wrapper(spec, wrapper), encoding="utf-8")
+            os.chmod(bindir / wrapper.name, 0o755)
+        (stage / METADATA).write_text(json.dumps(asdict(record), indent=2, sort_keys=True) + "\n")
+        os.chmod(stage, 0o755)
+        if final.exists():
+            old = final.parent / f"{TMP_PREFIX}old-{spec.version}-{os.getpid()}"
+            os.rename(final, old)
+        os.rename(stage, final)
+        atomic_write(modulefile, render_modulefile(spec, module_system))
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(final, ignore_errors=True)
+            os.rename(old, final)
+            old = None
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    write_defaults(paths, spec.name, config)
+    return record
+
+
+def remove_module(paths: Paths, record: Installed, config: Config) -> None:
+    """Remove the modulefile first (users stop seeing it), then the wrappers."""
+    for path in (Path(record.modulefile), modulefile_path(paths, record.name, record.version, config["module_system"])):
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+    shutil.rmtree(paths.wrappers / record.name / record.version, ignore_errors=True)
+    write_defaults(paths, record.name, config)
+    remove_empty_parents(paths.wrappers / record.name, paths.wrappers)
+
+
+def write_defaults(paths: Paths, name: str, config: Config) -> None:
+    """Rewrite ``.modulerc.lua`` / ``.modulerc`` for one module: default version and GPU tags."""
+    records = [r for r in installed(paths, name) if r.module_system == config["module_system"]]
+    directory = paths.modules / name
+    rc = directory / (".modulerc.lua" if config["module_system"] == "lmod" else ".modulerc")
+    default = newest(r.version for r in records) if config["default_version"] == "newest" else None
+    gpu_versions = [r.version for r in records if r.gpu != "none"]
+    if not records or (default is None and not gpu_versions):
+        try:
+            rc.unlink()
+        except FileNotFoundError:
+            pass
+        remove_empty_parents(directory, paths.modules)
+        return
+    template = "modulerc.lua.j2" if config["module_system"] == "lmod" else "modulerc.tcl.j2"
+    atomic_write(rc, render(template, name=name, default=default, gpu_versions=gpu_versions))
+
+
+def find_installed(paths: Paths, name: str, version: Optional[str] = None) -> list[Installed]:
+    records = installed(paths, name)
+    if version is not None:
+        records = [r for r in records if r.version == version]
+    if not records:
+        what = f"{name}:{version}" if version else name
+        raise NotFoundError(f"{what} is not installed in {paths.root}")
+    return records
+
+
+__all__ = [
+    "ModuleSpec",
+    "Wrapper",
+    "Installed",
+    "make_spec",
+    "render_modulefile",
+    "render_wrapper",
+    "write_module",
+    "remove_module",
+    "write_defaults",
+    "installed",
+    "find_installed",
+    "newest",
+    "ShpcLiteError",
+]

@@ -1,0 +1,275 @@
+"""Recipes: what a container offers as a module. Loaded from YAML, validated, frozen.
+
+A recipe names an image and the module versions built from it (pinned tags, or a ``select``
+rule that picks tags, see docs/recipes.md), the commands users run (aliases) and how the runtime
+must start it (GPU, binds, env). Nothing here touches the network or the module tree.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional
+
+from shpc_lite.errors import NotFoundError, RecipeError
+
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
+SAFE_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class Alias:
+    """A command on the user's PATH that runs ``argv`` inside the container."""
+
+    name: str
+    argv: tuple[str, ...]
+    options: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Features:
+    gpu: str = "none"  # nvidia | amd | none
+    x11: bool = False
+    home: bool | str = True  # True: runtime default, False: --no-home, str: --home PATH
+
+
+@dataclass(frozen=True)
+class VersionPin:
+    """A module version and the image tag (and optionally digest) it comes from."""
+
+    version: str
+    tag: str
+    digest: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class SelectRule:
+    """Pick module versions from a registry's tag list (see shpc_lite.tags)."""
+
+    pattern: str
+    version: str = "{version}"
+    versions: str = ""
+    newest: int = 3
+    per: str = "version"
+    prefer: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    image: str
+    description: str
+    url: str = ""
+    maintainer: str = ""
+    versions: tuple[VersionPin, ...] = ()
+    select: Optional[SelectRule] = None
+    aliases: tuple[Alias, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    features: Features = field(default_factory=Features)
+    bind: tuple[str, ...] = ()
+    source: str = ""
+
+    def version(self, version: str) -> VersionPin:
+        for pin in self.versions:
+            if pin.version == version:
+                return pin
+        known = ", ".join(p.version for p in self.versions) or "none"
+        raise NotFoundError(f"{self.name}: unknown version {version!r} (known: {known})")
+
+
+@functools.lru_cache(maxsize=1)
+def _validator() -> Any:
+    import jsonschema
+
+    schema = json.loads((Path(__file__).parent / "schemas" / "recipe.json").read_text())
+    return jsonschema.Draft202012Validator(schema)
+
+
+def _field(error: Any) -> str:
+    return ".".join(str(p) for p in error.absolute_path) or "(top level)"
+
+
+def _explain(error: Any) -> str:
+    """One short sentence for the most useful jsonschema error."""
+    kind = error.validator
+    where = _field(error)
+    if kind == "additionalProperties":
+        extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+        return f"unknown field {'.'.join(filter(None, [where if where != '(top level)' else '', extra[0]]))!r}"
+    if kind == "required":
+        missing = [r for r in error.validator_value if r not in error.instance][0]
+        prefix = "" if where == "(top level)" else where + "."
+        return f"missing field {prefix + missing!r}"
+    if kind == "propertyNames":
+        section = where
+        bad = error.instance if not isinstance(error.instance, dict) else "?"
+        for sub in error.context or []:
+            bad = sub.instance
+        label = {"aliases": "alias name", "versions": "version", "env": "env name"}.get(section, "key")
+        return f"{section}: unsafe {label} {bad!r} (allowed: letters, digits and . _ + -)"
+    if kind == "pattern":
+        return f"{where}: {error.instance!r} has characters that are not allowed"
+    if kind == "enum":
+        return f"{where}: {error.instance!r} is not one of {', '.join(map(str, error.validator_value))}"
+    if kind == "type":
+        return f"{where}: expected {error.validator_value}, got {type(error.instance).__name__}"
+    if kind == "oneOf":
+        return f"{where}: invalid value {error.instance!r}"
+    return f"{where}: {error.message}"
+
+
+def _words(value: str | list[str], what: str, source: str) -> tuple[str, ...]:
+    if isinstance(value, list):
+        return tuple(value)
+    try:
+        return tuple(shlex.split(value))
+    except ValueError as err:
+        raise RecipeError(f"{source}: {what}: cannot split {value!r}: {err}") from None
+
+
+def recipe_from_dict(data: Any, source: str) -> Recipe:
+    """Validate one parsed recipe document; errors name the file and the field."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: expected a mapping of fields, got {type(data).__name__}")
+    errors = sorted(_validator().iter_errors(data), key=lambda e: (len(e.absolute_path), str(e.absolute_path)))
+    if errors:
+        raise RecipeError(f"{source}: {_explain(errors[0])}")
+    versions = []
+    for version, spec in (data.get("versions") or {}).items():
+        spec = {"tag": spec} if isinstance(spec, str) else spec
+        versions.append(VersionPin(str(version), spec["tag"], spec.get("digest")))
+    aliases = []
+    for name, spec in (data.get("aliases") or {}).items():
+        spec = spec if isinstance(spec, dict) else {"command": spec}
+        argv = _words(spec["command"], f"aliases.{name}.command", source)
+        if not argv:
+            raise RecipeError(f"{source}: aliases.{name}: empty command")
+        options = _words(spec.get("options", []), f"aliases.{name}.options", source)
+        aliases.append(Alias(name, argv, options))
+    select = None
+    if "select" in data:
+        rule = dict(data["select"])
+        try:
+            re.compile(rule["pattern"])
+        except re.error as err:
+            raise RecipeError(f"{source}: select.pattern: invalid regular expression: {err}") from None
+        select = SelectRule(
+            pattern=rule["pattern"],
+            version=rule.get("version", "{version}"),
+            versions=rule.get("versions", ""),
+            newest=rule.get("newest", 3),
+            per=rule.get("per", "version"),
+            prefer=tuple(rule.get("prefer", ())),
+            exclude=tuple(rule.get("exclude", ())),
+        )
+    if not versions and select is None:
+        raise RecipeError(f"{source}: missing field 'versions' (or a 'select' rule)")
+    features = Features(**(data.get("features") or {}))
+    env = tuple((k, _env_value(v)) for k, v in (data.get("env") or {}).items())
+    if any("\0" in v for _, v in env):
+        raise RecipeError(f"{source}: env: values cannot contain NUL bytes")
+    return Recipe(
+        name=data["name"],
+        image=data["image"],
+        description=data["description"],
+        url=data.get("url", ""),
+        maintainer=data.get("maintainer", ""),
+        versions=tuple(versions),
+        select=select,
+        aliases=tuple(aliases),
+        env=env,
+        features=features,
+        bind=tuple(data.get("bind") or ()),
+        source=source,
+    )
+
+
+def _env_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _yaml_load(text: str, source: str) -> Any:
+    import yaml
+
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    try:
+        return yaml.load(text, Loader=loader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or "invalid YAML"
+        raise RecipeError(f"{source}:{where}: malformed YAML: {problem}") from None
+
+
+def load_recipe(path: Path) -> Recipe:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise RecipeError(f"{path}: cannot read recipe: {getattr(err, 'strerror', None) or err}") from None
+    recipe = recipe_from_dict(_yaml_load(text, str(path)), str(path))
+    if recipe.name != path.stem:
+        raise RecipeError(f"{path}: name {recipe.name!r} does not match the file name {path.stem!r}")
+    return recipe
+
+
+class RecipeIndex:
+    """Recipes found in an ordered list of directories; earlier directories win."""
+
+    def __init__(self, dirs: Iterable[Path]):
+        self.dirs = [Path(d).expanduser() for d in dirs]
+
+    def _files(self) -> dict[str, Path]:
+        found: dict[str, Path] = {}
+        for directory in self.dirs:
+            if not directory.is_dir():
+                continue
+            for path in sorted(directory.glob("*.yaml")):
+                found.setdefault(path.stem, path)
+        return found
+
+    def names(self) -> list[str]:
+        return sorted(self._files())
+
+    def path(self, name: str) -> Path:
+        if not SAFE_NAME.match(name):
+            raise NotFoundError(f"unknown recipe {name!r}")
+        for directory in self.dirs:
+            candidate = directory / f"{name}.yaml"
+            if candidate.is_file():
+                return candidate
+        raise NotFoundError(f"unknown recipe {name!r} (searched: {', '.join(map(str, self.dirs))})")
+
+    def get(self, name: str) -> Recipe:
+        return load_recipe(self.path(name))
+
+    def all(self) -> Iterator[tuple[str, Recipe | RecipeError]]:
+        """Every recipe or its error: one broken file must not hide the others."""
+        for name, path in sorted(self._files().items()):
+            try:
+                yield name, load_recipe(path)
+            except RecipeError as err:
+                yield name, err
+
+
+def recipe_index(config: Any) -> RecipeIndex:
+    from shpc_lite.resources import builtin_registry
+
+    return RecipeIndex([*config["registry"], builtin_registry()])
+
+
+def split_spec(spec: str) -> tuple[str, Optional[str]]:
+    """``NAME[:VERSION]`` -> (name, version or None), checked for safe characters."""
+    name, _, version = spec.partition(":")
+    if not SAFE_NAME.match(name):
+        raise NotFoundError(f"invalid module name {name!r} (allowed: letters, digits and . _ + -)")
+    if version and not SAFE_VERSION.match(version):
+        raise NotFoundError(f"invalid version {version!r} (allowed: letters, digits and . _ + -)")
+    return name, version or None

@@ -1,0 +1,109 @@
+"""Content-addressed SIF store under ``<root>/containers``, safe on shared filesystems.
+
+Names: ``sha256-<hex>.sif`` for pulled images (the manifest digest), ``file-sha256-<hex>.sif``
+for SIF files imported with ``--sif`` (the file's own digest). A file appears under its final
+name only complete and verified (temp file + rename); a lock per digest keeps two processes
+from building the same image at once. Locks are filelock's SoftFileLock (O_EXCL create), which
+works on NFS and Lustre where flock may not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import time
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from shpc_lite.config import Config, Paths
+from shpc_lite.errors import SifError, StoreError
+from shpc_lite.fsutil import TMP_PREFIX, atomic_copy
+
+LOCK_DIR = ".locks"
+STALE_SECONDS = 24 * 3600
+
+
+def sif_name(digest: str, imported: bool = False) -> str:
+    algo, _, hexpart = digest.partition(":")
+    return f"{'file-' if imported else ''}{algo}-{hexpart}.sif"
+
+
+def file_digest(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            sha.update(chunk)
+    return "sha256:" + sha.hexdigest()
+
+
+@contextlib.contextmanager
+def digest_lock(paths: Paths, digest: str, timeout: float = 6 * 3600) -> Iterator[None]:
+    """Hold the per-digest lock; a second process waits here and then finds the file made."""
+    from filelock import SoftFileLock, Timeout
+
+    lock_dir = paths.containers / LOCK_DIR
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    lock = SoftFileLock(str(lock_dir / (digest.replace(":", "-") + ".lock")), timeout=timeout)
+    try:
+        with lock:
+            yield
+    except Timeout:
+        raise StoreError(f"timed out waiting for another process to store {digest}") from None
+
+
+def import_sif(paths: Paths, source: Path, config: Config) -> tuple[Path, bool]:
+    """Copy a SIF file into the store; returns (path, whether this call created it)."""
+    from shpc_lite.sif import read_sif
+
+    source = Path(source)
+    if not source.is_file():
+        raise SifError(f"{source}: no such file")
+    read_sif(source)  # raises SifError naming the file when it is not a SIF
+    digest = file_digest(source)
+    dest = paths.containers / sif_name(digest, imported=True)
+    with digest_lock(paths, digest):
+        if dest.exists():
+            return dest, False
+        atomic_copy(source, dest, mode=config.file_mode)
+        apply_group(dest, config)
+        return dest, True
+
+
+def apply_group(path: Path, config: Config) -> None:
+    group = config["group"]
+    if not group:
+        return
+    import grp
+
+    try:
+        os.chown(path, -1, grp.getgrnam(group).gr_gid)
+    except KeyError:
+        raise StoreError(f"config group {group!r}: no such group") from None
+
+
+def unreferenced(paths: Paths, candidates: Iterable[str], in_use: Iterable[str]) -> list[Path]:
+    """Candidates inside this store that no installed module uses any more."""
+    used = {os.path.realpath(p) for p in in_use}
+    out = []
+    for path in candidates:
+        p = Path(path)
+        if p.parent == paths.containers and os.path.realpath(p) not in used and p.exists():
+            out.append(p)
+    return out
+
+
+def clean_stale_temp(paths: Paths, older_than: float = STALE_SECONDS) -> list[Path]:
+    """Remove temp files left by killed writers (older than ``older_than`` seconds)."""
+    removed = []
+    now = time.time()
+    if not paths.containers.is_dir():
+        return removed
+    for tmp in paths.containers.glob(TMP_PREFIX + "*"):
+        try:
+            if now - tmp.stat().st_mtime > older_than:
+                tmp.unlink()
+                removed.append(tmp)
+        except OSError:
+            continue
+    return removed
