@@ -1,0 +1,50 @@
+"""Golden files: the exact modulefiles and wrappers generated for every built-in recipe.
+
+A change to a template shows up here as a diff to review. Regenerate on purpose with
+SHPC_LITE_UPDATE_GOLDEN=1 python -m pytest tests/test_golden.py
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from shpc_lite.config import load_config
+from shpc_lite.modules import make_spec, render, render_modulefile, render_wrapper
+from shpc_lite.recipe import RecipeIndex
+from shpc_lite.resources import builtin_registry
+
+GOLDEN = Path(__file__).parent / "golden"
+NAMES = RecipeIndex([builtin_registry()]).names()
+UPDATE = os.environ.get("SHPC_LITE_UPDATE_GOLDEN") == "1"
+
+
+def _rendered(name: str) -> dict[str, str]:
+    config = load_config({"root": "/srv/shpc-lite", "bind_paths": "/scratch"}, environ={})
+    recipe = RecipeIndex([builtin_registry()]).get(name)
+    pin = recipe.versions[0]
+    digest = "sha256:" + "0123456789abcdef" * 4
+    sif = config.paths.containers / f"sha256-{'0123456789abcdef' * 4}.sif"
+    spec = make_spec(recipe, pin.version, pin.tag, digest, sif, config.paths, config)
+    out = {
+        f"{pin.version}.lua": render_modulefile(spec, "lmod"),
+        f"{pin.version}.tcl": render_modulefile(spec, "tcl"),
+        ".modulerc.lua": render("modulerc.lua.j2", name=name, default=pin.version, gpu_versions=[]),
+        ".modulerc": render("modulerc.tcl.j2", name=name, default=pin.version,
+                            gpu_versions=[pin.version] if spec.gpu != "none" else []),
+    }
+    out.update({f"bin/{w.name}": render_wrapper(spec, w) for w in spec.wrappers})
+    return out
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_golden(name):
+    assert {"python", "pytorch", "tensorflow", "ngc-pytorch", "ngc-tensorflow"} <= set(NAMES)
+    for rel, text in _rendered(name).items():
+        path = GOLDEN / name / rel
+        if UPDATE:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+        assert path.read_text() == text, f"{path} differs from the rendered output"
