@@ -1,0 +1,666 @@
+"""Apply OCI image layers: an in-memory model of the final root filesystem, then two writers.
+
+Why a model first: every path of every layer is resolved *inside* the model, as container runtimes
+resolve it inside the rootfs (a symlink in a parent component is followed within the tree, an
+absolute target starts at the tree's root, ``..`` stops at the root), so whiteouts, opaque
+directories, hard links and symlink tricks are settled before a single byte is written. The result
+is a tree whose every node sits under real directories; the writers then only create fresh entries
+in a fresh tree (``O_CREAT|O_EXCL|O_NOFOLLOW``), so nothing can land outside it and no existing
+file is ever written through.
+
+Pass 1 (:meth:`RootfsTree.apply_layer`) reads only tar headers. Pass 2 streams the file data that
+survived into either a directory (:func:`write_rootfs_dir`, for ``mksquashfs DIR``) or one merged
+tar stream (:func:`write_merged_tar`, for ``mksquashfs - OUT -tar``); layers with nothing left in
+the final image are not read again.
+
+Layer semantics (OCI image-spec layer.md): ``.wh.<name>`` removes ``<name>`` from lower layers,
+``.wh..wh..opq`` hides every lower entry of its directory; entries of the same layer survive both;
+whiteout files never appear in the result. Hard links name a path of the same or a lower layer.
+Modes keep setuid/setgid/sticky bits (Python's tarfile extraction filters would clear them).
+Device nodes and FIFOs are not created (a note is logged); they are not needed in an Apptainer
+image, whose /dev is mounted at run time. Extended attributes are not kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import gzip
+import logging
+import lzma
+import os
+import tarfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, BinaryIO, Dict, Iterator, List, Mapping, Optional, Set, Tuple, Union
+
+import zstandard
+
+from ..errors import LayerError
+from .apptainer_files import ExtraEntry
+
+log = logging.getLogger(__name__)
+
+MAX_ENTRY_SIZE = 64 << 30  # a larger declared size is refused as absurd
+MAX_SYMLINKS = 255  # symlinks followed while resolving one path (then: a loop)
+NAME_MAX = 255
+PATH_MAX = 4096
+MAX_TIME = 2**32 - 1  # squashfs stores unsigned 32-bit seconds
+COPY_CHUNK = 1 << 20
+
+GZIP_MAGIC = b"\x1f\x8b"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+XZ_MAGIC = b"\xfd7zXZ\x00"
+
+WHITEOUT_PREFIX = ".wh."
+OPAQUE_MARKER = ".wh..wh..opq"
+
+
+@dataclass(frozen=True)
+class LayerBlob:
+    """A downloaded layer: its file, its descriptor's media type and digest (used in messages)."""
+
+    path: Path
+    media_type: str = ""
+    digest: str = ""
+
+    @property
+    def label(self) -> str:
+        return self.digest or Path(self.path).name
+
+
+def _entry_error(blob: LayerBlob, name: str, reason: str) -> LayerError:
+    # repr() keeps control characters of hostile names out of the one-line message
+    return LayerError(f"layer {blob.label}: entry {name!r}: {reason}")
+
+
+# --------------------------------------------------------------------------------------------
+# reading layers
+
+
+def detect_compression(blob: LayerBlob) -> str:
+    """``"gzip"``, ``"zstd"``, ``"xz"`` or ``"none"``, from the magic bytes (which win over the media type)."""
+    try:
+        with open(blob.path, "rb") as fh:
+            head = fh.read(6)
+    except OSError as exc:
+        raise LayerError(f"layer {blob.label}: cannot read {blob.path}: {exc.strerror or exc}") from None
+    if head.startswith(GZIP_MAGIC):
+        kind = "gzip"
+    elif head.startswith(ZSTD_MAGIC):
+        kind = "zstd"
+    elif head.startswith(XZ_MAGIC):
+        kind = "xz"
+    else:
+        kind = "none"
+    mt = blob.media_type or ""
+    declared = "gzip" if mt.endswith(("gzip", "+gzip")) else "zstd" if mt.endswith("+zstd") else None
+    if declared and declared != kind:
+        log.debug("layer %s: media type %s but content is %s; using the content", blob.label, mt, kind)
+    return kind
+
+
+@contextlib.contextmanager
+def open_layer(blob: LayerBlob) -> Iterator[BinaryIO]:
+    """The uncompressed tar stream of a layer."""
+    kind = detect_compression(blob)
+    with open(blob.path, "rb") as raw:
+        if kind == "gzip":
+            stream: IO[bytes] = gzip.GzipFile(fileobj=raw, mode="rb")
+        elif kind == "zstd":
+            dctx = zstandard.ZstdDecompressor(max_window_size=1 << 31)
+            stream = dctx.stream_reader(raw, read_size=COPY_CHUNK, read_across_frames=True)
+        elif kind == "xz":
+            stream = lzma.LZMAFile(raw, "rb")
+        else:
+            stream = raw
+        with contextlib.closing(stream):
+            yield stream  # type: ignore[misc]
+
+
+_READ_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError, zstandard.ZstdError, ValueError)
+
+
+def iter_members(blob: LayerBlob) -> Iterator[Tuple[int, tarfile.TarInfo, tarfile.TarFile]]:
+    """Yield ``(ordinal, member, tarfile)`` for each entry; the member's data is readable until the next one."""
+    ordinal = 0
+    with open_layer(blob) as stream:
+        try:
+            tf = tarfile.open(fileobj=stream, mode="r|", bufsize=COPY_CHUNK)
+        except tarfile.ReadError as exc:
+            if "empty file" in str(exc):
+                return  # a zero-length layer: nothing to apply
+            raise LayerError(f"layer {blob.label}: not a readable tar archive: {exc}") from None
+        except _READ_ERRORS as exc:
+            raise LayerError(f"layer {blob.label}: not a readable tar archive: {exc}") from None
+        while True:
+            try:
+                member = tf.next()
+            except _READ_ERRORS as exc:
+                raise LayerError(f"layer {blob.label}: unreadable after entry #{ordinal}: {exc}") from None
+            if member is None:
+                return
+            tf.members.clear()  # stream mode keeps every header otherwise
+            yield ordinal, member, tf
+            ordinal += 1
+
+
+# --------------------------------------------------------------------------------------------
+# the model
+
+
+class _Node:
+    __slots__ = ("mode", "uid", "gid", "mtime")
+
+    def __init__(self, mode: int, uid: int, gid: int, mtime: int):
+        self.mode, self.uid, self.gid, self.mtime = mode, uid, gid, mtime
+
+
+class _Dir(_Node):
+    __slots__ = ("children",)
+
+    def __init__(self, mode: int, uid: int, gid: int, mtime: int):
+        super().__init__(mode, uid, gid, mtime)
+        self.children: Dict[str, _Node] = {}
+
+
+class _Symlink(_Node):
+    __slots__ = ("target",)
+
+    def __init__(self, mode: int, uid: int, gid: int, mtime: int, target: str):
+        super().__init__(mode, uid, gid, mtime)
+        self.target = target
+
+
+class _File(_Node):
+    """A regular file's inode: the same object under several names is a hard link."""
+
+    __slots__ = ("size", "layer", "ordinal", "data")
+
+    def __init__(self, mode: int, uid: int, gid: int, mtime: int, size: int, layer: int, ordinal: int,
+                 data: Optional[bytes] = None):
+        super().__init__(mode, uid, gid, mtime)
+        self.size, self.layer, self.ordinal, self.data = size, layer, ordinal, data
+
+
+def split_path(name: str) -> List[str]:
+    """Lexically clean an archive path: drop ``""``/``.``, ``..`` stops at the root (as runtimes do)."""
+    parts: List[str] = []
+    for comp in name.split("/"):
+        if comp in ("", "."):
+            continue
+        if comp == "..":
+            if parts:
+                parts.pop()
+            continue
+        parts.append(comp)
+    return parts
+
+
+def _clamp_time(value: float) -> int:
+    return min(max(int(value), 0), MAX_TIME)
+
+
+class RootfsTree:
+    """The final root filesystem of an image, built from tar headers only."""
+
+    def __init__(self) -> None:
+        self.root = _Dir(0o755, 0, 0, 0)
+        self.layers: List[LayerBlob] = []
+        self.notes: List[str] = []
+        self.newest_mtime = 0
+        # per layer being applied: paths it created, and their ancestors (for same-layer whiteout rules)
+        self._touched: Set[Tuple[str, ...]] = set()
+        self._touched_prefixes: Set[Tuple[str, ...]] = set()
+
+    # ---- path resolution inside the tree
+
+    def _resolve_dir(self, parts: List[str], *, create: bool, mtime: int, blob: Optional[LayerBlob],
+                     name: str) -> Optional[Tuple[List[str], _Dir]]:
+        """Resolve a directory path, following symlinks inside the tree; ``None`` if missing and not ``create``."""
+        stack: List[_Dir] = [self.root]
+        names: List[str] = []
+        todo = list(reversed(parts))
+        followed = 0
+        while todo:
+            comp = todo.pop()
+            if comp in ("", "."):
+                continue
+            if comp == "..":
+                if names:
+                    stack.pop()
+                    names.pop()
+                continue
+            cur = stack[-1]
+            child = cur.children.get(comp)
+            if child is None:
+                if not create:
+                    return None
+                child = _Dir(0o755, 0, 0, mtime)
+                cur.children[comp] = child
+                self._mark(tuple(names) + (comp,))
+            elif isinstance(child, _Symlink):
+                followed += 1
+                if followed > MAX_SYMLINKS:
+                    if blob is None:
+                        return None
+                    raise _entry_error(blob, name, "too many levels of symbolic links")
+                if child.target.startswith("/"):
+                    del stack[1:]
+                    names.clear()
+                todo.extend(reversed(child.target.split("/")))
+                continue
+            elif not isinstance(child, _Dir):
+                if not create or blob is None:
+                    return None
+                raise _entry_error(blob, name, f"parent {'/'.join(names + [comp])!r} is not a directory")
+            stack.append(child)  # type: ignore[arg-type]
+            names.append(comp)
+        return names, stack[-1]
+
+    def lookup(self, path: str, *, follow: bool = False) -> Optional[_Node]:
+        """The node at ``path`` (parents resolved inside the tree; the last component followed if ``follow``)."""
+        parts = split_path(path)
+        if not parts:
+            return self.root
+        res = self._resolve_dir(parts[:-1], create=False, mtime=0, blob=None, name=path)
+        if res is None:
+            return None
+        node = res[1].children.get(parts[-1])
+        if follow and isinstance(node, _Symlink):
+            target_parts = (res[0] if not node.target.startswith("/") else []) + node.target.split("/")
+            res2 = self._resolve_dir(target_parts, create=False, mtime=0, blob=None, name=path)
+            return res2[1] if res2 else None
+        return node
+
+    def _mark(self, path: Tuple[str, ...]) -> None:
+        self._touched.add(path)
+        for i in range(len(path) - 1, 0, -1):
+            prefix = path[:i]
+            if prefix in self._touched_prefixes:
+                break
+            self._touched_prefixes.add(prefix)
+
+    def _hide_lower(self, directory: _Dir, path: Tuple[str, ...]) -> None:
+        """Remove from ``directory`` everything not created by the layer being applied."""
+        for name, child in list(directory.children.items()):
+            p = path + (name,)
+            if p in self._touched or p in self._touched_prefixes:
+                if isinstance(child, _Dir):
+                    self._hide_lower(child, p)
+                continue
+            del directory.children[name]
+
+    # ---- applying a layer
+
+    def apply_layer(self, blob: LayerBlob) -> None:
+        """Pass 1 for one layer (call in order, lowest first): settle its entries in the tree."""
+        index = len(self.layers)
+        self.layers.append(blob)
+        self._touched, self._touched_prefixes = set(), set()
+        skipped: List[str] = []
+        for ordinal, member, _tf in iter_members(blob):
+            self._apply_member(blob, index, ordinal, member, skipped)
+        if skipped:
+            shown = ", ".join(repr(s) for s in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+            note = f"layer {blob.label}: skipped {len(skipped)} device node(s)/FIFO(s)/unsupported entries: {shown}"
+            self.notes.append(note)
+            log.info("%s", note)
+        self._touched, self._touched_prefixes = set(), set()
+
+    def _check_name(self, blob: LayerBlob, name: str) -> None:
+        if "\0" in name:
+            raise _entry_error(blob, name, "NUL byte in path")
+        if len(name) > PATH_MAX:
+            raise _entry_error(blob, name, f"path longer than {PATH_MAX}")
+
+    def _apply_member(self, blob: LayerBlob, index: int, ordinal: int, m: tarfile.TarInfo, skipped: List[str]) -> None:
+        name = m.name
+        self._check_name(blob, name)
+        parts = split_path(name)
+        for comp in parts:
+            if len(comp.encode("utf-8", "surrogateescape")) > NAME_MAX:
+                raise _entry_error(blob, name, f"name component longer than {NAME_MAX} bytes")
+        mtime = _clamp_time(m.mtime)
+        if not parts:  # the root itself ("./"): only its time is kept; the root is always 0755 root:root
+            if not m.isdir():
+                raise _entry_error(blob, name, "non-directory entry for the root")
+            self.root.mtime = mtime
+            return
+        base = parts[-1]
+        if base.startswith(WHITEOUT_PREFIX):
+            self._whiteout(blob, name, parts)
+            return
+        if not (0 <= m.uid < 2**32 and 0 <= m.gid < 2**32):
+            raise _entry_error(blob, name, f"owner {m.uid}:{m.gid} out of range")
+        mode = m.mode & 0o7777
+        self.newest_mtime = max(self.newest_mtime, mtime)
+
+        node: _Node
+        if m.type == tarfile.GNUTYPE_SPARSE or m.sparse is not None:
+            raise _entry_error(blob, name, "sparse files are not supported")
+        if m.isreg():
+            if m.size < 0 or m.size > MAX_ENTRY_SIZE:
+                raise _entry_error(blob, name, f"absurd size {m.size}")
+            node = _File(mode, m.uid, m.gid, mtime, m.size, index, ordinal)
+        elif m.isdir():
+            node = _Dir(mode, m.uid, m.gid, mtime)
+        elif m.issym():
+            if not m.linkname or "\0" in m.linkname or len(m.linkname) > PATH_MAX:
+                raise _entry_error(blob, name, "invalid symlink target")
+            node = _Symlink(0o777, m.uid, m.gid, mtime, m.linkname)
+        elif m.islnk():
+            self._check_name(blob, m.linkname)
+            target = self.lookup(m.linkname)
+            if target is None:
+                raise _entry_error(blob, name, f"hard link to {m.linkname!r}, which is not in this or a lower layer")
+            if isinstance(target, _Dir):
+                raise _entry_error(blob, name, f"hard link to directory {m.linkname!r}")
+            if isinstance(target, _Symlink):  # keep it simple: a hard-linked symlink becomes a copy
+                node = _Symlink(target.mode, target.uid, target.gid, target.mtime, target.target)
+            else:
+                node = target
+        else:  # char/block devices, FIFOs, anything else: not created; a lower entry there is removed
+            skipped.append(name)
+            res = self._resolve_dir(parts[:-1], create=False, mtime=mtime, blob=blob, name=name)
+            if res is not None:
+                res[1].children.pop(base, None)
+            return
+
+        res = self._resolve_dir(parts[:-1], create=True, mtime=mtime, blob=blob, name=name)
+        assert res is not None
+        names, parent = res
+        existing = parent.children.get(base)
+        if isinstance(node, _Dir) and isinstance(existing, _Dir):
+            existing.mode, existing.uid, existing.gid, existing.mtime = node.mode, node.uid, node.gid, node.mtime
+        else:
+            parent.children[base] = node
+        self._mark(tuple(names) + (base,))
+
+    def _whiteout(self, blob: LayerBlob, name: str, parts: List[str]) -> None:
+        base = parts[-1]
+        res = self._resolve_dir(parts[:-1], create=False, mtime=0, blob=blob, name=name)
+        if res is None:
+            return  # nothing below to hide
+        names, parent = res
+        if base == OPAQUE_MARKER:
+            self._hide_lower(parent, tuple(names))
+            return
+        victim = base[len(WHITEOUT_PREFIX):]
+        if victim.startswith(WHITEOUT_PREFIX):  # other AUFS metadata (.wh..wh.plnk ...): ignored
+            return
+        if victim in ("", ".", ".."):
+            raise _entry_error(blob, name, "whiteout of an invalid name")
+        child = parent.children.get(victim)
+        if child is None:
+            return
+        path = tuple(names) + (victim,)
+        if path in self._touched or path in self._touched_prefixes:
+            # created by this same layer: only what lower layers had there goes
+            if isinstance(child, _Dir):
+                self._hide_lower(child, path)
+            return
+        del parent.children[victim]
+
+    # ---- Apptainer's additions
+
+    def add_extras(self, extras: Mapping[str, ExtraEntry], mtime: int) -> None:
+        """Add generated entries (after all layers). They replace what is there unless ``only_if_absent``."""
+        index = len(self.layers)
+        self._touched, self._touched_prefixes = set(), set()
+        mtime = _clamp_time(mtime)
+        for path, e in extras.items():
+            parts = split_path(path)
+            if not parts:
+                continue
+            if e.only_if_absent and self.lookup(path, follow=True) is not None:
+                continue
+            res = self._resolve_dir(parts[:-1], create=True, mtime=mtime, blob=LayerBlob(Path(path), "", "generated"),
+                                    name=path)
+            assert res is not None
+            parent = res[1]
+            node: _Node
+            if e.kind == "dir":
+                node = _Dir(e.mode, 0, 0, mtime)
+            elif e.kind == "symlink":
+                node = _Symlink(0o777, 0, 0, mtime, e.data.decode())
+            else:
+                node = _File(e.mode, 0, 0, mtime, len(e.data), index, -1, e.data)
+            existing = parent.children.get(parts[-1])
+            if isinstance(node, _Dir) and isinstance(existing, _Dir):
+                continue  # keep the image's own directory
+            parent.children[parts[-1]] = node
+
+    # ---- walking the result
+
+    def plan(self) -> "Plan":
+        plan = Plan()
+        names_of: Dict[int, List[str]] = {}
+        inodes: Dict[int, _File] = {}
+        stack: List[Tuple[str, _Dir]] = [("", self.root)]
+        while stack:
+            prefix, d = stack.pop()
+            subdirs = []
+            for name in sorted(d.children):
+                node = d.children[name]
+                path = prefix + name
+                if isinstance(node, _Dir):
+                    plan.dirs.append((path, node))
+                    subdirs.append((path + "/", node))
+                elif isinstance(node, _Symlink):
+                    plan.symlinks.append((path, node))
+                else:
+                    assert isinstance(node, _File)
+                    key = id(node)
+                    if key not in inodes:
+                        inodes[key] = node
+                        names_of[key] = []
+                    names_of[key].append(path)
+            stack.extend(reversed(subdirs))
+        for key, node in inodes.items():
+            item = (node, names_of[key])
+            if node.data is not None:
+                plan.generated.append(item)
+            else:
+                plan.by_layer.setdefault(node.layer, {})[node.ordinal] = item
+        plan.root_mtime = self.root.mtime or self.newest_mtime
+        return plan
+
+
+@dataclass
+class Plan:
+    """The final tree in writing order: directories (parents first), symlinks, file inodes by source."""
+
+    dirs: List[Tuple[str, _Dir]] = field(default_factory=list)
+    symlinks: List[Tuple[str, _Symlink]] = field(default_factory=list)
+    by_layer: Dict[int, Dict[int, Tuple[_File, List[str]]]] = field(default_factory=dict)
+    generated: List[Tuple[_File, List[str]]] = field(default_factory=list)
+    root_mtime: int = 0
+
+
+def build_tree(layers: List[LayerBlob], extras: Optional[Mapping[str, ExtraEntry]] = None,
+               extras_mtime: Optional[int] = None) -> RootfsTree:
+    """Pass 1 over all layers (lowest first), then the generated entries."""
+    tree = RootfsTree()
+    for blob in layers:
+        tree.apply_layer(blob)
+    if extras:
+        tree.add_extras(extras, tree.newest_mtime if extras_mtime is None else extras_mtime)
+    return tree
+
+
+# --------------------------------------------------------------------------------------------
+# pass 2: file data
+
+
+def _iter_file_data(tree: RootfsTree, plan: Plan) -> Iterator[Tuple[_File, List[str], Union[IO[bytes], bytes]]]:
+    """Yield each surviving file inode with its names and a reader of its data, layer by layer."""
+    for index, blob in enumerate(tree.layers):
+        wanted = dict(plan.by_layer.get(index, {}))
+        if not wanted:
+            continue
+        for ordinal, member, tf in iter_members(blob):
+            item = wanted.pop(ordinal, None)
+            if item is not None:
+                if not member.isreg() or member.size != item[0].size:
+                    raise _entry_error(blob, member.name, "layer changed while it was being read")
+                reader = tf.extractfile(member)
+                assert reader is not None
+                yield item[0], item[1], reader
+            if not wanted:
+                break
+        if wanted:
+            raise LayerError(f"layer {blob.label}: ended before all its entries were read (truncated?)")
+    for node, names in plan.generated:
+        yield node, names, node.data or b""
+
+
+def _copy_exact(reader: Union[IO[bytes], bytes], size: int, write, blob_label: str, name: str) -> None:
+    if isinstance(reader, bytes):
+        write(reader)
+        return
+    left = size
+    try:
+        while left:
+            chunk = reader.read(min(left, COPY_CHUNK))
+            if not chunk:
+                break
+            write(chunk)
+            left -= len(chunk)
+    except _READ_ERRORS as exc:
+        if isinstance(exc, OSError) and exc.errno in (errno.EPIPE, errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise LayerError(f"layer {blob_label}: entry {name!r}: unreadable data: {exc}") from None
+    if left:
+        raise LayerError(f"layer {blob_label}: entry {name!r}: data truncated ({size - left} of {size} bytes)")
+
+
+def _label(tree: RootfsTree, node: _File) -> str:
+    return tree.layers[node.layer].label if node.data is None else "generated"
+
+
+# ---- writer (b): one merged tar stream
+
+
+def _tarinfo(path: str, node: _Node, kind: bytes, linkname: str = "", size: int = 0) -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(path)
+    ti.type = kind
+    ti.mode = node.mode
+    ti.uid, ti.gid = node.uid, node.gid
+    ti.uname = ti.gname = ""
+    ti.mtime = node.mtime
+    ti.linkname = linkname
+    ti.size = size
+    return ti
+
+
+def _header(ti: tarfile.TarInfo) -> bytes:
+    return ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+
+def write_merged_tar(tree: RootfsTree, out: BinaryIO) -> None:
+    """Write the final tree as one tar stream (directories first, then symlinks, then file data)."""
+    plan = tree.plan()
+    write = out.write
+    for path, d in plan.dirs:
+        write(_header(_tarinfo(path, d, tarfile.DIRTYPE)))
+    for path, s in plan.symlinks:
+        write(_header(_tarinfo(path, s, tarfile.SYMTYPE, linkname=s.target)))
+    for node, names, reader in _iter_file_data(tree, plan):
+        write(_header(_tarinfo(names[0], node, tarfile.REGTYPE, size=node.size)))
+        _copy_exact(reader, node.size, write, _label(tree, node), names[0])
+        pad = -node.size % tarfile.BLOCKSIZE
+        if pad:
+            write(b"\0" * pad)
+        for other in names[1:]:
+            write(_header(_tarinfo(other, node, tarfile.LNKTYPE, linkname=names[0])))
+    write(b"\0" * (2 * tarfile.BLOCKSIZE))
+
+
+# ---- writer (a): a directory
+
+
+@dataclass
+class DirResult:
+    """What :func:`write_rootfs_dir` could not express on disk: ``path -> (mode, uid, gid)`` fix-ups."""
+
+    fixups: Dict[str, Tuple[int, int, int]] = field(default_factory=dict)
+
+
+def _readable_mode(mode: int, is_dir: bool) -> int:
+    """``mode`` plus what the owner needs so mksquashfs can read the entry (read, and search for directories)."""
+    return mode | (0o500 if is_dir else 0o400)
+
+
+def write_rootfs_dir(tree: RootfsTree, root: Path, *, chown: bool) -> DirResult:
+    """Write the final tree into the empty directory ``root``.
+
+    Entries whose mode would keep ``mksquashfs`` from reading them as a normal user (files without
+    owner read, directories without owner read+search) are written readable and returned as fix-ups
+    for a pseudo file. With ``chown`` (root only) owners are set; otherwise files belong to the caller.
+    """
+    root = Path(root)
+    if any(root.iterdir()):
+        raise LayerError(f"rootfs directory {root} is not empty")
+    result = DirResult()
+    plan = tree.plan()
+    rootfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for path, _d in plan.dirs:
+            os.mkdir(path, 0o700, dir_fd=rootfd)
+        for path, s in plan.symlinks:
+            os.symlink(s.target, path, dir_fd=rootfd)
+            if chown:
+                os.chown(path, s.uid, s.gid, dir_fd=rootfd, follow_symlinks=False)
+            os.utime(path, (s.mtime, s.mtime), dir_fd=rootfd, follow_symlinks=False)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        for node, names, reader in _iter_file_data(tree, plan):
+            fd = os.open(names[0], flags, 0o600, dir_fd=rootfd)
+            try:
+                with open(fd, "wb", buffering=0, closefd=False) as fh:
+                    _copy_exact(reader, node.size, fh.write, _label(tree, node), names[0])
+                if chown:
+                    os.fchown(fd, node.uid, node.gid)  # before chmod: chown clears setuid/setgid
+                mode = _readable_mode(node.mode, False)
+                os.fchmod(fd, mode)
+                os.utime(fd, (node.mtime, node.mtime))
+            finally:
+                os.close(fd)
+            if mode != node.mode:
+                result.fixups[names[0]] = (node.mode, node.uid, node.gid)
+            for other in names[1:]:
+                os.link(names[0], other, src_dir_fd=rootfd, dst_dir_fd=rootfd, follow_symlinks=False)
+        for path, d in reversed(plan.dirs):  # deepest first: setting a mode may forbid writing below
+            if chown:
+                os.chown(path, d.uid, d.gid, dir_fd=rootfd, follow_symlinks=False)
+            mode = _readable_mode(d.mode, True)
+            os.chmod(path, mode, dir_fd=rootfd, follow_symlinks=True)  # a real directory we made
+            os.utime(path, (d.mtime, d.mtime), dir_fd=rootfd, follow_symlinks=False)
+            if mode != d.mode:
+                result.fixups[path] = (d.mode, d.uid, d.gid)
+        os.fchmod(rootfd, 0o755)
+        if chown:
+            os.fchown(rootfd, 0, 0)
+        os.utime(rootfd, (plan.root_mtime, plan.root_mtime))
+    finally:
+        os.close(rootfd)
+    return result
+
+
+def is_root() -> bool:
+    return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+__all__ = [
+    "LayerBlob",
+    "RootfsTree",
+    "Plan",
+    "build_tree",
+    "detect_compression",
+    "open_layer",
+    "iter_members",
+    "split_path",
+    "write_merged_tar",
+    "write_rootfs_dir",
+]
