@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Optional
 
 from shpc_lite.config import Config
-from shpc_lite.errors import NotFoundError
 from shpc_lite.modules import Installed, find_installed, installed, make_spec, remove_module, write_module
 from shpc_lite.recipe import recipe_index
 from shpc_lite.store import import_sif, unreferenced
@@ -29,12 +28,22 @@ def install_sif(config: Config, name: str, version: str, sif: Path) -> Installed
 
 
 def uninstall(config: Config, name: str, version: Optional[str] = None) -> list[Installed]:
+    from shpc_lite import views
+
     paths = config.paths
     records = find_installed(paths, name, version)
     for record in records:
         remove_module(paths, record, config)
     _drop_unused(config, [r.sif for r in records])
+    views.prune(paths, config)
     return records
+
+
+def after_change(config: Config) -> Optional[str]:
+    """Refresh indexes after the tree changed; returns the LMOD_RC line when a cache is kept."""
+    from shpc_lite.index import refresh
+
+    return refresh(config)
 
 
 def _drop_unused(config: Config, sifs: list[str]) -> None:
@@ -44,4 +53,3 @@ def _drop_unused(config: Config, sifs: list[str]) -> None:
             path.unlink()
 
 
-__all__ = ["install_sif", "uninstall", "NotFoundError"]

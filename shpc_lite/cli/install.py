@@ -26,4 +26,9 @@ def run(args: argparse.Namespace, config) -> int:
         record = install_pull(config, name, version, quiet=args.quiet)
     if not args.quiet:
         print(f"installed {record.name}/{record.version} -> {record.modulefile}")
+    from shpc_lite.install import after_change
+
+    rc_line = after_change(config)
+    if rc_line and not args.quiet:
+        print(f"spider cache refreshed; users need: {rc_line}")
     return 0

@@ -17,4 +17,9 @@ def run(args: argparse.Namespace, config) -> int:
     for record in uninstall(config, name, version):
         if not args.quiet:
             print(f"uninstalled {record.name}/{record.version}")
+    from shpc_lite.install import after_change
+
+    rc_line = after_change(config)
+    if rc_line and not args.quiet:
+        print(f"spider cache refreshed; users need: {rc_line}")
     return 0

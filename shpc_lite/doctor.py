@@ -1,0 +1,114 @@
+"""``doctor``: check what a working install needs, each finding with the fix."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from shpc_lite.config import Config
+
+MIN_FREE_BYTES = 20 * 1024**3  # one large ML image plus its layers being built
+
+
+@dataclass(frozen=True)
+class Finding:
+    level: str  # ok | warn | error
+    check: str
+    detail: str
+    fix: str = ""
+
+
+def _version_of(argv: list[str]) -> str:
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return f"(did not answer: {err})"
+    return (proc.stdout or proc.stderr).strip().splitlines()[0] if (proc.stdout or proc.stderr).strip() else ""
+
+
+def check_runtime(config: Config) -> Finding:
+    runtime = config["runtime"]
+    found = shutil.which(runtime)
+    if not found:
+        return Finding("error", "runtime", f"{runtime!r} is not on PATH here",
+                       "install Apptainer or SingularityCE, load its module, or set config runtime to its path")
+    return Finding("ok", "runtime", f"{found}: {_version_of([found, '--version'])}")
+
+
+def check_mksquashfs(config: Config) -> Finding:
+    found = shutil.which("mksquashfs")
+    if not found:
+        level = "warn" if shutil.which("apptainer") or shutil.which("singularity") else "error"
+        return Finding(level, "mksquashfs", "not found: the builtin puller cannot build SIF files",
+                       "apt-get install squashfs-tools (or dnf install squashfs-tools)")
+    return Finding("ok", "mksquashfs", f"{found}: {_version_of([found, '-version'])}")
+
+
+def check_module_system(config: Config) -> Finding:
+    system = config["module_system"]
+    if system == "lmod":
+        if os.environ.get("LMOD_CMD") or Path("/usr/share/lmod/lmod/init/bash").exists():
+            return Finding("ok", "module system", f"Lmod {os.environ.get('LMOD_VERSION', '')}".strip())
+        return Finding("error", "module system", "Lmod not found (no LMOD_CMD, no /usr/share/lmod)",
+                       "install Lmod, or set module_system: tcl for Environment Modules")
+    if os.environ.get("MODULESHOME") or shutil.which("modulecmd.tcl"):
+        return Finding("ok", "module system", f"Environment Modules at {os.environ.get('MODULESHOME', '?')}")
+    return Finding("error", "module system", "Environment Modules not found (no MODULESHOME)",
+                   "install environment-modules, or set module_system: lmod")
+
+
+def check_modulepath(config: Config) -> Finding:
+    modules = str(config.paths.modules)
+    entries = [os.path.realpath(p) for p in os.environ.get("MODULEPATH", "").split(":") if p]
+    if os.path.realpath(modules) in entries:
+        return Finding("ok", "MODULEPATH", f"{modules} is in MODULEPATH")
+    return Finding("warn", "MODULEPATH", f"{modules} is not in MODULEPATH",
+                   f"module use {modules}  (or add it to the site's MODULEPATH)")
+
+
+def check_store(config: Config) -> list[Finding]:
+    paths = config.paths
+    out = []
+    probe = paths.root
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if os.access(probe, os.W_OK):
+        out.append(Finding("ok", "store", f"{paths.root} is writable"))
+    else:
+        out.append(Finding("error", "store", f"{paths.root} is not writable by you",
+                           "use --user for a private tree, or ask the admins for group write access"))
+    unreadable = [p for p in paths.containers.glob("*.sif") if not (p.stat().st_mode & 0o044)]
+    if unreadable:
+        out.append(Finding("warn", "store", f"{len(unreadable)} SIF file(s) readable only by their owner",
+                           f"chmod go+r {paths.containers}/*.sif, or set config file_mode: '0644'"))
+    free = shutil.disk_usage(probe).free
+    level = "ok" if free >= MIN_FREE_BYTES else "warn"
+    out.append(Finding(level, "free space", f"{free / 1024**3:.1f} GiB free at {probe}",
+                       "" if level == "ok" else "free space or point root at a larger filesystem"))
+    return out
+
+
+def check_registry(config: Config) -> Finding:
+    import requests
+
+    mirror = config["mirrors"].get("docker.io")
+    url = (mirror.rstrip("/") if mirror else "https://registry-1.docker.io") + "/v2/"
+    try:
+        status = requests.get(url, timeout=min(10, config["timeout"])).status_code
+    except requests.RequestException as err:
+        return Finding("warn", "registry", f"{url} is not reachable ({type(err).__name__})",
+                       "check the proxy settings (HTTPS_PROXY) or set config mirrors for docker.io")
+    if status in (200, 401):
+        return Finding("ok", "registry", f"{url} answers (HTTP {status})")
+    return Finding("warn", "registry", f"{url} answered HTTP {status}", "check the mirror or proxy")
+
+
+def run_checks(config: Config, network: bool = True) -> list[Finding]:
+    findings = [check_runtime(config), check_mksquashfs(config), check_module_system(config),
+                check_modulepath(config), *check_store(config)]
+    if network:
+        findings.append(check_registry(config))
+    return findings
