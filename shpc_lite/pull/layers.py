@@ -134,14 +134,17 @@ def iter_members(blob: LayerBlob) -> Iterator[Tuple[int, tarfile.TarInfo, tarfil
             raise LayerError(f"layer {blob.label}: not a readable tar archive: {exc}") from None
         except _READ_ERRORS as exc:
             raise LayerError(f"layer {blob.label}: not a readable tar archive: {exc}") from None
+        last = None
         while True:
             try:
                 member = tf.next()
             except _READ_ERRORS as exc:
-                raise LayerError(f"layer {blob.label}: unreadable after entry #{ordinal}: {exc}") from None
+                where = f"entry {last!r}" if last is not None else "the first entry"
+                raise LayerError(f"layer {blob.label}: unreadable at or after {where}: {exc}") from None
             if member is None:
                 return
             tf.members.clear()  # stream mode keeps every header otherwise
+            last = member.name
             yield ordinal, member, tf
             ordinal += 1
 
@@ -380,6 +383,11 @@ class RootfsTree:
 
     def _whiteout(self, blob: LayerBlob, name: str, parts: List[str]) -> None:
         base = parts[-1]
+        victim = base[len(WHITEOUT_PREFIX):]
+        if victim in ("", ".", ".."):
+            raise _entry_error(blob, name, "whiteout of an invalid name")
+        if victim.startswith(WHITEOUT_PREFIX) and base != OPAQUE_MARKER:
+            return  # other AUFS metadata (.wh..wh.plnk ...): ignored
         res = self._resolve_dir(parts[:-1], create=False, mtime=0, blob=blob, name=name)
         if res is None:
             return  # nothing below to hide
@@ -387,11 +395,6 @@ class RootfsTree:
         if base == OPAQUE_MARKER:
             self._hide_lower(parent, tuple(names))
             return
-        victim = base[len(WHITEOUT_PREFIX):]
-        if victim.startswith(WHITEOUT_PREFIX):  # other AUFS metadata (.wh..wh.plnk ...): ignored
-            return
-        if victim in ("", ".", ".."):
-            raise _entry_error(blob, name, "whiteout of an invalid name")
         child = parent.children.get(victim)
         if child is None:
             return

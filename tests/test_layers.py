@@ -1,0 +1,314 @@
+"""Layer application: OCI whiteout semantics, links, modes, compression detection, and hostile layers."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import stat
+import tarfile
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import pytest
+import zstandard
+
+from shpc_lite.errors import LayerError
+from shpc_lite.pull.layers import LayerBlob, build_tree, split_path, write_rootfs_dir
+
+MTIME = 1_700_000_000
+
+
+# ---- helpers shared with test_squashfs
+
+
+def E(name: str, kind: str = "file", data: bytes = b"", mode: Optional[int] = None, uid: int = 0, gid: int = 0,
+      link: str = "", size: Optional[int] = None, mtime: int = MTIME) -> dict:
+    """One tar entry: kind is file, dir, symlink, hardlink, chr, blk or fifo."""
+    return dict(name=name, kind=kind, data=data, mode=mode, uid=uid, gid=gid, link=link, size=size, mtime=mtime)
+
+
+_TYPES = {"file": tarfile.REGTYPE, "dir": tarfile.DIRTYPE, "symlink": tarfile.SYMTYPE, "hardlink": tarfile.LNKTYPE,
+          "chr": tarfile.CHRTYPE, "blk": tarfile.BLKTYPE, "fifo": tarfile.FIFOTYPE}
+
+
+def tar_bytes(entries: List[dict]) -> bytes:
+    """A tar archive written header by header (so hostile names and sizes go in exactly as given)."""
+    out = io.BytesIO()
+    for e in entries:
+        ti = tarfile.TarInfo(e["name"])
+        ti.type = _TYPES[e["kind"]]
+        ti.mode = e["mode"] if e["mode"] is not None else (0o755 if e["kind"] == "dir" else 0o644)
+        ti.uid, ti.gid, ti.mtime = e["uid"], e["gid"], e["mtime"]
+        ti.linkname = e["link"]
+        data = e["data"] if e["kind"] == "file" else b""
+        ti.size = e["size"] if e["size"] is not None else len(data)
+        out.write(ti.tobuf(tarfile.PAX_FORMAT))
+        if e["size"] is None and data:
+            out.write(data + b"\0" * (-len(data) % 512))
+    if not any(e["size"] is not None for e in entries):
+        out.write(b"\0" * 1024)
+    return out.getvalue()
+
+
+def make_layer(directory: Path, entries: List[dict], compression: str = "gzip", media_type: Optional[str] = None) -> LayerBlob:
+    raw = tar_bytes(entries)
+    if compression == "gzip":
+        blob = gzip.compress(raw)
+    elif compression == "zstd":
+        blob = zstandard.ZstdCompressor().compress(raw)
+    else:
+        blob = raw
+    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+    path = Path(directory) / (digest.split(":")[1][:16] + ".blob")
+    path.write_bytes(blob)
+    mt = media_type or {"gzip": "application/vnd.oci.image.layer.v1.tar+gzip",
+                        "zstd": "application/vnd.oci.image.layer.v1.tar+zstd"}.get(compression,
+                                                                                 "application/vnd.oci.image.layer.v1.tar")
+    return LayerBlob(path, mt, digest)
+
+
+def disk_tree(root: Path) -> Dict[str, Tuple]:
+    """``{relpath: (kind, mode, uid, gid, content or link target, hard-link group, mtime)}`` of a directory."""
+    out: Dict[str, Tuple] = {}
+    by_inode: Dict[int, List[str]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath, name)
+            rel = str(p.relative_to(root))
+            st = os.lstat(p)
+            if stat.S_ISDIR(st.st_mode):
+                out[rel] = ("dir", stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, None)
+            elif stat.S_ISLNK(st.st_mode):
+                out[rel] = ("symlink", None, st.st_uid, st.st_gid, os.readlink(p))
+            else:
+                out[rel] = ("file", stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, p.read_bytes())
+                by_inode.setdefault(st.st_ino, []).append(rel)
+    groups = {n: tuple(sorted(names)) for names in by_inode.values() if len(names) > 1 for n in names}
+    return {k: v + (groups.get(k), int(os.lstat(Path(root, k)).st_mtime)) for k, v in out.items()}
+
+
+def snapshot(path: Path) -> Dict[str, Tuple]:
+    """Everything about a directory that a write outside the rootfs could change."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in [""] + dirnames + filenames:
+            p = Path(dirpath, name)
+            st = os.lstat(p)
+            data = p.read_bytes() if stat.S_ISREG(st.st_mode) else None
+            out[str(p)] = (st.st_mode, st.st_size, st.st_mtime_ns, st.st_nlink, data)
+    return out
+
+
+def apply_to_dir(tmp_path: Path, layers: List[LayerBlob], name: str = "rootfs") -> Path:
+    root = tmp_path / name
+    root.mkdir()
+    write_rootfs_dir(build_tree(layers), root, chown=os.geteuid() == 0)
+    return root
+
+
+# ---- semantics
+
+
+def test_split_path_clamps_at_root():
+    assert split_path("./a//b/./c/") == ["a", "b", "c"]
+    assert split_path("/../../etc/passwd") == ["etc", "passwd"]
+    assert split_path("a/../../b") == ["b"]
+    assert split_path("..") == []
+
+
+def test_whiteouts_opaque_links_and_modes(tmp_path):
+    l1 = make_layer(tmp_path, [
+        E("etc", "dir"), E("etc/passwd", data=b"root\n"), E("etc/group", data=b"g\n"),
+        E("tmp", "dir", mode=0o1777), E("usr/bin/su", data=b"su", mode=0o4755),
+        E("usr/bin/wall", data=b"w", mode=0o2755), E("opt/app/old", data=b"old"), E("opt/app/sub/deep", data=b"d"),
+        E("opt/keep", data=b"k"), E("bin", "symlink", link="usr/bin"), E("data/a", data=b"A"),
+        E("data/b", "hardlink", link="data/a"),
+    ], "gzip")
+    l2 = make_layer(tmp_path, [
+        E("opt/app", "dir", mode=0o750),
+        E("opt/app/.wh..wh..opq"),
+        E("opt/app/new", data=b"new"),
+        E("etc/.wh.group"),
+        E("bin/hl", "hardlink", link="/usr/bin/su"),  # parent symlink followed inside the tree
+        E("data/b", data=b"B2"),  # rewriting one name of a hard link must not touch the other
+        E(".wh.nonexistent"),
+    ], "zstd")
+    l3 = make_layer(tmp_path, [E("usr/.wh.bin"), E("usr/bin/only", data=b"o")], "none")
+    root = apply_to_dir(tmp_path, [l1, l2, l3])
+    t = disk_tree(root)
+    assert t["tmp"][:2] == ("dir", 0o1777)
+    assert t["opt/app"][:2] == ("dir", 0o750)
+    assert not any(k.startswith("opt/app/") and k != "opt/app/new" for k in t)
+    assert t["opt/app/new"][4] == b"new" and t["opt/keep"][4] == b"k"
+    assert "etc/group" not in t and t["etc/passwd"][4] == b"root\n"
+    assert t["bin"][4] == "usr/bin"
+    # usr/bin was whited out by layer 3 (with su and the hard link made through the symlink)
+    assert sorted(k for k in t if k.startswith("usr/")) == ["usr/bin", "usr/bin/only"]
+    assert t["data/a"][4] == b"A" and t["data/b"][4] == b"B2" and t["data/a"][5] is None
+    assert not any(".wh." in k for k in t)
+
+
+def test_setuid_setgid_and_hardlink_through_symlink(tmp_path):
+    l1 = make_layer(tmp_path, [E("usr/bin/su", data=b"su", mode=0o4755), E("usr/bin/wall", data=b"w", mode=0o2711),
+                               E("bin", "symlink", link="/usr/bin")])
+    l2 = make_layer(tmp_path, [E("bin/hl", "hardlink", link="bin/su")], "zstd")
+    t = disk_tree(apply_to_dir(tmp_path, [l1, l2]))
+    assert t["usr/bin/su"][1] == 0o4755 and t["usr/bin/wall"][1] == 0o2711
+    assert t["usr/bin/hl"][5] == ("usr/bin/hl", "usr/bin/su")
+
+
+def test_same_layer_whiteout_only_hides_lower_entries(tmp_path):
+    l1 = make_layer(tmp_path, [E("d/lower", data=b"l"), E("f", data=b"old")])
+    # whiteouts *after* the same layer's entries (allowed, though not recommended, by the spec)
+    l2 = make_layer(tmp_path, [E("d/upper", data=b"u"), E("d/.wh..wh..opq"), E("f", data=b"new"), E(".wh.f")])
+    t = disk_tree(apply_to_dir(tmp_path, [l1, l2]))
+    assert "d/lower" not in t and t["d/upper"][4] == b"u" and t["f"][4] == b"new"
+
+
+def test_type_changes(tmp_path):
+    l1 = make_layer(tmp_path, [E("a/x", data=b"x"), E("b", data=b"file"), E("c", "symlink", link="a")])
+    l2 = make_layer(tmp_path, [E("a", data=b"now a file"), E("b", "dir"), E("b/y", data=b"y"), E("c", "dir")])
+    t = disk_tree(apply_to_dir(tmp_path, [l1, l2]))
+    assert t["a"][0] == "file" and "a/x" not in t
+    assert t["b"][0] == "dir" and t["b/y"][4] == b"y"
+    assert t["c"][0] == "dir"
+
+
+@pytest.mark.parametrize("compression,media_type", [
+    ("gzip", "application/vnd.docker.image.rootfs.diff.tar.gzip"),
+    ("zstd", "application/vnd.oci.image.layer.v1.tar+gzip"),  # wrong media type: magic bytes win
+    ("gzip", "application/vnd.oci.image.layer.v1.tar"),
+    ("none", "application/vnd.oci.image.layer.v1.tar+zstd"),
+])
+def test_compression_detected_by_magic(tmp_path, compression, media_type):
+    layer = make_layer(tmp_path, [E("hello", data=b"hi")], compression, media_type)
+    assert disk_tree(apply_to_dir(tmp_path, [layer]))["hello"][4] == b"hi"
+
+
+def test_empty_layer(tmp_path):
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    layer = make_layer(tmp_path, [E("x", data=b"1")])
+    t = disk_tree(apply_to_dir(tmp_path, [LayerBlob(empty, "", "sha256:empty"), layer]))
+    assert list(t) == ["x"]
+
+
+def test_corrupt_layer_is_one_line_error(tmp_path):
+    bad = tmp_path / "bad"
+    bad.write_bytes(gzip.compress(b"x" * 4096)[:-20])
+    with pytest.raises(LayerError) as ei:
+        build_tree([LayerBlob(bad, "application/vnd.oci.image.layer.v1.tar+gzip", "sha256:bad")])
+    assert "sha256:bad" in str(ei.value) and "\n" not in str(ei.value)
+
+
+def test_devices_and_fifos_skipped_with_a_note(tmp_path):
+    l1 = make_layer(tmp_path, [E("dev/null", data=b"was a file")])
+    l2 = make_layer(tmp_path, [E("dev/null", "chr"), E("dev/sda", "blk"), E("run/fifo", "fifo"), E("ok", data=b"1")])
+    tree = build_tree([l1, l2])
+    assert any("skipped 3" in n and l2.digest in n for n in tree.notes)
+    root = tmp_path / "rootfs"
+    root.mkdir()
+    write_rootfs_dir(tree, root, chown=False)
+    t = disk_tree(root)
+    assert "dev/null" not in t and "dev/sda" not in t and "run/fifo" not in t and t["ok"][4] == b"1"
+
+
+# ---- hostile layers: confined or refused, never a write outside the rootfs
+
+
+@pytest.fixture
+def arena(tmp_path):
+    """A rootfs-to-be and a sentinel directory next to it that must stay untouched."""
+    sentinel = tmp_path / "sentinel"
+    sentinel.mkdir()
+    (sentinel / "secret").write_bytes(b"do not touch")
+    (sentinel / "sub").mkdir()
+    before = snapshot(sentinel)
+    yield tmp_path, sentinel
+    assert snapshot(sentinel) == before, "something outside the rootfs changed"
+
+
+def _hostile_cases(sentinel: Path):
+    s = str(sentinel)
+    return {
+        "dotdot": ([[E("../sentinel/evil", data=b"x"), E("../../../../../.." + s + "/evil2", data=b"x")]],
+                   {"sentinel/evil": b"x", s.lstrip("/") + "/evil2": b"x"}),
+        "absolute": ([[E(s + "/evil", data=b"x"), E("/" + s + "/sub/evil", data=b"y")]],
+                     {s.lstrip("/") + "/evil": b"x", s.lstrip("/") + "/sub/evil": b"y"}),
+        "symlink_then_write_through": ([[E("evil", "symlink", link=s), E("evil/x", data=b"x"),
+                                         E("evil/secret", data=b"overwritten?")]],
+                                       {s.lstrip("/") + "/x": b"x", s.lstrip("/") + "/secret": b"overwritten?"}),
+        "symlink_in_lower_layer": ([[E("evil", "symlink", link=s + "/sub")], [E("evil/x", data=b"x"), E("evil/.wh.y")]],
+                                   {s.lstrip("/") + "/sub/x": b"x"}),
+        "dotdot_symlink_chain": ([[E("a/b", "dir"), E("a/b/up", "symlink", link="../../../../.."),
+                                   E("a/b/up2", "symlink", link="up/../.."), E("a/b/up2/sentinel/y", data=b"y"),
+                                   E("a/b/up/sentinel/z", data=b"z")]],
+                                 {"sentinel/y": b"y", "sentinel/z": b"z"}),
+        "whiteout_through_symlink": ([[E("evil", "symlink", link=s)], [E("evil/.wh.secret"), E("evil/.wh..wh..opq")]],
+                                     {}),
+        "hardlink_to_etc_passwd": ([[E("etc/passwd", data=b"image passwd")],
+                                    [E("x", "hardlink", link="../../../../etc/passwd"),
+                                     E("y", "hardlink", link="/etc/passwd")]],
+                                   {"x": b"image passwd", "y": b"image passwd", "etc/passwd": b"image passwd"}),
+        "symlink_target_is_data_only": ([[E("link", "symlink", link="/etc/shadow"), E("link2", "symlink", link="../../" + s)]],
+                                        {}),
+    }
+
+
+@pytest.mark.parametrize("case", ["dotdot", "absolute", "symlink_then_write_through", "symlink_in_lower_layer",
+                                  "dotdot_symlink_chain", "whiteout_through_symlink", "hardlink_to_etc_passwd",
+                                  "symlink_target_is_data_only"])
+def test_hostile_layers_are_confined(arena, case):
+    tmp_path, sentinel = arena
+    layer_entries, expected = _hostile_cases(sentinel)[case]
+    layers = [make_layer(tmp_path, entries, "gzip") for entries in layer_entries]
+    root = apply_to_dir(tmp_path, layers)
+    t = disk_tree(root)
+    for rel, data in expected.items():
+        assert t[rel][0] == "file" and t[rel][4] == data, rel
+    assert (sentinel / "secret").read_bytes() == b"do not touch"
+    if case == "hardlink_to_etc_passwd":
+        assert t["x"][5] == ("etc/passwd", "x", "y")
+    if case == "symlink_target_is_data_only":
+        assert t["link"][4] == "/etc/shadow"
+
+
+@pytest.mark.parametrize("entries,needle", [
+    ([E("x", "hardlink", link="../sentinel/secret")], "not in this or a lower layer"),
+    ([E("x", "hardlink", link="/nonexistent")], "not in this or a lower layer"),
+    ([E("d", "dir"), E("x", "hardlink", link="d")], "hard link to directory"),
+    ([E("loop", "symlink", link="loop/x"), E("loop/y", data=b"y")], "too many levels of symbolic links"),
+    ([E("a", "symlink", link="b"), E("b", "symlink", link="a"), E("a/f", data=b"f")], "too many levels"),
+    ([E("huge", size=1 << 50)], "absurd size"),
+    ([E("f", data=b"file"), E("f/child", data=b"x")], "is not a directory"),
+    ([E("d/.wh..")], "invalid name"),
+    ([E("n" * 300, data=b"x")], "longer than 255"),
+    ([E("x", "symlink", link="")], "invalid symlink target"),
+])
+def test_hostile_layers_are_refused(arena, entries, needle):
+    tmp_path, sentinel = arena
+    layer = make_layer(tmp_path, entries, "gzip")
+    with pytest.raises(LayerError) as ei:
+        apply_to_dir(tmp_path, [layer])
+    msg = str(ei.value)
+    assert needle in msg and layer.digest in msg and "\n" not in msg
+
+
+def test_truncated_data_is_refused(arena):
+    tmp_path, _ = arena
+    # declared 10 MiB, but the archive ends right after the header
+    layer = make_layer(tmp_path, [E("big", size=10 << 20)], "zstd")
+    with pytest.raises(LayerError) as ei:
+        apply_to_dir(tmp_path, [layer])
+    msg = str(ei.value)
+    assert ("truncated" in msg or "unexpected end of data" in msg) and "'big'" in msg and "\n" not in msg
+
+
+def test_writer_refuses_a_non_empty_rootfs(tmp_path):
+    root = tmp_path / "r"
+    root.mkdir()
+    (root / "x").write_text("x")
+    with pytest.raises(LayerError):
+        write_rootfs_dir(build_tree([make_layer(tmp_path, [E("a", data=b"a")])]), root, chown=False)

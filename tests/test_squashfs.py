@@ -1,0 +1,259 @@
+"""Squashfs builds (merged tar stream and rootfs directory) checked with unsquashfs; Apptainer's files."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Dict, Tuple
+
+import pytest
+
+from shpc_lite.errors import LayerError, PullError
+from shpc_lite.pull import LayerBlob, apptainer_files, build_squashfs, compression_args
+from shpc_lite.pull.apptainer_files import env_script, runscript
+from tests.test_layers import E, disk_tree, make_layer, snapshot
+
+pytestmark = pytest.mark.skipif(shutil.which("mksquashfs") is None or shutil.which("unsquashfs") is None,
+                                reason="needs squashfs-tools")
+
+CONFIG = {
+    "architecture": "amd64",
+    "os": "linux",
+    "created": "2024-05-01T10:00:00.123456789Z",
+    "config": {
+        "Env": ["PATH=/usr/local/bin:/usr/bin:/bin", "LANG=C.UTF-8", "TRICKY=a\\b\"c`d$e 'f'", "1BAD=x",
+                "BAD-NAME=y", "NOEQUALS"],
+        "Entrypoint": ["/usr/bin/env", "x y"],
+        "Cmd": ["--flag", "it's"],
+        "WorkingDir": "/srv/app",
+        "Labels": {"maintainer": "someone", "org.opencontainers.image.version": "1.2"},
+    },
+}
+
+
+def listing(sqfs: Path) -> Dict[str, Tuple[str, str, str]]:
+    """``{path: (mode string, uid/gid, symlink target, time)}`` from ``unsquashfs -lln``."""
+    out = subprocess.run(["unsquashfs", "-lln", "-UTC", str(sqfs)], check=True, capture_output=True, text=True).stdout
+    result = {}
+    for line in out.splitlines():
+        m = re.match(r"^(\S{10}) (\d+/\d+)\s+\d+ (\S+ \S+) squashfs-root/?(.*?)(?: -> (.*))?$", line)
+        if m:
+            when = m.group(3) if m.group(4) else None  # the root's time is "now" with -tar (4.5.1)
+            result[m.group(4)] = (m.group(1), m.group(2), m.group(5), when)
+    return result
+
+
+def extract(sqfs: Path, dest: Path) -> Dict[str, Tuple]:
+    subprocess.run(["unsquashfs", "-q", "-n", "-d", str(dest), str(sqfs)], check=True, capture_output=True)
+    return disk_tree(dest)
+
+
+@pytest.fixture
+def image(tmp_path):
+    d = tmp_path / "blobs"
+    d.mkdir()
+    layers = [
+        make_layer(d, [
+            E("etc", "dir"), E("etc/passwd", data=b"root:x:0:0::/root:/bin/sh\n"), E("etc/group", data=b"g\n"),
+            E("tmp", "dir", mode=0o1777), E("usr/bin/su", data=b"#su", mode=0o4755, uid=0, gid=0),
+            E("usr/bin/wall", data=b"#wall", mode=0o2755, gid=5), E("opt/app/old", data=b"old"),
+            E("opt/app/sub/deep", data=b"deep"), E("bin", "symlink", link="usr/bin"),
+            E("home/user", "dir", mode=0o700, uid=1000, gid=1000), E("home/user/.profile", data=b"p", uid=1000, gid=1000),
+            E("data/a", data=b"A" * 5000), E("data/b", "hardlink", link="data/a"), E("srv/app", "dir"),
+        ], "gzip"),
+        make_layer(d, [
+            E("opt/app", "dir", mode=0o750), E("opt/app/.wh..wh..opq"), E("opt/app/new", data=b"new"),
+            E("etc/.wh.group"), E("bin/hl", "hardlink", link="/usr/bin/su"), E("data/c", "hardlink", link="data/a"),
+            E("data/b", data=b"B2"), E("secret", data=b"s", mode=0o000), E("locked", "dir", mode=0o555),
+            E("locked/f", data=b"f", mode=0o400),
+        ], "zstd"),
+        make_layer(d, [E("usr/bin/.wh.wall"), E("dev/console", "chr")], "none"),
+    ]
+    return layers
+
+
+def _build(layers, tmp_path, method, **kw) -> Path:
+    dest = tmp_path / f"{method}.sqfs"
+    used = build_squashfs(layers, CONFIG, dest, source_ref="docker.io/library/demo:1", source_digest="sha256:feed",
+                          workdir=tmp_path / "work", method=method, **kw)
+    assert used == method and dest.is_file()
+    return dest
+
+
+def test_both_paths_build_the_same_expected_tree(image, tmp_path):
+    trees, lists = {}, {}
+    for method in ("tar", "dir"):
+        sqfs = _build(image, tmp_path, method)
+        lists[method] = listing(sqfs)
+        trees[method] = extract(sqfs, tmp_path / f"x-{method}")
+    assert lists["tar"] == lists["dir"]
+    assert trees["tar"] == trees["dir"]
+    ls, t = lists["tar"], trees["tar"]
+    assert ls[""][0] == "drwxr-xr-x"
+    assert ls["tmp"][0] == "drwxrwxrwt" and ls["var/tmp"][0] == "drwxrwxrwt"
+    assert ls["usr/bin/su"][0] == "-rwsr-xr-x" and ls["usr/bin/hl"][0] == "-rwsr-xr-x"
+    assert "usr/bin/wall" not in ls and "etc/group" not in ls and "dev/console" not in ls
+    assert ls["home/user"][:3] == ("drwx------", "1000/1000", None)
+    assert ls["home/user"][3] == "2023-11-14 22:13" and ls["singularity"][3] == "2024-05-01 10:00"
+    assert ls["secret"][0] == "----------" and ls["locked"][0] == "dr-xr-xr-x" and ls["locked/f"][0] == "-r--------"
+    assert ls["opt/app"][0] == "drwxr-x---"
+    assert sorted(k for k in ls if k.startswith("opt/app/")) == ["opt/app/new"]
+    assert ls["bin"][2] == "usr/bin"
+    assert not any(".wh." in k for k in ls)
+    assert t["usr/bin/hl"][5] == ("usr/bin/hl", "usr/bin/su")
+    assert t["data/a"][5] == ("data/a", "data/c") and t["data/b"][4] == b"B2" and t["data/a"][4] == b"A" * 5000
+    # what Apptainer expects
+    for d in (".singularity.d/libs", ".singularity.d/actions", ".singularity.d/env", "dev", "proc", "root", "sys",
+              "home", "etc", "var/tmp"):
+        assert ls[d][0].startswith("d"), d
+    assert t["etc/hosts"][4] == b"" and t["etc/resolv.conf"][4] == b""
+    assert ls["singularity"][2] == ".singularity.d/runscript"
+    assert ls["environment"][2] == ".singularity.d/env/90-environment.sh"
+    assert ls[".singularity.d/runscript"][0] == "-rwxr-xr-x"
+    labels = json.loads(t[".singularity.d/labels.json"][4])
+    assert labels == {"maintainer": "someone", "org.opencontainers.image.version": "1.2",
+                      "org.opencontainers.image.base.name": "docker.io/library/demo:1",
+                      "org.opencontainers.image.base.digest": "sha256:feed"}
+    files = apptainer_files(CONFIG, source_ref="docker.io/library/demo:1", source_digest="sha256:feed")
+    for path in (".singularity.d/env/10-docker2singularity.sh", ".singularity.d/env/90-environment.sh",
+                 ".singularity.d/runscript"):
+        assert t[path][4] == files[path].data
+
+
+def test_existing_paths_are_kept(tmp_path):
+    layers = [make_layer(tmp_path, [E("tmp", "symlink", link="var/tmp"), E("var/tmp", "dir", mode=0o1777),
+                                    E("etc/hosts", data=b"127.0.0.1 localhost\n"), E("home", "dir", mode=0o711)])]
+    ls = listing(_build(layers, tmp_path, "tar"))
+    assert ls["tmp"][2] == "var/tmp" and ls["home"][0] == "drwx--x--x"
+    t = extract(tmp_path / "tar.sqfs", tmp_path / "x")
+    assert t["etc/hosts"][4] == b"127.0.0.1 localhost\n"
+
+
+@pytest.mark.parametrize("method", ["tar", "dir"])
+def test_owners_can_be_dropped(image, tmp_path, method):
+    ls = listing(_build(image, tmp_path, method, preserve_owners=False))
+    assert {v[1] for v in ls.values()} == {"0/0"}
+    assert ls["usr/bin/su"][0] == "-rwsr-xr-x" and ls["secret"][0] == "----------"
+
+
+@pytest.mark.parametrize("compression,level", [("gzip", 1), ("xz", None), ("lz4", None), ("zstd", 1)])
+def test_other_compressors(tmp_path, compression, level):
+    layers = [make_layer(tmp_path, [E("f", data=b"hello" * 100)])]
+    sqfs = _build(layers, tmp_path, "tar", compression=compression, level=level, processors=1)
+    out = subprocess.run(["unsquashfs", "-s", str(sqfs)], capture_output=True, text=True).stdout
+    assert f"Compression {compression}" in out
+
+
+def test_compression_args():
+    assert compression_args("zstd", None) == ["-comp", "zstd", "-Xcompression-level", "3"]
+    assert compression_args("gzip", None) == ["-comp", "gzip", "-Xcompression-level", "9"]
+    assert compression_args("lz4", 9) == ["-comp", "lz4", "-Xhc"]
+    assert compression_args("xz", None) == ["-comp", "xz"]
+    for bad in (("zstd", 23), ("gzip", 0), ("brotli", None)):
+        with pytest.raises(PullError):
+            compression_args(*bad)
+
+
+@pytest.mark.parametrize("method", ["tar", "dir"])
+def test_hostile_layer_fails_the_build_cleanly(tmp_path, method):
+    sentinel = tmp_path / "sentinel"
+    sentinel.mkdir()
+    (sentinel / "secret").write_text("keep")
+    before = snapshot(sentinel)
+    ok = make_layer(tmp_path, [E("evil", "symlink", link=str(sentinel)), E("evil/x", data=b"x"),
+                               E("../sentinel/y", data=b"y")])
+    sqfs = _build([ok], tmp_path, method)
+    t = extract(sqfs, tmp_path / "x")
+    assert t[str(sentinel).lstrip("/") + "/x"][4] == b"x" and t["sentinel/y"][4] == b"y"
+    bad = make_layer(tmp_path, [E("x", "hardlink", link="../sentinel/secret")])
+    dest = tmp_path / "bad.sqfs"
+    with pytest.raises(LayerError) as ei:
+        build_squashfs([ok, bad], CONFIG, dest, source_ref="r", source_digest="d", workdir=tmp_path / "w",
+                       method=method)
+    assert bad.digest in str(ei.value) and "'x'" in str(ei.value) and "\n" not in str(ei.value)
+    assert not dest.exists()
+    assert snapshot(sentinel) == before
+
+
+def test_truncated_layer_during_streaming_kills_mksquashfs(tmp_path, monkeypatch):
+    layer = make_layer(tmp_path, [E("f", data=b"x" * 100_000)], "none")
+    from shpc_lite.pull import layers as layers_mod
+
+    real = layers_mod._copy_exact
+
+    def short(reader, size, write, label, name):  # the blob changes between the two passes
+        real(reader, size // 2, write, label, name)
+        raise LayerError(f"layer {label}: entry {name!r}: data truncated")
+
+    monkeypatch.setattr(layers_mod, "_copy_exact", short)
+    dest = tmp_path / "t.sqfs"
+    with pytest.raises(LayerError):
+        build_squashfs([layer], CONFIG, dest, source_ref="r", source_digest="d", workdir=tmp_path / "w", method="tar")
+    assert not dest.exists()
+
+
+def test_mksquashfs_failure_is_a_pull_error(tmp_path):
+    layer = make_layer(tmp_path, [E("f", data=b"x")])
+    with pytest.raises(PullError) as ei:
+        build_squashfs([layer], CONFIG, tmp_path / "missing-dir" / "o.sqfs", source_ref="r", source_digest="d",
+                       workdir=tmp_path / "w", method="tar")
+    assert "mksquashfs failed" in str(ei.value) and "\n" not in str(ei.value)
+    with pytest.raises(PullError):
+        build_squashfs([layer], CONFIG, tmp_path / "o.sqfs", source_ref="r", source_digest="d",
+                       workdir=tmp_path / "w", method="bogus")
+
+
+# ---- the generated files
+
+
+def test_apptainer_files_are_pure_and_complete():
+    files = apptainer_files(CONFIG, source_ref="docker.io/library/demo:1", source_digest="sha256:feed")
+    assert files == apptainer_files(CONFIG, source_ref="docker.io/library/demo:1", source_digest="sha256:feed")
+    assert files["tmp"].mode == 0o1777 and files["tmp"].only_if_absent
+    assert files["singularity"].kind == "symlink" and files["singularity"].data == b".singularity.d/runscript"
+    env = files[".singularity.d/env/10-docker2singularity.sh"].data.decode()
+    assert 'export PATH="/usr/local/bin:/usr/bin:/bin"\n' in env
+    assert 'export LANG="${LANG:-"C.UTF-8"}"\n' in env
+    assert 'export TRICKY="${TRICKY:-"a\\\\b\\"c\\`d\\$e \'f\'"}"\n' in env
+    assert "1BAD" not in env and "BAD-NAME" not in env and "NOEQUALS" not in env
+    assert files[".singularity.d/runscript"].data.decode().startswith("#!/bin/sh\n")
+    # the inner config alone works too
+    assert apptainer_files(CONFIG["config"], source_ref="a", source_digest="b")[".singularity.d/runscript"] == \
+        files[".singularity.d/runscript"]
+
+
+@pytest.mark.parametrize("shell", ["sh", "dash", "bash"])
+def test_env_script_round_trips_in_shells(tmp_path, shell):
+    if shutil.which(shell) is None:
+        pytest.skip(f"no {shell}")
+    values = {"A": "plain", "B": 'q"uo\\te', "C": "`date` $(id) $HOME ${X}", "D": "it's\nmultiline", "E": ""}
+    script = tmp_path / "env.sh"
+    script.write_text(env_script([f"{k}={v}" for k, v in values.items()] + ["PATH=/x:/y", "A=last wins"]))
+    probe = "; ".join(f'printf "%s\\0" "${k}"' for k in list(values) + ["PATH"])
+    out = subprocess.run(["env", "-i", shell, "-c", f". {script}; {probe}"], capture_output=True, check=True).stdout
+    got = out.decode().split("\0")[:-1]
+    assert got == ["last wins"] + list(values.values())[1:] + ["/x:/y"]
+    # set variables win over the image's defaults, except PATH
+    out = subprocess.run(["env", "-i", "A=mine", "PATH=/bin:/usr/bin", shell, "-c", f". {script}; {probe}"],
+                         capture_output=True, check=True).stdout
+    assert out.decode().split("\0")[0] == "mine" and out.decode().split("\0")[-2] == "/x:/y"
+
+
+def test_runscript_runs_entrypoint_cmd_and_args(tmp_path):
+    work = tmp_path / "w d"
+    work.mkdir()
+    script = tmp_path / "runscript"
+    script.write_text(runscript(["printf", "[%s]"], ["a b", "$HOME", "it's"], str(work)))
+    script.chmod(0o755)
+    assert subprocess.run([str(script)], capture_output=True, text=True).stdout == "[a b][$HOME][it's]"
+    assert subprocess.run([str(script), "x", "y z"], capture_output=True, text=True).stdout == "[x][y z]"
+    script.write_text(runscript(None, ["pwd"], str(work)))
+    assert subprocess.run([str(script)], capture_output=True, text=True).stdout.strip() == str(work)
+    assert subprocess.run([str(script), "echo", "hi"], capture_output=True, text=True).stdout == "hi\n"
+    script.write_text(runscript(["echo", "ep"], None))
+    assert subprocess.run([str(script)], capture_output=True, text=True).stdout == "ep\n"
+    assert subprocess.run([str(script), "1"], capture_output=True, text=True).stdout == "ep 1\n"
