@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from shpc_lite.config import Config
+from shpc_lite.errors import NotFoundError
 from shpc_lite.modules import Installed, find_installed, installed, make_spec, remove_module, write_module
 from shpc_lite.recipe import recipe_index
 from shpc_lite.store import import_sif, unreferenced
@@ -24,6 +25,45 @@ def install_sif(config: Config, name: str, version: str, sif: Path) -> Installed
     except BaseException:
         if created:
             _drop_unused(config, [str(stored)])
+        raise
+
+
+def choose_version(config: Config, recipe, version: Optional[str]) -> tuple[str, str, Optional[str]]:
+    """(version, tag, digest or None): the site's lock file wins, then the recipe's pins.
+
+    Without a version, the newest one the lock or the recipe offers is taken.
+    """
+    from shpc_lite.lock import load_lock, locked_version
+    from shpc_lite.modules import newest
+
+    lock = load_lock(config.paths.lock_file)
+    locked = lock.versions(recipe.name) if lock is not None else {}
+    if version is None:
+        version = newest([*locked, *(p.version for p in recipe.versions)])
+        if version is None:
+            raise NotFoundError(f"{recipe.name}: no versions pinned and none locked; run shpc-lite resolve {recipe.name}")
+    hit = locked_version(lock, recipe.name, version) if lock is not None else None
+    if hit is not None:
+        return version, hit[0], hit[1]
+    pin = recipe.version(version)
+    return version, pin.tag, pin.digest
+
+
+def install_pull(config: Config, name: str, version: Optional[str] = None, *, quiet: bool = False,
+                 client=None) -> Installed:
+    """``install NAME[:VERSION]``: resolve (or read the lock), pull into the store, generate."""
+    from shpc_lite.puller import pull
+
+    recipe = recipe_index(config).get(name)
+    version, tag, digest = choose_version(config, recipe, version)
+    stored = pull(config, recipe.image, tag, digest, quiet=quiet, client=client)
+    paths = config.paths
+    try:
+        spec = make_spec(recipe, version, tag, stored.digest, stored.path, paths, config)
+        return write_module(spec, paths, config)
+    except BaseException:
+        if stored.pulled:
+            _drop_unused(config, [str(stored.path)])
         raise
 
 
