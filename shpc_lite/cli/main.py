@@ -71,11 +71,25 @@ def _flags(args: argparse.Namespace) -> dict:
     return flags
 
 
+def _terminate_like_interrupt() -> None:
+    """SIGTERM (kill, Slurm's time limit) runs the same clean-up as Ctrl-C."""
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (embedded use)
+        pass
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from shpc_lite.errors import ShpcLiteError
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    _terminate_like_interrupt()
     try:
         from shpc_lite.config import load_config
 
