@@ -7,18 +7,19 @@ a subprocess or probe the filesystem at load time: every path is decided here.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
 import re
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from shpc_lite.config import Config, Paths
-from shpc_lite.errors import NotFoundError, ShpcLiteError
+from shpc_lite.errors import NotFoundError
 from shpc_lite.fsutil import TMP_PREFIX, atomic_write, remove_empty_parents
 from shpc_lite.quoting import lua_quote, sh_quote, tcl_quote
 from shpc_lite.recipe import Alias, Recipe
@@ -203,7 +204,7 @@ class Installed:
     commands: tuple[str, ...] = ()
     gpu: str = "none"
     description: str = ""
-    extra: dict = field(default_factory=dict)
+    default: bool = False  # chosen as the default by the site (else the newest is)
 
     @classmethod
     def from_json(cls, text: str) -> "Installed":
@@ -225,7 +226,7 @@ def installed(paths: Paths, name: Optional[str] = None) -> list[Installed]:
     return sorted(found, key=lambda i: (i.name, _version_key(i.version)))
 
 
-def write_module(spec: ModuleSpec, paths: Paths, config: Config) -> Installed:
+def write_module(spec: ModuleSpec, paths: Paths, config: Config, default: bool = False) -> Installed:
     """Write wrappers (staged dir, then swapped in) and then the modulefile, atomically.
 
     The modulefile goes last because it is what users see: a failure before it leaves the
@@ -248,6 +249,7 @@ def write_module(spec: ModuleSpec, paths: Paths, config: Config) -> Installed:
         commands=tuple(spec.commands),
         gpu=spec.gpu,
         description=spec.description,
+        default=default,
     )
     old = None
     try:
@@ -273,8 +275,17 @@ def write_module(spec: ModuleSpec, paths: Paths, config: Config) -> Installed:
     finally:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+    if default:
+        for other in installed(paths, spec.name):
+            if other.default and other.version != spec.version:
+                _write_record(paths, dataclasses.replace(other, default=False))
     write_defaults(paths, spec.name, config)
     return record
+
+
+def _write_record(paths: Paths, record: Installed) -> None:
+    atomic_write(paths.wrappers / record.name / record.version / METADATA,
+                 json.dumps(asdict(record), indent=2, sort_keys=True) + "\n")
 
 
 def remove_module(paths: Paths, record: Installed, config: Config) -> None:
@@ -294,7 +305,8 @@ def write_defaults(paths: Paths, name: str, config: Config) -> None:
     records = [r for r in installed(paths, name) if r.module_system == config["module_system"]]
     directory = paths.modules / name
     rc = directory / (".modulerc.lua" if config["module_system"] == "lmod" else ".modulerc")
-    default = newest(r.version for r in records) if config["default_version"] == "newest" else None
+    chosen = [r.version for r in records if r.default]
+    default = chosen[0] if chosen else newest(r.version for r in records) if config["default_version"] == "newest" else None
     gpu_versions = [r.version for r in records if r.gpu != "none"]
     if not records or (default is None and not gpu_versions):
         try:
@@ -330,5 +342,4 @@ __all__ = [
     "installed",
     "find_installed",
     "newest",
-    "ShpcLiteError",
 ]

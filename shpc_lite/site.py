@@ -1,0 +1,271 @@
+"""A site's whole stack: a manifest of modules, planned, installed concurrently, kept in sync.
+
+The manifest (docs/site.md) lists entries such as ``python:3.11`` or ``pytorch`` (every version
+the lock or the recipe offers), or maps with per-entry overrides. ``plan`` turns it into tasks
+without touching anything; ``run`` carries them out with a bounded pool, one failure never
+stopping the others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from shpc_lite.config import Config
+from shpc_lite.errors import ShpcLiteError, SiteError
+from shpc_lite.recipe import SAFE_NAME, SAFE_VERSION, Recipe
+
+ENTRY_KEYS = {"name", "versions", "newest", "bind", "default"}
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    versions: tuple[str, ...] = ()  # empty: all versions offered
+    newest: Optional[int] = None  # keep only the N newest of those
+    bind: tuple[str, ...] = ()
+    default: Optional[str] = None
+
+    @property
+    def label(self) -> str:
+        return self.name + (":" + ",".join(self.versions) if self.versions else "")
+
+
+@dataclass(frozen=True)
+class Task:
+    """One module version to have installed."""
+
+    name: str
+    version: str
+    tag: str
+    digest: Optional[str]
+    image: str
+    bind: tuple[str, ...] = ()
+    default: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}/{self.version}"
+
+
+@dataclass
+class Outcome:
+    task: Optional[Task]
+    label: str
+    status: str  # installed | updated | unchanged | failed | would-install | would-update
+    detail: str = ""
+    seconds: float = 0.0
+    size: Optional[int] = None
+
+    def to_json(self) -> dict:
+        return {"module": self.label, "status": self.status, "detail": self.detail,
+                "seconds": round(self.seconds, 3), "bytes": self.size}
+
+
+@dataclass
+class Plan:
+    tasks: list[Task] = field(default_factory=list)
+    errors: list[Outcome] = field(default_factory=list)
+
+
+def load_manifest(path: Path) -> list[Entry]:
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise SiteError(f"{path}: cannot read manifest: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        raise SiteError(f"{path}:{f' line {mark.line + 1}:' if mark else ''} malformed YAML") from None
+    if not isinstance(data, dict) or not isinstance(data.get("modules"), list):
+        raise SiteError(f"{path}: expected a mapping with a 'modules' list")
+    unknown = set(data) - {"modules"}
+    if unknown:
+        raise SiteError(f"{path}: unknown field {sorted(unknown)[0]!r}")
+    entries = []
+    for i, item in enumerate(data["modules"]):
+        where = f"{path}: modules[{i}]"
+        if isinstance(item, str):
+            name, _, version = item.partition(":")
+            item = {"name": name, **({"versions": [version]} if version else {})}
+        if not isinstance(item, dict):
+            raise SiteError(f"{where}: expected NAME[:VERSION] or a mapping")
+        extra = set(item) - ENTRY_KEYS
+        if extra:
+            raise SiteError(f"{where}: unknown field {sorted(extra)[0]!r}")
+        name = str(item.get("name", ""))
+        if not SAFE_NAME.match(name):
+            raise SiteError(f"{where}: invalid module name {name!r}")
+        versions = tuple(str(v) for v in item.get("versions") or ())
+        for v in versions:
+            if not SAFE_VERSION.match(v):
+                raise SiteError(f"{where}: invalid version {v!r}")
+        newest = item.get("newest")
+        if newest is not None and (not isinstance(newest, int) or isinstance(newest, bool) or newest < 1):
+            raise SiteError(f"{where}: newest must be a whole number >= 1")
+        bind = item.get("bind") or []
+        if not isinstance(bind, list) or not all(isinstance(b, str) and b for b in bind):
+            raise SiteError(f"{where}: bind must be a list of paths")
+        default = item.get("default")
+        entries.append(Entry(name, versions, newest, tuple(bind), None if default is None else str(default)))
+    return entries
+
+
+def plan(config: Config, entries: list[Entry]) -> Plan:
+    """Tasks for every entry; an entry that cannot be planned becomes a failed outcome."""
+    from shpc_lite.install import choose_version
+    from shpc_lite.lock import load_lock
+    from shpc_lite.modules import _version_key
+    from shpc_lite.recipe import recipe_index
+
+    index = recipe_index(config)
+    lock = load_lock(config.paths.lock_file)
+    result = Plan()
+    for entry in entries:
+        try:
+            recipe = index.get(entry.name)
+            offered = {p.version for p in recipe.versions}
+            if lock is not None:
+                offered |= set(lock.versions(recipe.name))
+            versions = list(entry.versions) or sorted(offered, key=_version_key, reverse=True)
+            if entry.newest:
+                versions = sorted(versions, key=_version_key, reverse=True)[: entry.newest]
+            if entry.default and entry.default not in versions:
+                raise SiteError(f"{entry.name}: default {entry.default!r} is not among the versions installed")
+            for version in versions:
+                version, tag, digest = choose_version(config, recipe, version)
+                result.tasks.append(Task(recipe.name, version, tag, digest, recipe.image, entry.bind,
+                                         default=entry.default == version))
+        except ShpcLiteError as err:
+            result.errors.append(Outcome(None, entry.label, "failed", str(err)))
+    return result
+
+
+def _recipe_for(config: Config, task: Task) -> Recipe:
+    from shpc_lite.recipe import recipe_index
+
+    recipe = recipe_index(config).get(task.name)
+    return dataclasses.replace(recipe, bind=recipe.bind + task.bind) if task.bind else recipe
+
+
+def current_state(config: Config, task: Task, digest: Optional[str]) -> str:
+    """'unchanged' when this version is installed from the same tag (and digest, when known)."""
+    from shpc_lite.modules import installed
+
+    for record in installed(config.paths, task.name):
+        if record.version == task.version:
+            same = record.tag == task.tag and (digest is None or record.digest == digest)
+            return "unchanged" if same and Path(record.sif).exists() else "update"
+    return "install"
+
+
+def install_task(config: Config, task: Task, client, quiet: bool = True) -> Outcome:
+    """Pull (once, under the store's lock) and generate one module; never raises ShpcLiteError."""
+    from shpc_lite.modules import make_spec, write_module
+    from shpc_lite.puller import pull
+
+    start = time.monotonic()
+    try:
+        digest = task.digest or client.head_digest(_ref(task))
+        state = current_state(config, task, digest)
+        if state == "unchanged":
+            return Outcome(task, task.label, "unchanged", "", time.monotonic() - start)
+        stored = pull(config, task.image, task.tag, digest, quiet=quiet, client=client)
+        spec = make_spec(_recipe_for(config, task), task.version, task.tag, stored.digest, stored.path,
+                         config.paths, config)
+        write_module(spec, config.paths, config, default=task.default)
+        status = "installed" if state == "install" else "updated"
+        return Outcome(task, task.label, status, str(stored.path), time.monotonic() - start)
+    except ShpcLiteError as err:
+        return Outcome(task, task.label, "failed", str(err), time.monotonic() - start)
+
+
+def _ref(task: Task):
+    from shpc_lite.oci.reference import parse_reference
+
+    return parse_reference(f"{task.image}:{task.tag}")
+
+
+def run(config: Config, the_plan: Plan, *, jobs: int, quiet: bool = True,
+        on_done: Optional[Callable[[Outcome], None]] = None) -> list[Outcome]:
+    from shpc_lite.resolve import client_from_config
+
+    client = client_from_config(config)
+    outcomes = list(the_plan.errors)
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        for outcome in pool.map(lambda t: install_task(config, t, client, quiet), the_plan.tasks):
+            outcomes.append(outcome)
+            if on_done:
+                on_done(outcome)
+    return outcomes
+
+
+def dry_run(config: Config, the_plan: Plan, *, jobs: int) -> list[Outcome]:
+    """What ``run`` would do: read-only registry queries for digests and sizes, nothing written."""
+    from shpc_lite.puller import find_stored
+    from shpc_lite.resolve import client_from_config
+
+    client = client_from_config(config)
+
+    def look(task: Task) -> Outcome:
+        try:
+            ref = _ref(task)
+            digest = task.digest or client.head_digest(ref)
+            state = current_state(config, task, digest)
+            if state == "unchanged":
+                return Outcome(task, task.label, "unchanged")
+            size = None
+            detail = "module only (image already stored)" if find_stored(config, digest) else "pull"
+            if detail == "pull":
+                size = client.resolve_image(ref.with_digest(digest)).size
+            return Outcome(task, task.label, f"would-{state}", detail, size=size)
+        except ShpcLiteError as err:
+            return Outcome(task, task.label, "failed", str(err))
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        return list(the_plan.errors) + list(pool.map(look, the_plan.tasks))
+
+
+def unlisted(config: Config, entries: list[Entry], the_plan: Plan) -> list:
+    """Installed records that the manifest no longer asks for (what ``sync`` removes)."""
+    from shpc_lite.modules import installed
+
+    wanted = {(t.name, t.version) for t in the_plan.tasks}
+    failed_names = {o.label.split(":")[0] for o in the_plan.errors}
+    return [r for r in installed(config.paths)
+            if (r.name, r.version) not in wanted and r.name not in failed_names]
+
+
+def summary_table(outcomes: list[Outcome]) -> str:
+    width = max([len(o.label) for o in outcomes] + [6])
+    lines = [f"{'module':<{width}}  {'status':<14} {'time':>7}  detail"]
+    for o in outcomes:
+        size = f" ({o.size / 1e6:.1f} MB)" if o.size else ""
+        lines.append(f"{o.label:<{width}}  {o.status:<14} {o.seconds:>6.1f}s  {o.detail}{size}")
+    counts: dict[str, int] = {}
+    for o in outcomes:
+        counts[o.status] = counts.get(o.status, 0) + 1
+    lines.append(", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    return "\n".join(lines)
+
+
+def outcomes_json(outcomes: list[Outcome]) -> str:
+    return json.dumps([o.to_json() for o in outcomes], indent=2)
+
+
+def task_to_json(task: Task) -> dict:
+    return dataclasses.asdict(task)
+
+
+def task_from_json(data: dict[str, Any]) -> Task:
+    data = dict(data)
+    data["bind"] = tuple(data.get("bind", ()))
+    return Task(**data)
+
