@@ -198,20 +198,29 @@ def load_config(
     for key, (default, _, _) in KEYS.items():
         values[key] = _default_root() if key == "root" else default
         sources[key] = "default"
+    site_root = None
     for path in (system_config_path(environ), user_config_path(environ)):
         for key, value in _read_file(path).items():
             values[key] = _coerce(key, value, str(path))
             sources[key] = str(path)
+        if site_root is None and sources["root"] != "default":
+            site_root = values["root"]  # the system file's root is the site's central tree
     for key in KEYS:
         env = ENV_PREFIX + key.upper()
         if env in environ and KEYS[key][1] != "map":
             values[key] = _coerce(key, environ[env], f"env {env}")
             sources[key] = f"env {env}"
     for key, value in (flags or {}).items():
-        if value is not None:
+        if value is not None and key != "user":
             values[key] = _coerce(key, value, f"flag --{key.replace('_', '-')}")
             sources[key] = f"flag --{key.replace('_', '-')}"
+    if flags and flags.get("user"):
+        # --user: a private tree in the user's data dir; the configured root becomes central.
+        site_root = values["root"]
+        values["root"], sources["root"] = _default_root(), "flag --user"
     root = Path(os.path.expanduser(values["root"]))
     if not root.is_absolute():
         values["root"] = str(root.resolve())
+    if not values["central_root"] and site_root and Path(site_root) != Path(values["root"]):
+        values["central_root"], sources["central_root"] = site_root, "the system config's root"
     return Config(values, sources)

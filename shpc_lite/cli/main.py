@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="set any config key for this run"
     )
+    parser.add_argument(
+        "--user", action="store_true",
+        help="use your private module tree (your data dir); images in the central root are reused",
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="print only errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -63,6 +67,7 @@ def _flags(args: argparse.Namespace) -> dict:
 
     flags = {key: getattr(args, key, None) for key in CONFIG_FLAGS}
     flags["registry"] = args.registry
+    flags["user"] = args.user
     for item in args.set:
         key, sep, value = item.partition("=")
         key = key.strip().replace("-", "_")
