@@ -74,6 +74,11 @@ class Lock:
     def names(self) -> list[str]:
         return [r.name for r in self.recipes]
 
+    def versions(self, name: str) -> dict[str, LockedVersion]:
+        """Locked module versions of one recipe, newest first ({} when it is not locked)."""
+        recipe = self.get(name)
+        return {v.version: v for v in recipe.versions} if recipe else {}
+
 
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -204,6 +209,11 @@ def read_lock(path: Path) -> Lock:
     except (OSError, UnicodeDecodeError) as err:
         raise ResolveError(f"{path}: cannot read lock file: {getattr(err, 'strerror', None) or err}") from None
     return parse_lock(text, str(path))
+
+
+def load_lock(path: Path) -> Optional[Lock]:
+    """The lock at ``path``, or None when there is no lock file (install falls back to pins)."""
+    return read_lock(path) if Path(path).exists() else None
 
 
 def write_lock(path: Path, lock: Lock, mode: int = 0o644) -> None:

@@ -169,3 +169,15 @@ def test_concurrent_updates_lose_no_recipe(tmp_path):
 def test_parse_accepts_what_dump_writes():
     lock = Lock((PY, TORCH))
     assert parse_lock(dump_lock(lock), "x") == merge(Lock(), [PY, TORCH])
+
+
+def test_load_lock_and_versions_for_install(tmp_path):
+    from shpc_lite.lock import load_lock
+
+    path = tmp_path / "shpc-lite.lock"
+    assert load_lock(path) is None
+    write_lock(path, Lock((PY,)))
+    lock = load_lock(path)
+    assert list(lock.versions("python")) == ["3.12", "3.11", "3.9"]
+    assert lock.versions("python")["3.11"].tag == "3.11-bookworm"
+    assert lock.versions("nope") == {}
