@@ -83,7 +83,8 @@ def disk_tree(root: Path) -> Dict[str, Tuple]:
             elif stat.S_ISLNK(st.st_mode):
                 out[rel] = ("symlink", None, st.st_uid, st.st_gid, os.readlink(p))
             else:
-                out[rel] = ("file", stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, p.read_bytes())
+                data = p.read_bytes() if os.access(p, os.R_OK) else "<unreadable>"
+                out[rel] = ("file", stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, data)
                 by_inode.setdefault(st.st_ino, []).append(rel)
     groups = {n: tuple(sorted(names)) for names in by_inode.values() if len(names) > 1 for n in names}
     return {k: v + (groups.get(k), int(os.lstat(Path(root, k)).st_mtime)) for k, v in out.items()}

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import gzip
+import io
 import logging
 import lzma
 import os
@@ -119,6 +120,54 @@ def open_layer(blob: LayerBlob) -> Iterator[BinaryIO]:
             yield stream  # type: ignore[misc]
 
 
+class _Sequential:
+    """Forward-only file object over a decompressing stream, so tarfile's random-access mode can be
+    used: skipping an entry's data is one discarding read loop, not a copy through tarfile's
+    stream buffer (about twice as fast for pass 1). Reads are exact (short reads are retried)."""
+
+    def __init__(self, stream: IO[bytes]):
+        self._s = stream
+        self._pos = 0
+        self.name = None
+
+    def read(self, n: Optional[int] = -1) -> bytes:
+        if n is None or n < 0:
+            data = self._s.read()
+        else:
+            data = self._s.read(n)
+            if 0 < len(data) < n:
+                parts, got = [data], len(data)
+                while got < n:
+                    more = self._s.read(n - got)
+                    if not more:
+                        break
+                    parts.append(more)
+                    got += len(more)
+                data = b"".join(parts)
+        self._pos += len(data)
+        return data
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        if whence == 1:
+            pos += self._pos
+        elif whence != 0:
+            raise OSError(errno.ESPIPE, "cannot seek from the end of a layer stream")
+        if pos < self._pos:
+            raise OSError(errno.ESPIPE, "cannot seek backwards in a layer stream")
+        while pos > self._pos:
+            chunk = self._s.read(min(pos - self._pos, COPY_CHUNK))
+            if not chunk:
+                break  # end of data: the next read returns b"", which tarfile reports
+            self._pos += len(chunk)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seekable(self) -> bool:
+        return True
+
+
 _READ_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError, zstandard.ZstdError, ValueError)
 
 
@@ -127,7 +176,8 @@ def iter_members(blob: LayerBlob) -> Iterator[Tuple[int, tarfile.TarInfo, tarfil
     ordinal = 0
     with open_layer(blob) as stream:
         try:
-            tf = tarfile.open(fileobj=stream, mode="r|", bufsize=COPY_CHUNK)
+            fileobj = stream if isinstance(stream, io.BufferedReader) else _Sequential(stream)
+            tf = tarfile.open(fileobj=fileobj, mode="r:")  # type: ignore[call-overload]
         except tarfile.ReadError as exc:
             if "empty file" in str(exc):
                 return  # a zero-length layer: nothing to apply
@@ -143,7 +193,7 @@ def iter_members(blob: LayerBlob) -> Iterator[Tuple[int, tarfile.TarInfo, tarfil
                 raise LayerError(f"layer {blob.label}: unreadable at or after {where}: {exc}") from None
             if member is None:
                 return
-            tf.members.clear()  # stream mode keeps every header otherwise
+            tf.members.clear()  # tarfile keeps every header otherwise
             last = member.name
             yield ordinal, member, tf
             ordinal += 1
