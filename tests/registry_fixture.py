@@ -101,7 +101,7 @@ class TokenServer:
         self._httpd.daemon_threads = True
         self.port = self._httpd.server_address[1]
         self.realm = f"http://127.0.0.1:{self.port}/token"
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True,
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True,
                                         name="token-server")
 
     def start(self) -> "TokenServer":
