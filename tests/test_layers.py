@@ -307,6 +307,29 @@ def test_truncated_data_is_refused(arena):
     assert ("truncated" in msg or "unexpected end of data" in msg) and "'big'" in msg and "\n" not in msg
 
 
+def test_oversized_tar_metadata_is_refused(arena, monkeypatch):
+    tmp_path, _ = arena
+    from shpc_lite.pull import layers as layers_mod
+
+    monkeypatch.setattr(layers_mod, "MAX_HEADER_READ", 4096)
+    layer = make_layer(tmp_path, [E("d/" * 3000 + "f", data=b"x")], "gzip")  # a 6 KB pax path record
+    with pytest.raises(LayerError) as ei:
+        build_tree([layer])
+    assert "too large" in str(ei.value) and layer.digest in str(ei.value)
+
+
+def test_lookup_follows_symlinks_inside_the_tree(tmp_path):
+    tree = build_tree([make_layer(tmp_path, [
+        E("run/hosts", data=b"h"), E("etc/hosts", "symlink", link="../run/hosts"), E("tmp", "symlink", link="/var/tmp"),
+        E("var/tmp", "dir"), E("x", "symlink", link="y"), E("y", "symlink", link="x"), E("dangling", "symlink", link="/no"),
+    ])])
+    assert tree.lookup("etc/hosts", follow=True) is tree.lookup("run/hosts")
+    assert tree.lookup("tmp", follow=True) is tree.lookup("var/tmp")
+    assert tree.lookup("tmp/..", follow=True) is tree.lookup("var")
+    assert tree.lookup("x", follow=True) is None and tree.lookup("dangling", follow=True) is None
+    assert tree.lookup("../../../etc/hosts") is not None
+
+
 def test_writer_refuses_a_non_empty_rootfs(tmp_path):
     root = tmp_path / "r"
     root.mkdir()

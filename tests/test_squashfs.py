@@ -13,7 +13,7 @@ from typing import Dict, Tuple
 import pytest
 
 from shpc_lite.errors import LayerError, PullError
-from shpc_lite.pull import LayerBlob, apptainer_files, build_squashfs, compression_args
+from shpc_lite.pull import apptainer_files, build_squashfs, compression_args
 from shpc_lite.pull.apptainer_files import env_script, runscript
 from tests.test_layers import E, disk_tree, make_layer, snapshot
 
@@ -127,9 +127,14 @@ def test_both_paths_build_the_same_expected_tree(image, tmp_path):
 
 def test_existing_paths_are_kept(tmp_path):
     layers = [make_layer(tmp_path, [E("tmp", "symlink", link="var/tmp"), E("var/tmp", "dir", mode=0o1777),
-                                    E("etc/hosts", data=b"127.0.0.1 localhost\n"), E("home", "dir", mode=0o711)])]
+                                    E("etc/hosts", data=b"127.0.0.1 localhost\n"), E("home", "dir", mode=0o711),
+                                    E("run/resolv.conf", data=b"nameserver 1.1.1.1\n"),
+                                    E("etc/resolv.conf", "symlink", link="../run/resolv.conf"),
+                                    E("proc", "symlink", link="/nowhere")])]
     ls = listing(_build(layers, tmp_path, "tar"))
     assert ls["tmp"][2] == "var/tmp" and ls["home"][0] == "drwx--x--x"
+    assert ls["etc/resolv.conf"][2] == "../run/resolv.conf"
+    assert ls["proc"][0] == "drwxr-xr-x"  # a dangling symlink is no mount point: replaced
     t = extract(tmp_path / "tar.sqfs", tmp_path / "x")
     assert t["etc/hosts"][4] == b"127.0.0.1 localhost\n"
 
@@ -208,6 +213,11 @@ def test_mksquashfs_failure_is_a_pull_error(tmp_path):
     with pytest.raises(PullError):
         build_squashfs([layer], CONFIG, tmp_path / "o.sqfs", source_ref="r", source_digest="d",
                        workdir=tmp_path / "w", method="bogus")
+    (tmp_path / "not-a-dir").write_text("")
+    with pytest.raises(PullError) as ei:
+        build_squashfs([layer], CONFIG, tmp_path / "o.sqfs", source_ref="r", source_digest="d",
+                       workdir=tmp_path / "not-a-dir", method="dir")
+    assert "\n" not in str(ei.value)
 
 
 # ---- the generated files

@@ -49,6 +49,7 @@ NAME_MAX = 255
 PATH_MAX = 4096
 MAX_TIME = 2**32 - 1  # squashfs stores unsigned 32-bit seconds
 COPY_CHUNK = 1 << 20
+MAX_HEADER_READ = 64 << 20  # largest single read of a compressed layer's stream (pax/long-name data)
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -131,19 +132,20 @@ class _Sequential:
         self.name = None
 
     def read(self, n: Optional[int] = -1) -> bytes:
-        if n is None or n < 0:
-            data = self._s.read()
-        else:
-            data = self._s.read(n)
-            if 0 < len(data) < n:
-                parts, got = [data], len(data)
-                while got < n:
-                    more = self._s.read(n - got)
-                    if not more:
-                        break
-                    parts.append(more)
-                    got += len(more)
-                data = b"".join(parts)
+        if n is None or n < 0 or n > MAX_HEADER_READ:
+            # tarfile reads whole entries only for metadata (pax, GNU long names): refuse a
+            # decompression bomb there; file data is always read in small chunks
+            raise OSError(errno.EFBIG, "tar metadata entry too large")
+        data = self._s.read(n)
+        if 0 < len(data) < n:
+            parts, got = [data], len(data)
+            while got < n:
+                more = self._s.read(n - got)
+                if not more:
+                    break
+                parts.append(more)
+                got += len(more)
+            data = b"".join(parts)
         self._pos += len(data)
         return data
 
@@ -313,19 +315,24 @@ class RootfsTree:
         return names, stack[-1]
 
     def lookup(self, path: str, *, follow: bool = False) -> Optional[_Node]:
-        """The node at ``path`` (parents resolved inside the tree; the last component followed if ``follow``)."""
-        parts = split_path(path)
-        if not parts:
-            return self.root
-        res = self._resolve_dir(parts[:-1], create=False, mtime=0, blob=None, name=path)
-        if res is None:
-            return None
-        node = res[1].children.get(parts[-1])
-        if follow and isinstance(node, _Symlink):
-            target_parts = (res[0] if not node.target.startswith("/") else []) + node.target.split("/")
-            res2 = self._resolve_dir(target_parts, create=False, mtime=0, blob=None, name=path)
-            return res2[1] if res2 else None
-        return node
+        """The node at ``path``: parents resolved inside the tree, the last component followed if ``follow``."""
+        todo = path.split("/")
+        base: List[str] = []  # resolved directory the remaining path is relative to
+        for _ in range(MAX_SYMLINKS + 1):
+            comps = [c for c in todo if c not in ("", ".")]
+            if not comps or comps[-1] == "..":
+                res = self._resolve_dir(base + comps, create=False, mtime=0, blob=None, name=path)
+                return res[1] if res else None
+            res = self._resolve_dir(base + comps[:-1], create=False, mtime=0, blob=None, name=path)
+            if res is None:
+                return None
+            names, parent = res
+            node = parent.children.get(comps[-1])
+            if not (follow and isinstance(node, _Symlink)):
+                return node
+            todo = node.target.split("/")
+            base = [] if node.target.startswith("/") else names
+        return None
 
     def _mark(self, path: Tuple[str, ...]) -> None:
         self._touched.add(path)
@@ -570,23 +577,20 @@ def _iter_file_data(tree: RootfsTree, plan: Plan) -> Iterator[Tuple[_File, List[
 
 
 def _copy_exact(reader: Union[IO[bytes], bytes], size: int, write, blob_label: str, name: str) -> None:
+    """Copy exactly ``size`` bytes; read problems are the layer's fault (LayerError), write problems are not."""
     if isinstance(reader, bytes):
         write(reader)
         return
     left = size
-    try:
-        while left:
+    while left:
+        try:
             chunk = reader.read(min(left, COPY_CHUNK))
-            if not chunk:
-                break
-            write(chunk)
-            left -= len(chunk)
-    except _READ_ERRORS as exc:
-        if isinstance(exc, OSError) and exc.errno in (errno.EPIPE, errno.ENOSPC, errno.EDQUOT):
-            raise
-        raise LayerError(f"layer {blob_label}: entry {name!r}: unreadable data: {exc}") from None
-    if left:
-        raise LayerError(f"layer {blob_label}: entry {name!r}: data truncated ({size - left} of {size} bytes)")
+        except _READ_ERRORS as exc:
+            raise LayerError(f"layer {blob_label}: entry {name!r}: unreadable data: {exc}") from None
+        if not chunk:
+            raise LayerError(f"layer {blob_label}: entry {name!r}: data truncated ({size - left} of {size} bytes)")
+        write(chunk)
+        left -= len(chunk)
 
 
 def _label(tree: RootfsTree, node: _File) -> str:

@@ -4,8 +4,9 @@ Two build paths, both producing the same tree (the layers merged in memory first
 
 - ``"tar"``: one merged, whiteout-applied tar stream piped into ``mksquashfs - OUT -tar``
   (squashfs-tools >= 4.5). No rootfs on disk, owners and modes come from the tar headers, and
-  decompressing the layers overlaps with mksquashfs compressing. The default (faster in
-  ``bench/squashfs_paths.py``).
+  decompressing the layers overlaps with mksquashfs compressing. The default: on 204 MB of file
+  data in 4 gzip layers (``bench/squashfs_paths.py``, 2 cores, zstd 3) it took 2.3-2.9 s against
+  4.1-5.7 s for ``"dir"`` over several runs (gzip 9: 8.9 s against 11.3 s).
 - ``"dir"``: the tree written to a directory under ``workdir``, then ``mksquashfs DIR OUT``. The
   fallback for older squashfs-tools without ``-tar`` (4.3/4.4 are common on HPC hosts).
 
@@ -32,7 +33,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, List, Mapping, Optional, Sequence
 
-from ..errors import LayerError, PullError
+from ..errors import PullError
 from .apptainer_files import apptainer_files, inner_config
 from .layers import LayerBlob, RootfsTree, build_tree, is_root, write_merged_tar, write_rootfs_dir
 
@@ -195,20 +196,22 @@ def build_squashfs(
 
     dest = Path(dest)
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     common = ["-noappend", *comp_args, "-no-xattrs"]
     if processors:
         common += ["-processors", str(int(processors))]
     common += [o for o in ("-quiet", "-no-progress", "-exit-on-error") if o in feats]
     try:
+        workdir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=workdir, prefix="squashfs-") as scratch:
             if method == "tar":
                 _build_tar(tree, dest, common, Path(scratch), preserve_owners, mksquashfs)
             else:
                 _build_dir(tree, dest, common, Path(scratch), preserve_owners and is_root(), mksquashfs)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             dest.unlink()
+        if isinstance(exc, OSError):  # scratch space full, unwritable workdir ...
+            raise PullError(f"building {dest.name} in {workdir} failed: {exc}") from None
         raise
     return method
 
@@ -249,4 +252,4 @@ def _build_dir(tree: RootfsTree, dest: Path, common: List[str], scratch: Path, c
         _force_rmtree(rootfs)
 
 
-__all__ = ["build_squashfs", "compression_args", "mksquashfs_features", "DEFAULT_METHOD", "LayerError"]
+__all__ = ["build_squashfs", "compression_args", "mksquashfs_features", "DEFAULT_METHOD"]
