@@ -69,7 +69,8 @@ def image(tmp_path):
             E("opt/app", "dir", mode=0o750), E("opt/app/.wh..wh..opq"), E("opt/app/new", data=b"new"),
             E("etc/.wh.group"), E("bin/hl", "hardlink", link="/usr/bin/su"), E("data/c", "hardlink", link="data/a"),
             E("data/b", data=b"B2"), E("secret", data=b"s", mode=0o000), E("locked", "dir", mode=0o555),
-            E("locked/f", data=b"f", mode=0o400),
+            E("locked/f", data=b"f", mode=0o400), E("usr/share/café ü.txt", data=b"u"),
+            E("usr/share/we ird'\"$\\name", data=b"w", mode=0o000), E("usr/share/sub dir", "dir", mode=0o311),
         ], "zstd"),
         make_layer(d, [E("usr/bin/.wh.wall"), E("dev/console", "chr")], "none"),
     ]
@@ -102,6 +103,8 @@ def test_both_paths_build_the_same_expected_tree(image, tmp_path):
     assert ls["home/user"][3] == "2023-11-14 22:13" and ls["singularity"][3] == "2024-05-01 10:00"
     assert ls["secret"][0] == "----------" and ls["locked"][0] == "dr-xr-xr-x" and ls["locked/f"][0] == "-r--------"
     assert ls["opt/app"][0] == "drwxr-x---"
+    assert ls["usr/share/café ü.txt"][0] == "-rw-r--r--"
+    assert ls["usr/share/we ird'\"$\\name"][0] == "----------" and ls["usr/share/sub dir"][0] == "d-wx--x--x"
     assert sorted(k for k in ls if k.startswith("opt/app/")) == ["opt/app/new"]
     assert ls["bin"][2] == "usr/bin"
     assert not any(".wh." in k for k in ls)
