@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "use": ("use", "print the `module use` line for this module root"),
     "view": ("view", "named subsets of installed modules as their own module tree"),
     "doctor": ("doctor", "check the runtime, tools, module system, store and registry"),
+    "resolve": ("resolve", "choose versions from registry tags and record tag + digest in the lock file"),
+    "check": ("check", "compare installed and locked digests with the registry; report newer versions"),
 }
 
 # Global flags that set config keys (the highest configuration layer).
