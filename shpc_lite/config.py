@@ -94,6 +94,11 @@ def _coerce(key: str, value: Any, where: str) -> Any:
             raise ConfigError(bad + "expected a list of strings")
         return list(value)
     if kind == "map":
+        if isinstance(value, str):  # env and --set: "host=url,host2=url2"
+            pairs = [item.partition("=") for item in value.split(",") if item.strip()]
+            if any(not sep for _, sep, _ in pairs):
+                raise ConfigError(bad + "expected KEY=VALUE pairs separated by commas")
+            return {k.strip(): v.strip() for k, _, v in pairs}
         if not isinstance(value, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in value.items()
         ):
@@ -207,7 +212,7 @@ def load_config(
             site_root = values["root"]  # the system file's root is the site's central tree
     for key in KEYS:
         env = ENV_PREFIX + key.upper()
-        if env in environ and KEYS[key][1] != "map":
+        if env in environ:
             values[key] = _coerce(key, environ[env], f"env {env}")
             sources[key] = f"env {env}"
     for key, value in (flags or {}).items():

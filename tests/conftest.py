@@ -13,6 +13,7 @@ import pytest
 
 pytest_plugins = [
     "tests.registry_fixture",
+    "tests.slurm_fixture",
 ]
 
 HERE = Path(__file__).resolve().parent
@@ -103,3 +104,31 @@ def small_sif(tmp_path_factory) -> Path:
     sif = tmp / "small.sif"
     build_container_sif(sif, squash, deffile=b"bootstrap: localimage\nfrom: test\n", json_objects={}, arch="amd64")
     return sif
+
+
+@pytest.fixture(scope="session")
+def wheel_venv(tmp_path_factory):
+    """A fresh venv with shpc-lite installed from its wheel (plain ``pip install``, not editable).
+
+    Made from Debian's /usr/bin/python3 in a world-readable directory, so tests can also run it
+    as an unprivileged user (the interpreter the suite runs with may live under /root).
+    """
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="shpc-lite-venv-", dir="/tmp"))
+    try:
+        os.chmod(base, 0o755)
+        dist = tmp_path_factory.mktemp("dist")
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                        str(dist), str(REPO)], check=True, capture_output=True, timeout=300)
+        wheel = next(dist.glob("shpc_lite-*.whl"))
+        python = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
+        venv = base / "venv"
+        subprocess.run([python, "-m", "venv", str(venv)], check=True, capture_output=True, timeout=120)
+        proc = subprocess.run([str(venv / "bin/pip"), "install", "-q", str(wheel)], capture_output=True,
+                              text=True, timeout=900)
+        if proc.returncode != 0:
+            pytest.fail(f"pip install of the wheel into a fresh venv failed:\n{proc.stderr[-2000:]}")
+        yield venv
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

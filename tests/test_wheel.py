@@ -4,29 +4,10 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
-from pathlib import Path
-
-import pytest
-
-REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def venv(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp / "dist"), str(REPO)], check=True, capture_output=True, timeout=300)
-    wheel = next((tmp / "dist").glob("shpc_lite-*.whl"))
-    subprocess.run([sys.executable, "-m", "venv", str(tmp / "venv")], check=True, timeout=120)
-    proc = subprocess.run([str(tmp / "venv/bin/pip"), "install", "-q", str(wheel)], capture_output=True,
-                          text=True, timeout=600)
-    if proc.returncode != 0:
-        pytest.fail(f"pip install of the wheel failed:\n{proc.stderr[-2000:]}")
-    return tmp / "venv"
-
-
-def test_wheel_cli_works_outside_the_checkout(venv, tmp_path, small_sif):
+def test_wheel_cli_works_outside_the_checkout(wheel_venv, tmp_path, small_sif):
+    venv = wheel_venv
     env = {
         "PATH": f"{venv}/bin:/usr/bin:/bin",
         "HOME": str(tmp_path / "home"),

@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "list": ("listing", "list installed modules"),
     "show": ("show", "show a recipe and what is installed of it"),
     "config": ("configcmd", "show the merged configuration and where each value came from"),
+    "inspect": ("inspect", "show an installed module's SIF: header, objects, labels and env"),
     "batch": ("batch", "install, sync or follow a whole site stack from a manifest"),
     "use": ("use", "print the `module use` line for this module root"),
     "view": ("view", "named subsets of installed modules as their own module tree"),

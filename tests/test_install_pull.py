@@ -1,0 +1,136 @@
+"""Issue 4 end to end: images built by the test, pushed to a real CNCF registry, installed with
+``shpc-lite install`` (builtin puller), checked with siftool, unsquashfs and real Lmod.
+
+The container runtime at the end is the recording stand-in (no Apptainer on Debian 12).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from shpc_lite.sif import read_sif
+from tests import imagetools as it
+from tests.conftest import read_record
+from tests.modsys import have, run_bash
+from tests.proxy import Proxy
+
+pytestmark = pytest.mark.skipif(not shutil.which("mksquashfs"), reason="squashfs-tools not installed")
+
+
+def demo_image():
+    base = it.make_layer([
+        it.Dir("usr"), it.Dir("usr/bin"), it.Dir("data"), it.Dir("opaque"), it.Dir("tmp", 0o1777),
+        it.File("usr/bin/tool", "#!/bin/sh\necho tool\n", 0o755),
+        it.File("data/old.txt", "old\n"), it.File("data/keep.txt", "keep\n"), it.File("opaque/a.txt", "a\n"),
+    ], "gzip")
+    top = it.make_layer([
+        it.Whiteout("data/old.txt"), it.Opaque("opaque"), it.File("opaque/b.txt", "b\n"),
+        it.Symlink("usr/bin/tool-link", "tool"), it.Hardlink("data/keep-hard", "data/keep.txt"),
+    ], "zstd")
+    return it.make_image([base, top], env=["PATH=/usr/bin:/bin", "GREETING=hello world"],
+                         entrypoint=["/usr/bin/tool"], cmd=["--flag"], labels={"org.example": "demo"})
+
+
+def _recipe(site, name: str, image: str, versions: dict, gpu: str = "none") -> None:
+    lines = [f"name: {name}", f"image: {image}", "description: test image", "versions:"]
+    lines += [f"  '{v}': '{t}'" for v, t in versions.items()]
+    lines += ["aliases:", "  tool: /usr/bin/tool", "features:", f"  gpu: {gpu}"]
+    site.write_recipe(name, "\n".join(lines) + "\n")
+
+
+def _sif_tree(sif: Path, tmp: Path) -> dict[str, str]:
+    """Extract the squashfs partition at its offset and list it (path -> kind/mode/target)."""
+    image = read_sif(sif)
+    part = next(d for d in image.descriptors if d.data_type == 0x4004)
+    out = tmp / "x"
+    subprocess.run(["unsquashfs", "-o", str(part.offset), "-d", str(out), "-no-xattrs", str(sif)],
+                   check=True, capture_output=True, timeout=120)
+    tree = {}
+    for p in sorted(out.rglob("*")):
+        rel = "/" + str(p.relative_to(out))
+        st = p.lstat()
+        if p.is_symlink():
+            tree[rel] = "link->" + os.readlink(p)
+        elif p.is_dir():
+            tree[rel] = f"dir {st.st_mode & 0o7777:o}"
+        else:
+            tree[rel] = f"file {st.st_mode & 0o7777:o} nlink={st.st_nlink}"
+    return tree, out
+
+
+def test_install_from_registry_end_to_end(site, registry, unique_repo, tmp_path):
+    image = demo_image()
+    registry.pusher().push_image(unique_repo, image, tags=["1.0"])
+    _recipe(site, "demo", f"{registry.host}/{unique_repo}", {"1.0": "1.0"})
+    proc = site.cli("--set", "puller=builtin", "install", "demo:1.0")
+    assert proc.returncode == 0, proc.stderr
+    sif = site.root / "containers" / f"sha256-{image.digest.split(':')[1]}.sif"
+    assert sif.is_file()
+    # the reference implementation accepts it
+    listing = subprocess.run(["siftool", "list", str(sif)], capture_output=True, text=True, check=True).stdout
+    assert "Squashfs" in listing and "Primary" in listing and "JSON.Generic" in listing
+    info = subprocess.run(["siftool", "info", "1", str(sif)], capture_output=True, text=True, check=True).stdout
+    assert "Def.FILE" in info or "Definition" in info or "Deffile" in info
+    tree, out = _sif_tree(sif, tmp_path)
+    assert "/data/old.txt" not in tree and "/opaque/a.txt" not in tree  # whiteout, opaque dir
+    assert tree["/opaque/b.txt"].startswith("file 644")
+    assert tree["/usr/bin/tool"].startswith("file 755")
+    assert tree["/usr/bin/tool-link"] == "link->tool"
+    assert tree["/data/keep-hard"].endswith("nlink=2") and tree["/data/keep.txt"].endswith("nlink=2")
+    assert tree["/tmp"] == "dir 1777"
+    assert not any(".wh." in p for p in tree)
+    env = (out / ".singularity.d/env/10-docker2singularity.sh").read_text()
+    assert 'export PATH="/usr/bin:/bin"' in env and "GREETING" in env and "hello world" in env
+    runscript = (out / ".singularity.d/runscript").read_text()
+    assert "/usr/bin/tool" in runscript and "--flag" in runscript
+    labels = json.loads((out / ".singularity.d/labels.json").read_text())
+    assert labels["org.example"] == "demo" and labels["org.opencontainers.image.base.digest"] == image.digest
+    # the module loads and the wrapper reaches the runtime with that SIF
+    if have("lmod"):
+        res = run_bash("lmod", f"module use {site.root}/modules\nmodule load demo\ntool 'a b'", site.env)
+        assert res.returncode == 0, res.stderr.decode()
+        argv, _ = read_record(site)
+        assert argv == [b"exec", str(sif).encode(), b"/usr/bin/tool", b"a b"]
+    # installing again is a no-op for the store; inspect shows the SIF
+    shown = site.cli("inspect", "demo:1.0", "--json", check=True).stdout
+    data = json.loads(shown)
+    assert data["sif"] == str(sif) and any(o["type"] == "Partition" for o in data["objects"])
+    assert data["env"]["GREETING"] == "hello world"
+
+
+def test_registry_that_lies_about_a_blob(site, registry, unique_repo):
+    image = demo_image()
+    registry.pusher().push_image(unique_repo, image, tags=["1.0"])
+    layer = image.layers[1].digest
+
+    def corrupt(path: str, body: bytes) -> bytes:
+        return body[:-1] + bytes([body[-1] ^ 0xFF]) if path.endswith(layer) else body
+
+    _recipe(site, "liar", f"{registry.host}/{unique_repo}", {"1.0": "1.0"})
+    with Proxy(registry.url, mutate=corrupt) as proxy:
+        proc = site.cli("--set", "puller=builtin", "--set", "retries=0",
+                        "--set", f"mirrors={registry.host}={proxy.url}", "install", "liar:1.0", timeout=120)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert layer in lines[0] and unique_repo in lines[0]
+    assert not list((site.root / "containers").glob("*.sif"))
+    assert not list((site.root / "containers").glob(".shpc-lite-tmp-*"))
+    assert not (site.root / "modules").exists()
+    blob_dir = site.root / "cache" / "blobs" / "sha256" / layer.split(":")[1]
+    assert not (blob_dir / "data").exists() and not list(blob_dir.glob("*"))
+
+
+def _user_config(site, text: str) -> None:
+    path = Path(site.env["XDG_CONFIG_HOME"]) / "shpc-lite" / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
