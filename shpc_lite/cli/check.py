@@ -12,7 +12,24 @@ import argparse
 OUT_OF_DATE = 100
 
 
+EPILOG = """\
+Compares the digest of every installed module version and every locked version with what its
+tag points at now (HEAD requests only), and asks each recipe's select rule whether it now
+chooses a version newer than the newest installed (or, with none installed, locked) one.
+
+--json prints {"out_of_date": bool, "findings": [{"name", "version", "kind", "source", "tag",
+"recorded", "current", "detail"}], "errors": [{"name", "error"}]}, where kind is up-to-date,
+repushed (same tag, new digest), newer, or not-compared (installed from a SIF file), and
+source is installed or lock.
+
+Exit codes: 0 all up to date, 100 something is out of date (as dnf check-update),
+1 an error (wins over 100), 2 bad usage.
+"""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EPILOG
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("name", nargs="?", help="check only this module (default: all installed or locked)")
     parser.add_argument("--json", action="store_true", help="machine-readable report")
     parser.add_argument("--jobs", type=int, help="registry requests at once (default: config jobs)")

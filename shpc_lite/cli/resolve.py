@@ -10,7 +10,27 @@ from __future__ import annotations
 import argparse
 
 
+EPILOG = """\
+The lock file is <root>/shpc-lite.lock (JSON, see shpc_lite/lock.py). It is updated only when
+every recipe asked for resolved; the recipes named are replaced whole, the others are kept.
+If any recipe fails, each failure is one line on stderr, the rest are still shown, the lock is
+left unchanged and the exit code is 1.
+
+--json prints, per recipe:
+  {"python": {"image": "docker.io/library/python",
+              "versions": [{"version": "3.12", "tag": "3.12-bookworm",
+                            "digest": "sha256:...", "pinned": false}],
+              "warnings": []},
+   "broken": {"error": "broken: ..."}}
+With --explain each recipe also has "tags": [{"tag", "chosen", "version", "reason"}].
+
+Exit codes: 0 resolved (and locked unless --dry-run), 1 an error, 2 bad usage.
+"""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EPILOG
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("names", nargs="*", metavar="NAME", help="recipes to resolve (default: all)")
     parser.add_argument("--json", action="store_true", help="print the chosen versions as JSON")
     parser.add_argument("--explain", action="store_true", help="say for every tag why it was chosen or not")
