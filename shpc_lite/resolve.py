@@ -124,17 +124,18 @@ class _Requests:
 
     def list_tags(self, image: str) -> Future:
         if image not in self.tags:
-            self.tags[image] = self._submit(self.client.list_tags, _ref(image))
+            self.tags[image] = self._submit(lambda: self.client.list_tags(_ref(image)))
         return self.tags[image]
 
     def head(self, image: str, tag: str) -> Future:
         key = (image, tag)
         if key not in self.heads:
-            self.heads[key] = self._submit(self.client.head_digest, _ref(image, tag))
+            self.heads[key] = self._submit(lambda: self.client.head_digest(_ref(image, tag)))
         return self.heads[key]
 
-    def _submit(self, fn: Callable, *args: Any) -> Future:
-        future = self.pool.submit(fn, *args)
+    def _submit(self, fn: Callable[[], Any]) -> Future:
+        """Run ``fn`` in the pool; parsing the reference inside it makes a bad image a failure too."""
+        future = self.pool.submit(fn)
         self.running.add(future)
         return future
 

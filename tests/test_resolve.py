@@ -264,3 +264,14 @@ def test_requests_one_walk_per_repository_one_head_per_tag(site, registry_token)
     assert not report.out_of_date and not report.failures
     stats = client.stats.snapshot()
     assert stats["manifest_head"] == 4 and stats["tags"] == 2 and stats["manifest_get"] == 0
+
+
+def test_unparsable_image_fails_only_its_recipe(site, capsys):
+    (site.recipes / "badref.yaml").write_text(
+        "name: badref\nimage: 127.0.0.1:5000//x\ndescription: x\nversions:\n  '1': '1'\n"
+    )
+    code, out, err = cli(site, capsys, "resolve", "python", "badref", "--json")
+    assert code == 1
+    data = json.loads(out)
+    assert "invalid image reference" in data["badref"]["error"] and data["python"]["versions"]
+    assert not site.lock.exists()
