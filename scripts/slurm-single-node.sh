@@ -74,7 +74,8 @@ slurmd_registered() {
 
 log_tails() {
     local f
-    for f in "$LOG_DIR/slurmctld.log" "$LOG_DIR/slurmd.log" "$RUN_DIR/munged.out" /var/log/munge/munged.log; do
+    for f in "$RUN_DIR/slurmctld.out" "$LOG_DIR/slurmctld.log" "$RUN_DIR/slurmd.out" "$LOG_DIR/slurmd.log" \
+             "$RUN_DIR/munged.out" /var/log/munge/munged.log; do
         [ -s "$f" ] || continue
         echo "----- last lines of $f -----" >&2
         tail -n 15 "$f" >&2
@@ -193,7 +194,7 @@ start_munge() {
     fi
     say "starting munged"
     runuser -u munge -- "$(command -v munged)" --pid-file=/run/munge/munged.pid \
-        >"$RUN_DIR/munged.out" 2>&1 \
+        </dev/null >"$RUN_DIR/munged.out" 2>&1 9>&- \
         || { log_tails; die "munged failed to start"; }
     local i
     for i in $(seq 1 50); do
@@ -222,8 +223,10 @@ start() {
     if pid_alive "$RUN_DIR/slurmctld.pid" slurmctld; then
         if [ -n "$changed" ]; then say "config changed: scontrol reconfigure"; scontrol reconfigure || true; fi
     else
-        say "starting slurmctld"
-        slurmctld || { log_tails; die "slurmctld failed to start"; }
+        # -c: a fresh controller forgets jobs and node states of an earlier run (this is a test
+        # cluster): jobs "running" when the daemons were stopped would otherwise hold the CPUs.
+        say "starting slurmctld (clean state)"
+        slurmctld -c </dev/null >"$RUN_DIR/slurmctld.out" 2>&1 9>&- || { log_tails; die "slurmctld failed to start"; }
         for i in $(seq 1 100); do
             timeout 5 scontrol ping 2>/dev/null | grep -q "is UP" && break
             sleep 0.2
@@ -234,7 +237,7 @@ start() {
     if ! pid_alive "$RUN_DIR/slurmd.pid" slurmd; then
         say "starting slurmd"
         slurmd_t0=$(( $(date +%s) - 1 ))
-        slurmd || { log_tails; die "slurmd failed to start"; }
+        slurmd </dev/null >"$RUN_DIR/slurmd.out" 2>&1 9>&- || { log_tails; die "slurmd failed to start"; }
     fi
 
     # Wait (bounded) for the node to be idle; a node left DOWN/DRAIN by an earlier run is resumed.
@@ -264,7 +267,21 @@ start() {
 
 stop() {
     need_root
-    # slurmd first, then the controller, then munged if we started it.
+    # Cancel what is queued or running (no job processes left behind), then slurmd, the
+    # controller, and munged if we started it.
+    if pid_alive "$RUN_DIR/slurmctld.pid" slurmctld; then
+        local jobs i
+        jobs="$(timeout 10 squeue -h -o %A 2>/dev/null | sort -u | tr '\n' ' ')"
+        if [ -n "${jobs// /}" ]; then
+            say "cancelling jobs: $jobs"
+            # shellcheck disable=SC2086
+            timeout 10 scancel $jobs 2>/dev/null || true
+            for i in $(seq 1 50); do
+                [ -z "$(timeout 10 squeue -h -t R,CG,S -o %A 2>/dev/null)" ] && break
+                sleep 0.2
+            done
+        fi
+    fi
     stop_pid "$RUN_DIR/slurmd.pid" slurmd
     stop_pid "$RUN_DIR/slurmctld.pid" slurmctld
     if [ -e "$RUN_DIR/munged.pid" ]; then
@@ -289,13 +306,23 @@ status() {
     else
         echo "config: $CONF missing"
     fi
-    if timeout 10 sinfo 2>&1; then :; else rc=1; fi
+    # sinfo retries for ~10 s when no controller answers; scontrol ping does not.
+    if timeout 10 scontrol ping 2>/dev/null | grep -q "is UP" && timeout 10 sinfo 2>&1; then :; else
+        echo "slurmctld: does not answer 'scontrol ping'"; rc=1
+    fi
     return $rc
 }
 
+# start/stop from concurrent test sessions run one at a time.
+serialize() {
+    install -d -m 755 "$RUN_DIR"
+    exec 9>"$RUN_DIR/script.lock"
+    flock -w 180 9 || die "another slurm-single-node.sh start/stop holds $RUN_DIR/script.lock for 180 s"
+}
+
 case "${1:-}" in
-    start) start ;;
-    stop) stop ;;
+    start) need_root; serialize; start ;;
+    stop) need_root; serialize; stop ;;
     status) status ;;
     *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
 esac
