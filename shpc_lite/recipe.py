@@ -105,13 +105,12 @@ def _explain(error: Any) -> str:
         missing = [r for r in error.validator_value if r not in error.instance][0]
         prefix = "" if where == "(top level)" else where + "."
         return f"missing field {prefix + missing!r}"
-    if kind == "propertyNames":
-        section = where
-        bad = error.instance if not isinstance(error.instance, dict) else "?"
+    if kind == "propertyNames" or "propertyNames" in error.schema_path:
+        bad = error.instance
         for sub in error.context or []:
             bad = sub.instance
-        label = {"aliases": "alias name", "versions": "version", "env": "env name"}.get(section, "key")
-        return f"{section}: unsafe {label} {bad!r} (allowed: letters, digits and . _ + -)"
+        label = {"aliases": "alias name", "versions": "version", "env": "env name"}.get(where, "key")
+        return f"{where}: unsafe {label} {bad!r} (allowed: letters, digits and . _ + -)"
     if kind == "pattern":
         return f"{where}: {error.instance!r} has characters that are not allowed"
     if kind == "enum":

@@ -119,7 +119,7 @@ def wheel_venv(tmp_path_factory):
     try:
         os.chmod(base, 0o755)
         dist = tmp_path_factory.mktemp("dist")
-        subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w",
                         str(dist), str(REPO)], check=True, capture_output=True, timeout=300)
         wheel = next(dist.glob("shpc_lite-*.whl"))
         python = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable

@@ -16,7 +16,7 @@ CASES = {
     "bad-gpu": (GOOD + "features:\n  gpu: intel\n", "features.gpu: 'intel' is not one of nvidia, amd, none"),
     "no-versions": ("name: {name}\nimage: docker.io/library/demo\ndescription: d\n", "missing field 'versions'"),
     "bad-select-regex": (GOOD + "select:\n  pattern: '(unclosed'\n", "select.pattern"),
-    "wrong-name": ("name: other\nimage: docker.io/library/demo\ndescription: d\nversions: {'1.0': '1.0'}\n",
+    "wrong-name": ("name: other\nimage: docker.io/library/demo\ndescription: d\nversions:\n  '1.0': '1.0'\n",
                    "does not match the file name"),
 }
 
