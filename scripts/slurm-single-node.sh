@@ -6,10 +6,12 @@
 # start  writes /etc/slurm/slurm.conf (marked as ours; a foreign config is never overwritten
 #        unless SHPC_LITE_SLURM_FORCE=1, and then it is backed up first), creates the munge key
 #        if missing, starts munged (as user munge), slurmctld, then slurmd, and waits until
-#        sinfo shows the node idle. Idempotent: daemons already running are left alone.
-# stop   stops the daemons this script started (pid files under $RUN_DIR); a munged that was
-#        running before (e.g. from systemd) is left running.
+#        sinfo shows the node idle. Idempotent: daemons already running are left alone. A
+#        controller it starts begins with a clean state (slurmctld -c: no jobs of earlier runs).
+# stop   cancels queued/running jobs, then stops the daemons this script started (pid files
+#        under /run/shpc-lite-slurm); a munged that was running before (e.g. systemd's) stays.
 # status prints what runs and what sinfo says; exit 0 when the node answers.
+# Logs: /var/log/slurm/slurm{ctld,d}.log, daemons' start-up output in /run/shpc-lite-slurm/*.out.
 #
 # Needs root. Environment: SHPC_LITE_SLURM_TIMEOUT (seconds to wait for the node, default 60),
 # SHPC_LITE_SLURM_FORCE=1 (overwrite a foreign slurm.conf), SHPC_LITE_SLURM_PARTITION (default
@@ -123,6 +125,7 @@ AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 SwitchType=switch/none
 MpiDefault=none
+MailProg=/bin/true
 SchedulerType=sched/backfill
 # Start jobs (and dependents, throttled array tasks) right away: ~1 s instead of ~3 s per step.
 SchedulerParameters=batch_sched_delay=0,sched_min_interval=0
@@ -185,9 +188,9 @@ start_munge() {
         else
             dd if=/dev/urandom of="$MUNGE_KEY" bs=1024 count=1 status=none
         fi
+        chown munge:munge "$MUNGE_KEY"
+        chmod 400 "$MUNGE_KEY"
     fi
-    chown munge:munge "$MUNGE_KEY"
-    chmod 400 "$MUNGE_KEY"
     # A stale socket/pid from a killed munged makes the new one refuse to start.
     if ! pid_alive /run/munge/munged.pid munged; then
         rm -f /run/munge/munged.pid /run/munge/munge.socket.2 /run/munge/munge.socket.2.lock

@@ -215,10 +215,10 @@ def slurm(tmp_path_factory):
         started = False
         if partition is None:
             if missing:
-                _cannot_start(f"sinfo gets no usable node and Slurm binaries are missing: {', '.join(missing)} "
+                _cannot_start(f"no running Slurm answers and Slurm binaries are missing: {', '.join(missing)} "
                               "(apt-get install slurm-wlm munge)", False)
             if os.geteuid() != 0:
-                _cannot_start(f"sinfo gets no usable node and starting one needs root ({SCRIPT.name} start "
+                _cannot_start(f"no running Slurm answers (scontrol ping, sinfo) and starting one needs root ({SCRIPT.name} start "
                               f"writes /etc/slurm/slurm.conf), but uid is {os.geteuid()}", True)
             STARTED_MARK.write_text(f"{os.getpid()}\n")  # before: a half-done start is undone at the end too
             try:
