@@ -357,23 +357,17 @@ def write_sif(
     when = created if created is not None else (ZERO_TIME if deterministic else int(time.time()))
     data_offset = DESCRIPTORS_OFFSET + descriptor_capacity * _DESCRIPTOR.size
 
+    planned = [_plan(name, obj, when) for obj in objects]  # every check before the file is touched
+
     with _open_dest(dest, name) as f:
         end = data_offset
         descriptors = []
-        for index, obj in enumerate(objects, start=1):
-            extra = _extra(name, obj)
-            alignment = obj.alignment if obj.alignment is not None else (
-                PARTITION_ALIGNMENT if obj.data_type == DataType.PARTITION else 0)
+        for index, (obj, (alignment, fields)) in enumerate(zip(objects, planned), start=1):
             offset = _next_aligned(end, alignment)
             size = _write_payload(f, obj.payload, offset, name)
-            stamp = obj.created if obj.created is not None else when
             # Packed and parsed back so that the result reads exactly as read_sif would read it.
             descriptors.append(_unpack_descriptor(_pack_descriptor(Descriptor(
-                data_type=obj.data_type, id=index, group_id=_group(name, obj.group),
-                linked_id=obj.link_group or obj.link, linked_group=bool(obj.link_group),
-                offset=offset, size=size, size_with_padding=offset - end + size,
-                created=stamp, modified=stamp, name=_object_name(name, obj.name), extra=extra,
-            ))))
+                id=index, offset=offset, size=size, size_with_padding=offset - end + size, **fields))))
             end = offset + size
         header = Header(
             launch_script=launch_script, version="01", arch=_ARCH_NAMES.get(arch, UNKNOWN_ARCH), id=image_id,
@@ -428,16 +422,20 @@ def _image_id(name: str, value: Union[uuid.UUID, str, None], deterministic: bool
         raise SifError(f"{name}: invalid image ID {value!r} (not a UUID)") from None
 
 
-def _group(name: str, group: Optional[int]) -> int:
-    if group is not None and not 0 < group <= _MAX_GROUP:
-        raise SifError(f"{name}: invalid object group {group} (1 to {_MAX_GROUP}, or None)")
-    return group or 0
-
-
-def _object_name(name: str, object_name: str) -> str:
-    if len(object_name.encode()) > 128:
-        raise SifError(f"{name}: object name {object_name[:40]!r}... longer than 128 bytes")
-    return object_name
+def _plan(name: str, obj: SifObject, when: int) -> "Tuple[int, dict]":
+    """The alignment and the layout-independent Descriptor fields of ``obj``, checked."""
+    if obj.group is not None and not 0 < obj.group <= _MAX_GROUP:
+        raise SifError(f"{name}: invalid object group {obj.group} (1 to {_MAX_GROUP}, or None)")
+    if obj.link and obj.link_group:
+        raise SifError(f"{name}: an object links to an object or to a group, not both")
+    if len(obj.name.encode()) > 128:
+        raise SifError(f"{name}: object name {obj.name[:40]!r}... longer than 128 bytes")
+    alignment = obj.alignment if obj.alignment is not None else (
+        PARTITION_ALIGNMENT if obj.data_type == DataType.PARTITION else 0)
+    stamp = obj.created if obj.created is not None else when
+    return alignment, dict(
+        data_type=obj.data_type, group_id=obj.group or 0, linked_id=obj.link_group or obj.link,
+        linked_group=bool(obj.link_group), created=stamp, modified=stamp, name=obj.name, extra=_extra(name, obj))
 
 
 def _extra(name: str, obj: SifObject) -> bytes:

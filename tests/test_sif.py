@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import io
 import json
+import os
 import shutil
 import subprocess
 import uuid
@@ -74,7 +77,7 @@ def test_golden_bytes(name, tmp_path):
     for i, obj in enumerate(objects):
         src = tmp_path / f"payload{i}"
         src.write_bytes(obj.payload)
-        payloads.append(SifObject(**{**obj.__dict__, "payload": src}))
+        payloads.append(dataclasses.replace(obj, payload=src))
     write_sif(tmp_path / "out.sif", payloads, deterministic=True, **options)
     assert (tmp_path / "out.sif").read_bytes() == expected
 
@@ -212,11 +215,19 @@ def test_corrupt_counts(tmp_path):
     ([SifObject(DataType.PARTITION, b"a", arch="vax")], {}, "architecture 'vax' has no SIF code"),
     ([SifObject(DataType.GENERIC, b"a", name="n" * 129)], {}, "longer than 128 bytes"),
     ([SifObject(DataType.GENERIC, b"a", group=0)], {}, "invalid object group 0"),
+    ([SifObject(DataType.GENERIC, b"a", link=1, link_group=1)], {}, "not both"),
     ([], {"id": "not-a-uuid"}, "invalid image ID"),
 ])
 def test_write_refuses(objects, options, message):
     with pytest.raises(SifError, match=message):
         write_sif(io.BytesIO(), objects, **options)
+
+
+def test_write_checks_before_touching_the_file(tmp_path):
+    dest = tmp_path / "out.sif"
+    with pytest.raises(SifError, match="architecture 'vax'"):
+        write_sif(dest, [SifObject(DataType.GENERIC, b"a"), SifObject(DataType.PARTITION, b"b", arch="vax")])
+    assert not dest.exists()
 
 
 def test_write_missing_payload_names_it(tmp_path):
@@ -229,7 +240,7 @@ def test_write_missing_payload_names_it(tmp_path):
 
 def test_round_trip(tmp_path):
     squashfs = tmp_path / "big.squashfs"
-    chunk = bytes(range(256)) * 4096  # 1 MiB, not a multiple of nothing interesting: + 3 bytes
+    chunk = bytes(range(256)) * 4096  # 5 MiB + 3 bytes: several copy chunks and an odd size
     with open(squashfs, "wb") as f:
         for _ in range(5):
             f.write(chunk)
@@ -262,6 +273,30 @@ def test_round_trip(tmp_path):
         f.seek(part.offset)
         assert f.read() == src.read()
     assert dest.stat().st_mode & 0o100  # executable thanks to the launch script
+
+
+@pytest.mark.parametrize("mode", ["kernel copy", "kernel refuses (EXDEV)", "no file descriptor"])
+def test_file_payload_is_streamed(tmp_path, monkeypatch, mode):
+    """Each way of copying a payload file gives the same bytes; none reads it whole."""
+    payload = tmp_path / "rootfs.squashfs"
+    payload.write_bytes(os.urandom(3 * 1024 * 1024 + 5))
+    calls = []
+    real = os.copy_file_range
+
+    def copy_file_range(*args, **kwargs):
+        calls.append(args[2])
+        if mode.startswith("kernel refuses"):
+            raise OSError(errno.EXDEV, "cross-device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(os, "copy_file_range", copy_file_range)
+    dest = io.BytesIO() if mode == "no file descriptor" else open(tmp_path / "out.sif", "w+b")
+    with dest:
+        image = write_sif(dest, [SifObject(DataType.GENERIC, b"abc"), _partition_386(payload)])
+        dest.seek(partition_offset(image))
+        assert dest.read() == payload.read_bytes()
+    assert primary_partition(image).size == payload.stat().st_size
+    assert bool(calls) == (mode != "no file descriptor")
 
 
 def test_write_into_file_object_truncates_old_content(tmp_path):
