@@ -725,8 +725,9 @@ def test_redirect_to_other_host_drops_authorization(fake, tmp_path):
 
 
 def test_refuses_plain_http_to_remote_hosts():
-    with pytest.raises(RegistryError) as info:
-        RegistryClient(mirrors={"docker.io": "http://mirror.example.com"}, credentials=StaticCredentials())
+    with pytest.raises(ConfigError) as info:
+        RegistryClient(mirrors={"docker.io": "http://mirror.example.com"},
+                       credentials=StaticCredentials())
     assert "plain http" in one_line(info.value)
     client = RegistryClient(mirrors={"docker.io": "http://mirror.example.com:5000"},
                             insecure_registries=["mirror.example.com:5000"],

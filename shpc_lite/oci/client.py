@@ -37,7 +37,7 @@ from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
 import requests
 import urllib3
 
-from ..errors import DigestMismatchError, ReferenceError_, RegistryError
+from ..errors import ConfigError, DigestMismatchError, ReferenceError_, RegistryError
 from ..fsutil import atomic_open
 from .credentials import Credential, CredentialProvider, DockerCredentials, env_prefix
 from .reference import ImageReference, is_digest, parse_reference
@@ -354,7 +354,12 @@ def _media_type(resp: requests.Response, body: Optional[bytes] = None) -> str:
 
 
 def _new_hasher(digest: str):
+    """A hash object for the algorithm of ``digest`` (``sha256:...``)."""
     return hashlib.new(digest.split(":", 1)[0])
+
+
+def _digest_of(hasher) -> str:
+    return f"{hasher.name}:{hasher.hexdigest()}"
 
 
 def _retry_after(resp: requests.Response) -> Optional[float]:
@@ -370,10 +375,20 @@ def _retry_after(resp: requests.Response) -> Optional[float]:
     return max(0.0, when.timestamp() - time.time())
 
 
+def _finish(resp: requests.Response, limit: int = 1 << 16) -> None:
+    """Close a response; when what is left of its body is small it is read first, so that the
+    connection goes back to the pool instead of being closed (HEAD, 401, redirects, errors)."""
+    try:
+        resp.raw.read(limit, decode_content=False)
+    except Exception:  # a broken connection is closed below anyway
+        pass
+    resp.close()
+
+
 def _registry_detail(resp: requests.Response) -> str:
     """``CODE: message`` from a registry's JSON error body, one short line."""
     try:
-        body = resp.content[:4096]
+        body = resp.raw.read(4096, decode_content=True)
         errors = json.loads(body.decode("utf-8")).get("errors") or []
         first = errors[0]
         text = f"{first.get('code', '')}: {first.get('message', '')}".strip(": ")
@@ -450,9 +465,9 @@ class RegistryClient:
             url = url.rstrip("/")
             scheme, netloc = _origin(url)
             if scheme not in ("http", "https") or not netloc:
-                raise RegistryError(f"mirror for {host}: {url!r} is not an http(s) URL")
+                raise ConfigError(f"mirror for {host}: {url!r} is not an http(s) URL")
             if scheme == "http" and not self._plain_http_allowed(netloc):
-                raise RegistryError(
+                raise ConfigError(
                     f"mirror for {host}: plain http to {netloc} is refused "
                     "(use https, or list it in insecure_registries)"
                 )
@@ -519,7 +534,7 @@ class RegistryClient:
             elif page and len(page) >= self.tags_page_size and len(tags) > before:
                 # No Link header but a full page: ask for what follows the last tag.
                 url = (f"{ep.base}/v2/{ref.repository}/tags/list?"
-                       + urlencode({"n": self.tags_page_size, "last": page[-1]}))
+                       + urlencode({"n": self.tags_page_size, "last": max(page)}))
             else:
                 break
             if url in seen_urls:
@@ -558,8 +573,9 @@ class RegistryClient:
         )
         header = resp.headers.get("Docker-Content-Digest", "").strip()
         expected = ref.digest or (header if is_digest(header) else None)
-        algorithm = expected.split(":", 1)[0] if expected else "sha256"
-        digest = f"{algorithm}:{hashlib.new(algorithm, body).hexdigest()}"
+        hasher = _new_hasher(expected or "sha256:")
+        hasher.update(body)
+        digest = _digest_of(hasher)
         if expected and digest != expected:
             raise DigestMismatchError(
                 f"{ref}: manifest from {ep.registry} has digest {digest}, expected {expected}")
@@ -625,7 +641,7 @@ class RegistryClient:
             data = _read_limited(resp, max_size, decode=False, what=f"blob {digest}")
             hasher = _new_hasher(digest)
             hasher.update(data)
-            got = f"{digest.split(':', 1)[0]}:{hasher.hexdigest()}"
+            got = _digest_of(hasher)
             if got != digest:
                 raise DigestMismatchError(
                     f"{ref}: blob {digest} from {ep.registry} has digest {got}")
@@ -667,7 +683,7 @@ class RegistryClient:
                     out.write(chunk)
                     if progress:
                         progress(done, total)
-                got = f"{digest.split(':', 1)[0]}:{hasher.hexdigest()}"
+                got = _digest_of(hasher)
                 if got != digest or (size is not None and done != size):
                     what = (f"size {done} (expected {size})" if size is not None and done != size
                             else f"digest {got}")
@@ -722,12 +738,18 @@ class RegistryClient:
                     resp = self._send(kind, method, url, headers, None, None)
                 try:
                     if resp.status_code in ok:
-                        return resp, (consume(resp) if consume else None)
+                        result = consume(resp) if consume else None
+                        _finish(resp)
+                        return resp, result
                     delay = self._retry_delay(resp, attempt) if not last else None
                     if delay is None:
-                        raise self._status_error(ep, image, what, resp)
-                finally:
-                    resp.close()
+                        error = self._status_error(ep, image, what, resp)
+                        _finish(resp)
+                        raise error
+                    _finish(resp)
+                except BaseException:
+                    resp.close()  # after a failure mid-body: no further reads
+                    raise
                 log.debug("%s %s: HTTP %s, retrying in %.2fs", method, _strip_query(url),
                           resp.status_code, delay)
             except _TRANSIENT_ERRORS as exc:
@@ -782,7 +804,7 @@ class RegistryClient:
             if resp.status_code not in (301, 302, 303, 307, 308) or not location:
                 log.debug("%s %s -> %s", method, _strip_query(url), resp.status_code)
                 return resp
-            resp.close()
+            _finish(resp)
             target = urljoin(url, location)
             scheme, netloc = _origin(target)
             if scheme not in ("http", "https") or (
@@ -855,7 +877,7 @@ class RegistryClient:
         retry_header = self._auth_header(ep, ref, fresh, stale)
         if retry_header is None or retry_header == header:
             return resp
-        resp.close()
+        _finish(resp)
         return self._send(kind, method, url, headers, retry_header, _origin(ep.base))
 
     def _token(self, ep: _Endpoint, ref, challenge: Challenge, stale: Optional[str]) -> str:
@@ -906,8 +928,10 @@ class RegistryClient:
                 resp = self._send("token", "GET", url, None, header, _origin(url))
                 try:
                     body = _read_limited(resp, MAX_TOKEN_BYTES, decode=True, what="token")
-                finally:
+                except BaseException:
                     resp.close()
+                    raise
+                _finish(resp)
             except _TRANSIENT_ERRORS as exc:
                 if attempt == self.retries:
                     raise RegistryError(
