@@ -692,7 +692,23 @@ def test_body_cut_short_is_retried(fake, tmp_path):
     assert progress.count(0) == 2  # the retry starts again from zero
 
 
-def test_redirect_to_other_host_drops_authorization(fake, tmp_path):
+def test_credentials_never_go_to_a_plain_http_realm(fake):
+    def handle(req):
+        return 401, {"WWW-Authenticate": 'Bearer realm="http://auth.example.invalid/token",'
+                                         'service="x"'}, b""
+
+    server = fake(handle)
+    creds = StaticCredentials({server.host: ("carol", SECRET)})
+    with fast_client(credentials=creds) as client:
+        with pytest.raises(RegistryError) as info:
+            client.head_digest(f"{server.host}/a/b:1")
+        assert client.stats["token"] == 0  # refused before any request
+    text = one_line(info.value)
+    assert "plain-http token realm auth.example.invalid" in text
+    assert_no_secret(text)
+
+
+def test_redirect_to_other_host_drops_authorization(fake, tmp_path, caplog):
     data = b"layer bytes from the CDN" * 50
     cdn_seen = []
 
@@ -716,9 +732,14 @@ def test_redirect_to_other_host_drops_authorization(fake, tmp_path):
 
     server = fake(registry)
     creds = StaticCredentials({server.host: ("bob", SECRET)})
+    caplog.set_level("DEBUG", logger="shpc_lite")
     with fast_client(credentials=creds) as client:
+        assert client.ping(server.host) == "bearer"
         client.fetch_blob(f"{server.host}/a/b:1", sha256(data), tmp_path / "blob")
     assert (tmp_path / "blob").read_bytes() == data
+    assert "/v2/a/b/blobs/" in caplog.text  # requests are logged, secrets are not
+    for secret in ("registry-token-xyz", "SIGNATURE", SECRET):
+        assert secret not in caplog.text
     assert len(cdn_seen) == 1 and "Authorization" not in cdn_seen[0]
     blob_request = [h for m, p, h in server.requests if p.startswith("/v2/a/b/blobs/")]
     assert blob_request[-1]["Authorization"] == "Bearer registry-token-xyz"

@@ -806,6 +806,8 @@ class RegistryClient:
                 return resp
             _finish(resp)
             target = urljoin(url, location)
+            log.debug("%s %s -> %s, redirected to %s", method, _strip_query(url),
+                      resp.status_code, _strip_query(target))
             scheme, netloc = _origin(target)
             if scheme not in ("http", "https") or (
                     scheme == "http" and _origin(url)[0] == "https"
