@@ -223,6 +223,11 @@ def _pull_builtin(config: Config, client, ref, digest: str, tmp_sif: Path, scrat
 # ---------------------------------------------------------------------------------------- apptainer
 
 
+def _loopback(host: str) -> bool:
+    name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    return name in ("localhost", "127.0.0.1", "[::1]") or name.startswith("127.")
+
+
 def _pull_apptainer(config: Config, ref, digest: str, tmp_sif: Path, scratch: Path, quiet: bool) -> None:
     exe = shutil.which("apptainer") or shutil.which("singularity")
     mirror = config["mirrors"].get(ref.registry, "")
@@ -242,10 +247,12 @@ def _pull_apptainer(config: Config, ref, digest: str, tmp_sif: Path, scratch: Pa
             env[prefix + "DOCKER_USERNAME"] = cred.username
             env[prefix + "DOCKER_PASSWORD"] = cred.password
     argv = [exe, "pull"]
-    if mirror.startswith("http://") or ref.registry in config["insecure_registries"]:
+    if mirror.startswith("http://") or ref.registry in config["insecure_registries"] or _loopback(ref.registry):
         argv.append("--nohttps")
     argv += [str(tmp_sif), uri]
     proc = subprocess.run(argv, env=env, capture_output=quiet, text=True, timeout=24 * 3600)
     if proc.returncode != 0:
         last = ((proc.stderr or "").strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
         raise PullError(f"{ref}: {os.path.basename(exe)} pull failed: {last}")
+    if not tmp_sif.is_file():
+        raise PullError(f"{ref}: {exe} pull exited 0 but wrote no image file")

@@ -69,6 +69,8 @@ def site(tmp_path: Path) -> Site:
         "SHPC_LITE_SYSTEM_CONFIG": str(tmp_path / "etc-config.yaml"),
         "SHPC_LITE_ROOT": str(root),
         "SHPC_LITE_REGISTRY": str(recipes),
+        # the runtime stand-ins on PATH cannot pull: use the builtin puller unless a test says so
+        "SHPC_LITE_PULLER": "builtin",
         "SHPC_LITE_TEST_RECORD": str(tmp_path / "record"),
         "PYTHONPATH": str(REPO),
         "LANG": "C.UTF-8",

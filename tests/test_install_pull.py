@@ -134,3 +134,77 @@ def _user_config(site, text: str) -> None:
     path = Path(site.env["XDG_CONFIG_HOME"]) / "shpc-lite" / "config.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+
+
+def test_apptainer_backend_pulls_by_digest(site, registry, unique_repo, small_sif):
+    """With puller=apptainer, `apptainer pull` is called by digest with our cache and tmp dirs.
+
+    Apptainer is not packaged for Debian 12: the `apptainer` here is a stand-in that records its
+    argv and environment and writes a real SIF where it was asked to.
+    """
+    image = demo_image()
+    registry.pusher().push_image(unique_repo, image, tags=["1.0"])
+    _recipe(site, "viaapptainer", f"{registry.host}/{unique_repo}", {"1.0": "1.0"})
+    standin = site.bin / "apptainer"
+    standin.write_text('#!/bin/sh\nprintf "%s\\0" "$@" > "$SHPC_LITE_TEST_RECORD.argv"\n'
+                       'env -0 > "$SHPC_LITE_TEST_RECORD.env"\n'
+                       '[ "$1" = pull ] && for last; do :; done && for a; do case "$a" in *.sif) cp "$SIF_SOURCE" "$a";; esac; done\n')
+    proc = site.cli("--set", "puller=apptainer", "install", "viaapptainer:1.0",
+                    extra_env={"SIF_SOURCE": str(small_sif)})
+    assert proc.returncode == 0, proc.stderr
+    argv, env = read_record(site)
+    assert argv[0] == b"pull" and b"--nohttps" in argv
+    assert argv[-1] == f"docker://{registry.host}/{unique_repo}@{image.digest}".encode()
+    assert env[b"APPTAINER_CACHEDIR"] == str(site.root / "cache" / "apptainer").encode()
+    stored = site.root / "containers" / f"sha256-{image.digest.split(':')[1]}.sif"
+    assert stored.read_bytes() == small_sif.read_bytes()
+    assert not list((site.root / "containers").glob(".shpc-lite-tmp-*"))
+
+
+def test_four_processes_share_one_download(site, registry, unique_repo):
+    image = demo_image()
+    registry.pusher().push_image(unique_repo, image, tags=["1.0"])
+    names = [f"conc{i}" for i in range(4)]
+    for name in names:
+        _recipe(site, name, f"{registry.host}/{unique_repo}", {"1.0": "1.0"})
+    with Proxy(registry.url, delay=0.3) as proxy:
+        env = {**site.env, "SHPC_LITE_MIRRORS": f"{registry.host}={proxy.url}"}
+        procs = [subprocess.Popen([sys.executable, "-m", "shpc_lite", "-q", "install", f"{n}:1.0"], env=env,
+                                  stderr=subprocess.PIPE, text=True) for n in names]
+        results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    assert all(code == 0 for code, _ in results), results
+    for layer in image.layers:
+        assert proxy.blob_gets(layer.digest) == 1
+    sifs = list((site.root / "containers").glob("*.sif"))
+    assert len(sifs) == 1
+    for name in names:
+        text = (site.root / "modules" / name / "1.0.lua").read_text()
+        assert str(sifs[0]) in text
+    assert not list((site.root / "containers").glob(".shpc-lite-tmp-*"))
+
+
+def test_kill_mid_pull_then_rerun(site, registry, unique_repo):
+    big = it.make_layer([it.File("blob.bin", os.urandom(3 << 20))], "gzip")
+    image = it.make_image([big], env=["PATH=/bin"])
+    registry.pusher().push_image(unique_repo, image, tags=["1.0"])
+    _recipe(site, "killme", f"{registry.host}/{unique_repo}", {"1.0": "1.0"})
+    blob_dir = site.root / "cache" / "blobs" / "sha256" / big.digest.split(":")[1]
+    with Proxy(registry.url, delay=30) as proxy:  # sends half of each blob, then stalls
+        env = {**site.env, "SHPC_LITE_MIRRORS": f"{registry.host}={proxy.url}"}
+        proc = subprocess.Popen([sys.executable, "-m", "shpc_lite", "-q", "install", "killme:1.0"], env=env,
+                                start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (blob_dir.is_dir() and any(blob_dir.iterdir())):
+            time.sleep(0.05)
+        time.sleep(0.3)
+        assert proc.poll() is None, "the pull finished before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert not list((site.root / "containers").glob("*.sif"))
+    assert not (site.root / "modules" / "killme").exists()
+    rerun = site.cli("install", "killme:1.0", timeout=300)  # straight to the registry now
+    assert rerun.returncode == 0, rerun.stderr
+    assert len(list((site.root / "containers").glob("*.sif"))) == 1
+    assert not list((site.root / "containers").glob(".shpc-lite-tmp-*"))
+    assert sorted(p.name for p in blob_dir.iterdir()) == ["data"]
+    assert not list((site.root / "containers" / ".locks").glob("*.lock"))
