@@ -5,7 +5,6 @@ redirects to another host)."""
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import socket
 import struct
