@@ -22,7 +22,6 @@ import hashlib
 import ipaddress
 import json
 import logging
-import os
 import platform as _platform
 import random
 import re
