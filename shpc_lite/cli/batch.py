@@ -14,7 +14,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="show the plan, change nothing")
     p.add_argument("--json", action="store_true", help="machine-readable summary")
     p.add_argument("--slurm", nargs="?", const="", metavar="SBATCH_OPTIONS",
-                   help="submit the pulls as a Slurm job array (options passed to sbatch, one string)")
+                   help='submit the pulls as a Slurm job array; sbatch options as one string: '
+                        '--slurm="--partition=x --time=1:00:00"')
     p = sub.add_parser("sync", help="install what the manifest lists and uninstall what it no longer lists")
     p.add_argument("manifest")
     p.add_argument("--jobs", type=int)

@@ -1,0 +1,45 @@
+"""Issue 5: `batch install --slurm` on a real single-node Slurm (tests/slurm_fixture.py).
+
+The pulls run as a job array on the node, the module generation as a dependent job; afterwards
+the modules load in real Lmod. The runtime would be the recording stand-in; nothing execs it here.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from tests.modsys import have, run_bash
+from tests.test_site import _manifest, stack  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.skipif(not shutil.which("mksquashfs"), reason="squashfs-tools not installed")
+
+
+def test_batch_on_slurm(site, stack, slurm):  # noqa: F811
+    manifest = _manifest(site, ["alpha", "bravo", "charlie", "share-one", "share-two"])
+    proc = site.cli("batch", "install", str(manifest), "--jobs", "2", "--json",
+                    "--slurm", f"--partition={slurm.partition} --time=10")
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["tasks"] == 6  # alpha has two versions
+    states = slurm.wait([info["array_job"], info["finish_job"]], timeout=240)
+    assert all(state == "COMPLETED" for state in states.values()), states
+    # the array ran one task per module version, throttled to 2 at once
+    assert sum(1 for key in states if key.startswith(f"{info['array_job']}_")) == 6
+    status = json.loads(site.cli("batch", "status", "--json", check=True).stdout)
+    assert status["finish_state"] == "COMPLETED"
+    assert {t["result"] for t in status["tasks"]} == {"pulled"}
+    # one SIF per distinct digest: alpha 1.0/2.0 share one, share-one/share-two share one
+    assert len(list((site.root / "containers").glob("*.sif"))) == 4
+    for module in ("alpha/1.0", "alpha/2.0", "bravo/1.0", "charlie/1.0", "share-one/1.0", "share-two/1.0"):
+        assert (site.root / "modules" / f"{module}.lua").is_file(), module
+    if have("lmod"):
+        out = run_bash("lmod", f"module use {site.root}/modules\nmodule load alpha\nmodule list 2>&1\n"
+                               "command -v alpha-tool", site.env)
+        assert out.returncode == 0, out.stderr.decode()
+        assert "alpha/2.0" in out.stdout.decode()
+        assert str(site.root / "wrappers" / "alpha" / "2.0" / "bin" / "alpha-tool") in out.stdout.decode()
+    again = site.cli("batch", "install", str(manifest), f"--slurm=--partition={slurm.partition}")
+    assert again.returncode == 0 and "nothing to do" in again.stdout
