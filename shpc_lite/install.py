@@ -80,10 +80,11 @@ def uninstall(config: Config, name: str, version: Optional[str] = None) -> list[
 
 
 def after_change(config: Config) -> Optional[str]:
-    """Refresh indexes after the tree changed; returns the LMOD_RC line when a cache is kept."""
+    """Refresh indexes after the tree changed; returns a line for the admin when a cache is kept."""
     from shpc_lite.index import refresh
 
-    return refresh(config)
+    line = refresh(config)
+    return f"spider cache refreshed; users need: {line}" if line else None
 
 
 def _drop_unused(config: Config, sifs: list[str]) -> None:

@@ -6,42 +6,39 @@ checked against the real interpreters in tests/test_quoting.py.
 
 from __future__ import annotations
 
+from typing import Callable
+
 
 def sh_quote(value: str) -> str:
     """POSIX single quotes: nothing inside is special except ' itself."""
     return "'" + str(value).replace("'", "'\\''") + "'"
 
 
-_LUA_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
-
-
-def lua_quote(value: str) -> str:
-    """A Lua 5.1 double-quoted string; control bytes as decimal escapes (\\ddd, 3 digits)."""
+def _double_quoted(value: str, escapes: dict[str, str], control: Callable[[int], str]) -> str:
     out = []
     for ch in str(value):
-        if ch in _LUA_ESCAPES:
-            out.append(_LUA_ESCAPES[ch])
+        if ch in escapes:
+            out.append(escapes[ch])
         elif ord(ch) < 0x20 or ord(ch) == 0x7F:
-            out.append(f"\\{ord(ch):03d}")
+            out.append(control(ord(ch)))
         else:
             out.append(ch)
     return '"' + "".join(out) + '"'
 
 
-_TCL_ESCAPES = {"\\": "\\\\", '"': '\\"', "$": "\\$", "[": "\\[", "]": "\\]", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_COMMON = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_LUA_ESCAPES = dict(_COMMON)
+_TCL_ESCAPES = {**_COMMON, "$": "\\$", "[": "\\[", "]": "\\]"}
+
+
+def lua_quote(value: str) -> str:
+    """A Lua double-quoted string; other control bytes as 3-digit decimal escapes (\\ddd)."""
+    return _double_quoted(value, _LUA_ESCAPES, lambda code: f"\\{code:03d}")
 
 
 def tcl_quote(value: str) -> str:
     """A Tcl double-quoted word: $, [, \\ and " escaped, so no substitution can happen.
 
-    Braces are not special inside double quotes; control bytes become 3-digit octal escapes.
+    Braces are not special inside double quotes; other control bytes become 3-digit octal escapes.
     """
-    out = []
-    for ch in str(value):
-        if ch in _TCL_ESCAPES:
-            out.append(_TCL_ESCAPES[ch])
-        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
-            out.append(f"\\{ord(ch):03o}")
-        else:
-            out.append(ch)
-    return '"' + "".join(out) + '"'
+    return _double_quoted(value, _TCL_ESCAPES, lambda code: f"\\{code:03o}")

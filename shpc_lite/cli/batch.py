@@ -49,8 +49,8 @@ def _failed(outcomes) -> int:
 def _refresh(config) -> list[str]:
     from shpc_lite.install import after_change
 
-    line = after_change(config)
-    return [f"spider cache refreshed; users need: {line}"] if line else []
+    message = after_change(config)
+    return [message] if message else []
 
 
 def run(args: argparse.Namespace, config) -> int:

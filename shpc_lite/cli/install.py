@@ -28,7 +28,7 @@ def run(args: argparse.Namespace, config) -> int:
         print(f"installed {record.name}/{record.version} -> {record.modulefile}")
     from shpc_lite.install import after_change
 
-    rc_line = after_change(config)
-    if rc_line and not args.quiet:
-        print(f"spider cache refreshed; users need: {rc_line}")
+    message = after_change(config)
+    if message and not args.quiet:
+        print(message)
     return 0
