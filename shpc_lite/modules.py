@@ -23,6 +23,7 @@ from shpc_lite.errors import NotFoundError
 from shpc_lite.fsutil import TMP_PREFIX, atomic_write, remove_empty_parents
 from shpc_lite.quoting import lua_quote, sh_quote, tcl_quote
 from shpc_lite.recipe import Alias, Recipe
+from shpc_lite.tags import version_key
 
 METADATA = "install.json"
 GPU_FLAGS = {"nvidia": "--nv", "amd": "--rocm"}
@@ -172,17 +173,8 @@ def modulefile_path(paths: Paths, name: str, version: str, module_system: str) -
     return paths.modules / name / (f"{version}.lua" if module_system == "lmod" else version)
 
 
-def _version_key(version: str) -> tuple:
-    from packaging.version import InvalidVersion, Version
-
-    try:
-        return (1, Version(version), version)
-    except InvalidVersion:
-        return (0, version, version)
-
-
 def newest(versions: Iterable[str]) -> Optional[str]:
-    return max(versions, key=_version_key, default=None)
+    return max(versions, key=version_key, default=None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,7 +215,7 @@ def installed(paths: Paths, name: Optional[str] = None) -> list[Installed]:
             found.append(Installed.from_json(meta.read_text(encoding="utf-8")))
         except (OSError, ValueError, TypeError):
             continue  # a half-removed or foreign directory: not ours to list
-    return sorted(found, key=lambda i: (i.name, _version_key(i.version)))
+    return sorted(found, key=lambda i: (i.name, version_key(i.version)))
 
 
 def write_module(spec: ModuleSpec, paths: Paths, config: Config, default: bool = False) -> Installed:

@@ -122,7 +122,7 @@ def plan(config: Config, entries: list[Entry]) -> Plan:
     """Tasks for every entry; an entry that cannot be planned becomes a failed outcome."""
     from shpc_lite.install import choose_version
     from shpc_lite.lock import load_lock
-    from shpc_lite.modules import _version_key
+    from shpc_lite.tags import version_key
     from shpc_lite.recipe import recipe_index
 
     index = recipe_index(config)
@@ -134,9 +134,9 @@ def plan(config: Config, entries: list[Entry]) -> Plan:
             offered = {p.version for p in recipe.versions}
             if lock is not None:
                 offered |= set(lock.versions(recipe.name))
-            versions = list(entry.versions) or sorted(offered, key=_version_key, reverse=True)
+            versions = list(entry.versions) or sorted(offered, key=version_key, reverse=True)
             if entry.newest:
-                versions = sorted(versions, key=_version_key, reverse=True)[: entry.newest]
+                versions = sorted(versions, key=version_key, reverse=True)[: entry.newest]
             if entry.default and entry.default not in versions:
                 raise SiteError(f"{entry.name}: default {entry.default!r} is not among the versions installed")
             for version in versions:
