@@ -27,7 +27,7 @@ from shpc_lite.config import Config, Paths
 from shpc_lite.errors import PullError, SifError
 from shpc_lite.fsutil import TMP_PREFIX
 from shpc_lite.progress import Progress, elapsed
-from shpc_lite.store import apply_group, digest_lock, sif_name
+from shpc_lite.store import apply_group, clean_stale, digest_lock, sif_name
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,7 @@ def pull(config: Config, image: str, tag: str, digest: Optional[str] = None, *, 
         return found
     paths = config.paths
     paths.containers.mkdir(parents=True, exist_ok=True)
+    clean_stale(paths)
     with digest_lock(paths, digest):
         found = find_stored(config, digest)  # another process may have made it while we waited
         if found:

@@ -93,17 +93,32 @@ def unreferenced(paths: Paths, candidates: Iterable[str], in_use: Iterable[str])
     return out
 
 
-def clean_stale_temp(paths: Paths, older_than: float = STALE_SECONDS) -> list[Path]:
-    """Remove temp files left by killed writers (older than ``older_than`` seconds)."""
-    removed = []
-    now = time.time()
+def clean_stale(paths: Paths, older_than: float = STALE_SECONDS) -> list[Path]:
+    """Remove what killed pulls left: a digest's scratch dir whose lock nobody holds, and other
+    temp files older than ``older_than`` seconds. Safe while other pulls run."""
+    import shutil
+
+    from filelock import SoftFileLock, Timeout
+
+    removed: list[Path] = []
     if not paths.containers.is_dir():
         return removed
+    now = time.time()
     for tmp in paths.containers.glob(TMP_PREFIX + "*"):
+        name = tmp.name[len(TMP_PREFIX):]
         try:
-            if now - tmp.stat().st_mtime > older_than:
-                tmp.unlink()
-                removed.append(tmp)
+            if tmp.is_dir() and name.startswith("sha256-"):
+                lock = SoftFileLock(str(paths.containers / LOCK_DIR / (name + ".lock")), timeout=0)
+                try:
+                    with lock:
+                        shutil.rmtree(tmp)
+                except Timeout:
+                    continue  # a live pull owns it
+            elif now - tmp.lstat().st_mtime > older_than:
+                shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+            else:
+                continue
+            removed.append(tmp)
         except OSError:
             continue
     return removed
