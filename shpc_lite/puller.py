@@ -147,7 +147,8 @@ def blob_path(paths: Paths, digest: str) -> Path:
     return paths.cache / "blobs" / algo / hexpart / "data"
 
 
-def _fetch_blob(client, ref, desc, paths: Paths, progress: Progress, cancel: threading.Event) -> Path:
+def _fetch_blob(client, ref, desc, paths: Paths, progress: Progress, cancel: threading.Event,
+                in_flight: set) -> Path:
     """One layer into the blob cache, under a per-blob lock so that no blob is fetched twice."""
     from filelock import SoftFileLock
 
@@ -169,7 +170,9 @@ def _fetch_blob(client, ref, desc, paths: Paths, progress: Progress, cancel: thr
                 progress.advance(done - seen[0])
                 seen[0] = done
 
+            in_flight.add(dest.parent)
             client.fetch_blob(ref, desc.digest, dest, size=desc.size, progress=report)
+            in_flight.discard(dest.parent)
             progress.layer_done(desc.digest)
             return dest
     progress.advance(desc.size)
@@ -187,18 +190,24 @@ def _pull_builtin(config: Config, client, ref, digest: str, tmp_sif: Path, scrat
     progress = Progress(str(ref), resolved.size, len(resolved.layers), quiet=quiet)
     cancel = threading.Event()
     paths = config.paths
+    in_flight: set[Path] = set()  # blob dirs this process is downloading into
     try:
-        with ThreadPoolExecutor(max_workers=max(1, config["jobs"])) as pool:
-            futures = [pool.submit(_fetch_blob, client, ref, d, paths, progress, cancel) for d in resolved.layers]
-            try:
-                done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-                for future in done:
-                    future.result()
-            except BaseException:
-                cancel.set()
-                for future in futures:
-                    future.cancel()
-                raise
+        pool = ThreadPoolExecutor(max_workers=max(1, config["jobs"]))
+        futures = [pool.submit(_fetch_blob, client, ref, d, paths, progress, cancel, in_flight)
+                   for d in resolved.layers]
+        try:
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            for future in done:
+                future.result()
+        except BaseException:
+            # Do not wait for stalled downloads (Ctrl-C must be prompt); drop their partial files.
+            cancel.set()
+            pool.shutdown(wait=False, cancel_futures=True)
+            for blob_dir in list(in_flight):
+                for partial in blob_dir.glob(TMP_PREFIX + "*"):
+                    partial.unlink(missing_ok=True)
+            raise
+        pool.shutdown(wait=True)
         layers = [LayerBlob(blob_path(paths, d.digest), d.media_type, d.digest) for d in resolved.layers]
         progress.stage("building squashfs")
         squashfs = scratch / "rootfs.squashfs"

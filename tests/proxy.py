@@ -15,10 +15,12 @@ import requests
 
 
 class Proxy:
-    def __init__(self, upstream: str, mutate: Optional[Callable[[str, bytes], bytes]] = None, delay: float = 0.0):
+    def __init__(self, upstream: str, mutate: Optional[Callable[[str, bytes], bytes]] = None, delay: float = 0.0,
+                 delay_if: Callable[[str], bool] = lambda path: True):
         self.upstream = upstream.rstrip("/")
         self.mutate = mutate
         self.delay = delay
+        self.delay_if = delay_if
         self.requests: Counter = Counter()
         self._lock = threading.Lock()
         proxy = self
@@ -43,7 +45,7 @@ class Proxy:
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 if method != "HEAD":
-                    if proxy.delay:
+                    if proxy.delay and proxy.delay_if(self.path):
                         half = len(body) // 2
                         self.wfile.write(body[:half])
                         self.wfile.flush()

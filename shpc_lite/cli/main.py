@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -109,8 +110,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"shpc-lite: error: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
+        # Clean-up ran while unwinding; leave now rather than wait for stalled network threads.
         print("shpc-lite: interrupted; nothing half-written was left behind", file=sys.stderr)
-        return 130
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
     except BrokenPipeError:
         return 141
     except OSError as err:
