@@ -34,7 +34,7 @@ def choose_version(config: Config, recipe, version: Optional[str]) -> tuple[str,
     Without a version, the newest one the lock or the recipe offers is taken.
     """
     from shpc_lite.lock import load_lock, locked_version
-    from shpc_lite.modules import newest
+    from shpc_lite.versions import newest
 
     lock = load_lock(config.paths.lock_file)
     locked = lock.versions(recipe.name) if lock is not None else {}

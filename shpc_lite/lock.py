@@ -38,7 +38,7 @@ from typing import Any, Iterable, Iterator, Optional
 
 from shpc_lite.errors import ResolveError
 from shpc_lite.recipe import SAFE_NAME, SAFE_VERSION
-from shpc_lite.tags import version_key
+from shpc_lite.versions import version_key
 
 LOCK_FORMAT = 1
 DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$|^sha512:[0-9a-f]{128}$")

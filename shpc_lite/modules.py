@@ -23,7 +23,7 @@ from shpc_lite.errors import NotFoundError
 from shpc_lite.fsutil import TMP_PREFIX, atomic_write, remove_empty_parents
 from shpc_lite.quoting import lua_quote, sh_quote, tcl_quote
 from shpc_lite.recipe import Alias, Recipe
-from shpc_lite.tags import version_key
+from shpc_lite.versions import newest, version_key
 
 METADATA = "install.json"
 GPU_FLAGS = {"nvidia": "--nv", "amd": "--rocm"}
@@ -171,10 +171,6 @@ def render_wrapper(spec: ModuleSpec, wrapper: Wrapper) -> str:
 
 def modulefile_path(paths: Paths, name: str, version: str, module_system: str) -> Path:
     return paths.modules / name / (f"{version}.lua" if module_system == "lmod" else version)
-
-
-def newest(versions: Iterable[str]) -> Optional[str]:
-    return max(versions, key=version_key, default=None)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -122,7 +122,7 @@ def plan(config: Config, entries: list[Entry]) -> Plan:
     """Tasks for every entry; an entry that cannot be planned becomes a failed outcome."""
     from shpc_lite.install import choose_version
     from shpc_lite.lock import load_lock
-    from shpc_lite.tags import version_key
+    from shpc_lite.versions import version_key
     from shpc_lite.recipe import recipe_index
 
     index = recipe_index(config)

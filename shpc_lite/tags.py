@@ -18,6 +18,7 @@ from packaging.version import InvalidVersion, Version
 
 from shpc_lite.errors import ResolveError
 from shpc_lite.recipe import SAFE_VERSION, SelectRule
+from shpc_lite.versions import version_key
 
 # cosign signatures, attestations and SBOMs are stored as tags named after the image digest.
 SIGNATURE_TAG = re.compile(r"^sha(?:256|384|512)-[0-9a-fA-F]+\.(?:sig|att|sbom)$")
@@ -41,14 +42,6 @@ class Decision:
     chosen: bool
     reason: str
     version: Optional[str] = None
-
-
-def version_key(text: str) -> tuple:
-    """Sort key for module versions: valid versions by value above anything else by text."""
-    try:
-        return (1, Version(text), text)
-    except InvalidVersion:
-        return (0, text, text)
 
 
 def is_signature_tag(tag: str) -> bool:

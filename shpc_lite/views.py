@@ -15,7 +15,8 @@ from typing import Optional
 from shpc_lite.config import Config, Paths
 from shpc_lite.errors import NotFoundError, SiteError
 from shpc_lite.fsutil import atomic_write
-from shpc_lite.modules import find_installed, newest, render
+from shpc_lite.modules import find_installed, render
+from shpc_lite.versions import newest
 from shpc_lite.recipe import SAFE_NAME
 
 SUFFIX = {"lmod": ".lua", "tcl": ""}
