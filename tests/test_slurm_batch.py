@@ -43,3 +43,25 @@ def test_batch_on_slurm(site, stack, slurm):  # noqa: F811
         assert str(site.root / "wrappers" / "alpha" / "2.0" / "bin" / "alpha-tool") in out.stdout.decode()
     again = site.cli("batch", "install", str(manifest), f"--slurm=--partition={slurm.partition}")
     assert again.returncode == 0 and "nothing to do" in again.stdout
+
+
+def test_wrappers_under_srun_and_sbatch_wrap(site, small_sif, slurm):
+    """Wrapper scripts are plain sh: they work under `sbatch --wrap` (dash) and `srun`."""
+    import subprocess
+
+    from tests.conftest import read_record
+
+    site.cli("install", "python:3.12", "--sif", str(small_sif), check=True)
+    wrapper = site.root / "wrappers" / "python" / "3.12" / "bin" / "python"
+    stored = next((site.root / "containers").glob("*.sif"))
+    env = {**site.env, "PATH": site.env["PATH"] + ":/usr/sbin:/sbin"}
+    job = subprocess.run(["sbatch", "--parsable", f"--partition={slurm.partition}", f"--chdir={site.tmp}",
+                          "--wrap", f"{wrapper} -c 'print(1)' 'two words' '$HOME'"],
+                         env=env, capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+    assert slurm.wait([job], timeout=120)[job] == "COMPLETED"
+    argv, _ = read_record(site)
+    assert argv == [b"exec", str(stored).encode(), b"python", b"-c", b"print(1)", b"two words", b"$HOME"]
+    subprocess.run(["srun", f"--partition={slurm.partition}", "--ntasks=1", str(wrapper), "-V", "x y"],
+                   env=env, capture_output=True, timeout=120, check=True)
+    argv, _ = read_record(site)
+    assert argv == [b"exec", str(stored).encode(), b"python", b"-V", b"x y"]
