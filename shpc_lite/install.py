@@ -10,7 +10,7 @@ from shpc_lite.config import Config
 from shpc_lite.errors import NotFoundError
 from shpc_lite.modules import Installed, find_installed, installed, make_spec, remove_module, write_module
 from shpc_lite.recipe import recipe_index
-from shpc_lite.store import import_sif, unreferenced
+from shpc_lite.store import digest_lock, digest_of, import_sif, unreferenced
 
 
 def install_sif(config: Config, name: str, version: str, sif: Path) -> Installed:
@@ -60,11 +60,14 @@ def install_pull(config: Config, name: str, version: Optional[str] = None, *, qu
     paths = config.paths
     try:
         spec = make_spec(recipe, version, tag, stored.digest, stored.path, paths, config)
-        return write_module(spec, paths, config)
+        record = write_module(spec, paths, config)
     except BaseException:
         if stored.pulled:
             _drop_unused(config, [str(stored.path)])
         raise
+    if not stored.path.exists():  # a concurrent uninstall dropped it before our module used it
+        pull(config, recipe.image, tag, stored.digest, quiet=quiet, client=client)
+    return record
 
 
 def uninstall(config: Config, name: str, version: Optional[str] = None) -> list[Installed]:
@@ -88,9 +91,12 @@ def after_change(config: Config) -> Optional[str]:
 
 
 def _drop_unused(config: Config, sifs: list[str]) -> None:
+    """Delete stored images no module uses, each under its digest lock (no pull is finishing)."""
     paths = config.paths
     for path in unreferenced(paths, sifs, (r.sif for r in installed(paths))):
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+        with digest_lock(paths, digest_of(path)):
+            if unreferenced(paths, [str(path)], (r.sif for r in installed(paths))):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
 
 

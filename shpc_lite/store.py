@@ -29,6 +29,14 @@ def sif_name(digest: str, imported: bool = False) -> str:
     return f"{'file-' if imported else ''}{algo}-{hexpart}.sif"
 
 
+def digest_of(path: Path) -> str:
+    """The digest a stored file is named after (the inverse of ``sif_name``)."""
+    stem = Path(path).name[: -len(".sif")]
+    stem = stem[len("file-"):] if stem.startswith("file-") else stem
+    algo, _, hexpart = stem.partition("-")
+    return f"{algo}:{hexpart}"
+
+
 def file_digest(path: Path) -> str:
     sha = hashlib.sha256()
     with open(path, "rb") as fh:

@@ -33,3 +33,11 @@ def test_clean_stale_spares_live_pulls(tmp_path):
 def test_sif_names():
     assert sif_name("sha256:" + "c" * 64) == f"sha256-{'c' * 64}.sif"
     assert sif_name("sha256:" + "c" * 64, imported=True) == f"file-sha256-{'c' * 64}.sif"
+
+
+def test_digest_of_inverts_sif_name():
+    from shpc_lite.store import digest_of
+
+    digest = "sha256:" + "d" * 64
+    assert digest_of(sif_name(digest)) == digest
+    assert digest_of(sif_name(digest, imported=True)) == digest
