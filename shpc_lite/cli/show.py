@@ -10,16 +10,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
-def describe(recipe, records) -> dict:
+def describe(recipe, records, locked: dict) -> dict:
+    """The recipe, with every version it offers: pinned, locked (chosen by ``resolve``) or installed."""
+    from shpc_lite.versions import version_key
+
     by_version = {r.version: r for r in records}
+    offered = {pin.version: (pin.tag, pin.digest) for pin in recipe.versions}
+    offered.update({v: (lv.tag, lv.digest) for v, lv in locked.items()})
+    offered.update({v: (r.tag, r.digest) for v, r in by_version.items() if v not in offered})
     versions = []
-    for pin in recipe.versions:
-        rec = by_version.pop(pin.version, None)
-        versions.append({"version": pin.version, "tag": pin.tag, "digest": rec.digest if rec else pin.digest,
+    for version in sorted(offered, key=version_key, reverse=True):
+        tag, digest = offered[version]
+        rec = by_version.get(version)
+        versions.append({"version": version, "tag": rec.tag if rec else tag,
+                         "digest": (rec.digest if rec else digest) or None, "locked": version in locked,
                          "installed": rec is not None, "modulefile": rec.modulefile if rec else None})
-    for rec in by_version.values():  # installed from a select rule or an older recipe
-        versions.append({"version": rec.version, "tag": rec.tag, "digest": rec.digest, "installed": True,
-                         "modulefile": rec.modulefile})
     return {
         "name": recipe.name,
         "image": recipe.image,
@@ -41,8 +46,12 @@ def run(args: argparse.Namespace, config) -> int:
     from shpc_lite.modules import installed
     from shpc_lite.recipe import recipe_index, split_spec
 
+    from shpc_lite.lock import load_lock
+
     name, _ = split_spec(args.name)
-    info = describe(recipe_index(config).get(name), installed(config.paths, name))
+    lock = load_lock(config.paths.lock_file)
+    info = describe(recipe_index(config).get(name), installed(config.paths, name),
+                    lock.versions(name) if lock is not None else {})
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -54,6 +63,6 @@ def run(args: argparse.Namespace, config) -> int:
     print(f"  commands: {' '.join(info['aliases'])}")
     print("  versions:")
     for v in info["versions"]:
-        mark = " (installed)" if v["installed"] else ""
+        mark = " (installed)" if v["installed"] else " (locked)" if v["locked"] else ""
         print(f"    {v['version']:<10} {v['tag']}{mark}")
     return 0
