@@ -246,7 +246,7 @@ def write_module(spec: ModuleSpec, paths: Paths, config: Config, default: bool =
         for wrapper in spec.wrappers:
             (bindir / wrapper.name).write_text(render_wrapper(spec, wrapper), encoding="utf-8")
             os.chmod(bindir / wrapper.name, 0o755)
-        (stage / METADATA).write_text(json.dumps(asdict(record), indent=2, sort_keys=True) + "\n")
+        (stage / METADATA).write_text(_record_json(record))
         os.chmod(stage, 0o755)
         if final.exists():
             old = final.parent / f"{TMP_PREFIX}old-{spec.version}-{os.getpid()}"
@@ -271,9 +271,12 @@ def write_module(spec: ModuleSpec, paths: Paths, config: Config, default: bool =
     return record
 
 
+def _record_json(record: Installed) -> str:
+    return json.dumps(asdict(record), indent=2, sort_keys=True) + "\n"
+
+
 def _write_record(paths: Paths, record: Installed) -> None:
-    atomic_write(paths.wrappers / record.name / record.version / METADATA,
-                 json.dumps(asdict(record), indent=2, sort_keys=True) + "\n")
+    atomic_write(paths.wrappers / record.name / record.version / METADATA, _record_json(record))
 
 
 def remove_module(paths: Paths, record: Installed, config: Config) -> None:
