@@ -9,7 +9,7 @@ from typing import Optional
 from shpc_lite.config import Config
 from shpc_lite.errors import NotFoundError
 from shpc_lite.modules import Installed, find_installed, installed, make_spec, remove_module, write_module
-from shpc_lite.recipe import recipe_index
+from shpc_lite.recipe import Recipe, recipe_index
 from shpc_lite.store import digest_lock, digest_of, import_sif, unreferenced
 
 
@@ -18,14 +18,17 @@ def install_sif(config: Config, name: str, version: str, sif: Path) -> Installed
     recipe = recipe_index(config).get(name)
     pin = recipe.version(version)
     paths = config.paths
+    previous = [r.sif for r in installed(paths, name) if r.version == version]
     stored, created = import_sif(paths, sif, config)
     try:
         spec = make_spec(recipe, version, pin.tag, pin.digest or "", stored, paths, config)
-        return write_module(spec, paths, config)
+        record = write_module(spec, paths, config)
     except BaseException:
         if created:
             _drop_unused(config, [str(stored)])
         raise
+    _drop_unused(config, previous)
+    return record
 
 
 def choose_version(config: Config, recipe, version: Optional[str]) -> tuple[str, str, Optional[str]]:
@@ -52,21 +55,30 @@ def choose_version(config: Config, recipe, version: Optional[str]) -> tuple[str,
 def install_pull(config: Config, name: str, version: Optional[str] = None, *, quiet: bool = False,
                  client=None) -> Installed:
     """``install NAME[:VERSION]``: resolve (or read the lock), pull into the store, generate."""
-    from shpc_lite.puller import pull
-
     recipe = recipe_index(config).get(name)
     version, tag, digest = choose_version(config, recipe, version)
-    stored = pull(config, recipe.image, tag, digest, quiet=quiet, client=client)
+    return install_version(config, recipe, version, tag, digest, quiet=quiet, client=client)
+
+
+def install_version(config: Config, recipe: Recipe, version: str, tag: str, digest: Optional[str], *,
+                    quiet: bool = False, client=None, default: bool = False) -> Installed:
+    """Pull ``tag`` (at ``digest``) into the store and write the module; the image an earlier
+    install of this version used is dropped once no module uses it."""
+    from shpc_lite.puller import pull
+
     paths = config.paths
+    previous = [r.sif for r in installed(paths, recipe.name) if r.version == version]
+    stored = pull(config, recipe.image, tag, digest, quiet=quiet, client=client)
     try:
         spec = make_spec(recipe, version, tag, stored.digest, stored.path, paths, config)
-        record = write_module(spec, paths, config)
+        record = write_module(spec, paths, config, default=default)
     except BaseException:
         if stored.pulled:
             _drop_unused(config, [str(stored.path)])
         raise
     if not stored.path.exists():  # a concurrent uninstall dropped it before our module used it
         pull(config, recipe.image, tag, stored.digest, quiet=quiet, client=client)
+    _drop_unused(config, previous)
     return record
 
 

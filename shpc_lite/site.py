@@ -168,8 +168,7 @@ def current_state(config: Config, task: Task, digest: Optional[str]) -> str:
 
 def install_task(config: Config, task: Task, client, quiet: bool = True) -> Outcome:
     """Pull (once, under the store's lock) and generate one module; never raises ShpcLiteError."""
-    from shpc_lite.modules import make_spec, write_module
-    from shpc_lite.puller import pull
+    from shpc_lite.install import install_version
 
     start = time.monotonic()
     try:
@@ -177,12 +176,10 @@ def install_task(config: Config, task: Task, client, quiet: bool = True) -> Outc
         state = current_state(config, task, digest)
         if state == "unchanged":
             return Outcome(task, task.label, "unchanged", "", time.monotonic() - start)
-        stored = pull(config, task.image, task.tag, digest, quiet=quiet, client=client)
-        spec = make_spec(_recipe_for(config, task), task.version, task.tag, stored.digest, stored.path,
-                         config.paths, config)
-        write_module(spec, config.paths, config, default=task.default)
+        record = install_version(config, _recipe_for(config, task), task.version, task.tag, digest,
+                                 quiet=quiet, client=client, default=task.default)
         status = "installed" if state == "install" else "updated"
-        return Outcome(task, task.label, status, str(stored.path), time.monotonic() - start)
+        return Outcome(task, task.label, status, record.sif, time.monotonic() - start)
     except ShpcLiteError as err:
         return Outcome(task, task.label, "failed", str(err), time.monotonic() - start)
 

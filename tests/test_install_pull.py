@@ -216,3 +216,24 @@ def test_kill_mid_pull_then_rerun(site, registry, unique_repo, how):
     assert not list((site.root / "containers").glob(".shpc-lite-tmp-*"))
     assert sorted(p.name for p in blob_dir.iterdir()) == ["data"]
     assert not list((site.root / "containers" / ".locks").glob("*.lock"))
+
+
+def test_check_sees_a_repushed_tag_of_an_installed_module(site, registry, unique_repo):
+    registry.pusher().push_image(unique_repo, demo_image(), tags=["1.0"])
+    _recipe(site, "moving", f"{registry.host}/{unique_repo}", {"1.0": "1.0"})
+    assert site.cli("install", "moving:1.0").returncode == 0
+    assert site.cli("check", "moving").returncode == 0
+    newer = it.make_image([it.make_layer([it.File("new.txt", "new\n")])])
+    registry.pusher().push_image(unique_repo, newer, tags=["1.0"])  # the tag now points elsewhere
+    proc = site.cli("check", "moving", "--json")
+    assert proc.returncode == 100, proc.stderr
+    kinds = {(f["version"], f["kind"], f["source"]) for f in json.loads(proc.stdout)["findings"]}
+    assert ("1.0", "repushed", "installed") in kinds
+    # resolving and installing again brings the module up to date
+    assert site.cli("resolve", "moving").returncode == 0
+    assert site.cli("install", "moving:1.0").returncode == 0
+    assert site.cli("check", "moving").returncode == 0
+    record = json.loads(site.cli("list", "--json", check=True).stdout)[0]
+    assert record["digest"] == newer.digest
+    # the image of the old digest is gone: no module uses it any more
+    assert [p.name for p in (site.root / "containers").glob("*.sif")] == [f"sha256-{newer.digest[7:]}.sif"]
