@@ -105,9 +105,13 @@ def after_change(config: Config) -> Optional[str]:
 def _drop_unused(config: Config, sifs: list[str]) -> None:
     """Delete stored images no module uses, each under its digest lock (no pull is finishing)."""
     paths = config.paths
-    for path in unreferenced(paths, sifs, (r.sif for r in installed(paths))):
+
+    def in_use() -> list[str]:
+        return [r.sif for r in installed(paths)]
+
+    for path in unreferenced(paths, sifs, in_use):
         with digest_lock(paths, digest_of(path)):
-            if unreferenced(paths, [str(path)], (r.sif for r in installed(paths))):
+            if unreferenced(paths, [str(path)], in_use):
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
 

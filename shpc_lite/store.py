@@ -14,7 +14,7 @@ import hashlib
 import os
 import time
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from shpc_lite.config import Config, Paths
 from shpc_lite.errors import SifError, StoreError
@@ -90,15 +90,17 @@ def apply_group(path: Path, config: Config) -> None:
         raise StoreError(f"config group {group!r}: no such group") from None
 
 
-def unreferenced(paths: Paths, candidates: Iterable[str], in_use: Iterable[str]) -> list[Path]:
-    """Candidates inside this store that no installed module uses any more."""
-    used = {os.path.realpath(p) for p in in_use}
-    out = []
-    for path in candidates:
-        p = Path(path)
-        if p.parent == paths.containers and os.path.realpath(p) not in used and p.exists():
-            out.append(p)
-    return out
+def unreferenced(paths: Paths, candidates: Iterable[str], in_use: Callable[[], Iterable[str]]) -> list[Path]:
+    """Candidates inside this store that no installed module uses any more.
+
+    ``in_use`` is only called when a candidate is left: listing every installed module is the
+    expensive part, and most installs have nothing to drop.
+    """
+    ours = [p for p in map(Path, candidates) if p.parent == paths.containers and p.exists()]
+    if not ours:
+        return []
+    used = {os.path.realpath(p) for p in in_use()}
+    return [p for p in ours if os.path.realpath(p) not in used]
 
 
 def clean_stale(paths: Paths, older_than: float = STALE_SECONDS) -> list[Path]:
