@@ -6,6 +6,9 @@ Singularity are not packaged for Debian 12): everything up to its exec is real.
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 
 from tests.conftest import read_record
@@ -120,3 +123,26 @@ def test_uninstall_moves_default_and_removes_files(site, system, small_sif):
     site.cli("--module-system", system, "uninstall", "python", check=True)
     assert not (site.root / "modules" / "python").exists()
     assert not list((site.root / "containers").glob("*.sif"))  # last user gone: the SIF goes too
+
+
+@pytest.mark.skipif(not have("lmod"), reason="Debian lmod not installed")
+@pytest.mark.skipif(not shutil.which("mpirun"), reason="mpirun not installed (Debian mpich, installed by .ci/run)")
+def test_wrappers_under_mpirun(site, small_sif):
+    """mpirun (real MPICH Hydra) execs the wrapper on every rank; each rank reaches the runtime
+    with the exact argv (the stand-in records per rank, from MPICH's PMI_RANK)."""
+    site.cli("install", "python:3.12", "--sif", str(small_sif), check=True)
+    stored = next((site.root / "containers").glob("*.sif"))
+    proc = run_bash(
+        "lmod",
+        f"""
+        module use {site.root / 'modules'}
+        module load python
+        mpirun -np 2 python -c 'print(1)' 'two words' '' '$(id)'
+        """,
+        site.env,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    record = site.env["SHPC_LITE_TEST_RECORD"]
+    for rank in ("0", "1"):
+        argv = Path(f"{record}.{rank}.argv").read_bytes().split(b"\0")[:-1]
+        assert argv == [b"exec", str(stored).encode(), b"python", b"-c", b"print(1)", b"two words", b"", b"$(id)"]
