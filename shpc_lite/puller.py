@@ -147,8 +147,7 @@ def blob_path(paths: Paths, digest: str) -> Path:
     return paths.cache / "blobs" / algo / hexpart / "data"
 
 
-def _fetch_blob(client, ref, desc, paths: Paths, progress: Progress, cancel: threading.Event,
-                in_flight: set) -> Path:
+def _fetch_blob(client, ref, desc, paths: Paths, progress: Progress, cancel: threading.Event) -> Path:
     """One layer into the blob cache, under a per-blob lock so that no blob is fetched twice."""
     from filelock import SoftFileLock
 
@@ -160,8 +159,6 @@ def _fetch_blob(client, ref, desc, paths: Paths, progress: Progress, cancel: thr
     dest.parent.mkdir(parents=True, exist_ok=True)
     with SoftFileLock(str(dest.parent) + ".lock", timeout=6 * 3600):
         if not (dest.is_file() and dest.stat().st_size == desc.size):
-            for junk in dest.parent.iterdir():  # partial files of a killed download
-                junk.unlink()
             seen = [0]
 
             def report(done: int, total: Optional[int]) -> None:
@@ -170,9 +167,7 @@ def _fetch_blob(client, ref, desc, paths: Paths, progress: Progress, cancel: thr
                 progress.advance(done - seen[0])
                 seen[0] = done
 
-            in_flight.add(dest.parent)
             client.fetch_blob(ref, desc.digest, dest, size=desc.size, progress=report)
-            in_flight.discard(dest.parent)
             progress.layer_done(desc.digest)
             return dest
     progress.advance(desc.size)
@@ -190,22 +185,19 @@ def _pull_builtin(config: Config, client, ref, digest: str, tmp_sif: Path, scrat
     progress = Progress(str(ref), resolved.size, len(resolved.layers), quiet=quiet)
     cancel = threading.Event()
     paths = config.paths
-    in_flight: set[Path] = set()  # blob dirs this process is downloading into
     try:
         pool = ThreadPoolExecutor(max_workers=max(1, config["jobs"]))
-        futures = [pool.submit(_fetch_blob, client, ref, d, paths, progress, cancel, in_flight)
+        futures = [pool.submit(_fetch_blob, client, ref, d, paths, progress, cancel)
                    for d in resolved.layers]
         try:
             done, _ = wait(futures, return_when=FIRST_EXCEPTION)
             for future in done:
                 future.result()
         except BaseException:
-            # Do not wait for stalled downloads (Ctrl-C must be prompt); drop their partial files.
+            # Do not wait for stalled downloads (Ctrl-C must be prompt). What they received stays
+            # in the blob cache as <digest>/data.partial: the next pull resumes it.
             cancel.set()
             pool.shutdown(wait=False, cancel_futures=True)
-            for blob_dir in list(in_flight):
-                for partial in blob_dir.glob(TMP_PREFIX + "*"):
-                    partial.unlink(missing_ok=True)
             raise
         pool.shutdown(wait=True)
         layers = [LayerBlob(blob_path(paths, d.digest), d.media_type, d.digest) for d in resolved.layers]

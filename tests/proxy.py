@@ -1,4 +1,5 @@
-"""A tiny HTTP proxy in front of the test registry: counts requests and can lie about blobs.
+"""A tiny HTTP proxy in front of the test registry: counts requests, records Range headers, and
+can lie about blobs or stall half-way through one.
 
 Used as a registry mirror (config ``mirrors``) so tests can prove "one download" and can play a
 registry that serves bytes not matching their digest. Loopback only; stopped by its fixture.
@@ -22,6 +23,7 @@ class Proxy:
         self.delay = delay
         self.delay_if = delay_if
         self.requests: Counter = Counter()
+        self.ranges: list = []  # (path, Range header) of every request that had one
         self._lock = threading.Lock()
         proxy = self
 
@@ -32,6 +34,8 @@ class Proxy:
             def _forward(self, method: str):
                 with proxy._lock:
                     proxy.requests[(method, self.path)] += 1
+                    if self.headers.get("Range"):
+                        proxy.ranges.append((self.path, self.headers["Range"]))
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
                 resp = requests.request(method, proxy.upstream + self.path, headers=headers, timeout=30,
                                         allow_redirects=False, stream=False)

@@ -184,21 +184,23 @@ def test_four_processes_share_one_download(site, registry, unique_repo):
 
 
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM], ids=["kill-9", "ctrl-c", "term"])
-def test_kill_mid_pull_then_rerun(site, registry, unique_repo, how):
+def test_kill_mid_pull_then_rerun_resumes(site, registry, unique_repo, how):
+    """A pull killed mid-blob leaves no SIF, temp file or module; the bytes received stay in the
+    blob cache and the rerun asks the registry only for the rest (a Range request)."""
     big = it.make_layer([it.File("blob.bin", os.urandom(3 << 20))], "gzip")
     image = it.make_image([big], env=["PATH=/bin"])
     registry.pusher().push_image(unique_repo, image, tags=["1.0"])
     _recipe(site, "killme", f"{registry.host}/{unique_repo}", {"1.0": "1.0"})
     blob_dir = site.root / "cache" / "blobs" / "sha256" / big.digest.split(":")[1]
+    partial = blob_dir / "data.partial"
     stall = Proxy(registry.url, delay=30, delay_if=lambda path: path.endswith(big.digest))
     with stall as proxy:  # sends half of the big layer, then stalls
         env = {**site.env, "SHPC_LITE_MIRRORS": f"{registry.host}={proxy.url}"}
         proc = subprocess.Popen([sys.executable, "-m", "shpc_lite", "-q", "install", "killme:1.0"], env=env,
                                 start_new_session=True, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not (blob_dir.is_dir() and any(blob_dir.iterdir())):
+        while time.monotonic() < deadline and not (partial.is_file() and partial.stat().st_size > 0):
             time.sleep(0.05)
-        time.sleep(0.3)
         assert proc.poll() is None, "the pull finished before it could be killed"
         os.killpg(proc.pid, how)
         code = proc.wait(timeout=15)  # prompt, even with a download stalled mid-blob
@@ -206,15 +208,21 @@ def test_kill_mid_pull_then_rerun(site, registry, unique_repo, how):
             assert code == 130
             assert proc.stderr.read().decode().strip().splitlines() == [
                 "shpc-lite: interrupted; nothing half-written was left behind"]
-            assert not list((site.root / "containers").glob(".shpc-lite-tmp-*"))
-            assert sorted(p.name for p in blob_dir.iterdir()) == []  # the partial blob is gone
+            assert not list((site.root / "containers").glob(".shpc-lite-tmp-*"))  # kill -9: the rerun cleans
     assert not list((site.root / "containers").glob("*.sif"))
     assert not (site.root / "modules" / "killme").exists()
-    rerun = site.cli("install", "killme:1.0", timeout=300)  # straight to the registry now
-    assert rerun.returncode == 0, rerun.stderr
+    kept = partial.stat().st_size
+    assert 0 < kept < big.size and big.data.startswith(partial.read_bytes())
+    with Proxy(registry.url) as proxy:
+        rerun = site.cli("install", "killme:1.0", timeout=300,
+                         extra_env={"SHPC_LITE_MIRRORS": f"{registry.host}={proxy.url}"})
+        assert rerun.returncode == 0, rerun.stderr
+        assert [r for path, r in proxy.ranges if path.endswith(big.digest)] == [f"bytes={kept}-"]
+        assert proxy.blob_gets(big.digest) == 1
     assert len(list((site.root / "containers").glob("*.sif"))) == 1
     assert not list((site.root / "containers").glob(".shpc-lite-tmp-*"))
     assert sorted(p.name for p in blob_dir.iterdir()) == ["data"]
+    assert (blob_dir / "data").read_bytes() == big.data
     assert not list((site.root / "containers" / ".locks").glob("*.lock"))
 
 

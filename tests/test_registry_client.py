@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import re
 import socket
 import struct
 import sys
@@ -24,6 +26,7 @@ from shpc_lite.oci.client import (
     Platform,
     RegistryClient,
     parse_www_authenticate,
+    partial_path,
 )
 from shpc_lite.oci.credentials import Credential, DockerCredentials, StaticCredentials
 from shpc_lite.oci.reference import parse_reference
@@ -689,6 +692,82 @@ def test_body_cut_short_is_retried(fake, tmp_path):
                                     progress=lambda done, total: progress.append(done))
     assert written == len(data) and (tmp_path / "blob").read_bytes() == data
     assert progress.count(0) == 2  # the retry starts again from zero
+
+
+def ranged_blob_server(fake, data: bytes, *, cut_first: int = 0, honour_range: bool = True):
+    """Serves ``data`` as any blob, with Range (206) when asked; the first ``cut_first`` answers
+    send a third of what they owe and then reset the connection."""
+    state = {"cut": cut_first}
+
+    def handle(req):
+        if req.path == "/v2/":
+            return 200, {}, b""
+        start = 0
+        match = re.match(r"bytes=(\d+)-$", req.headers.get("Range", ""))
+        if match and honour_range:
+            start = int(match.group(1))
+        body = data[start:]
+        status, headers = (206, {"Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}"}) if start else (200, {})
+        if state["cut"] > 0:
+            state["cut"] -= 1
+            req.send_response(status)
+            for key, value in headers.items():
+                req.send_header(key, value)
+            req.send_header("Content-Length", str(len(body)))
+            req.end_headers()
+            req.wfile.write(body[: len(body) // 3 + 4096])
+            req.wfile.flush()
+            time.sleep(0.2)  # let the client read what was sent before the reset
+            return reset_connection(req)
+        return status, headers, body
+
+    return fake(handle)
+
+
+def blob_ranges(server) -> list:
+    return [h.get("Range") for m, p, h in server.requests if "/blobs/" in p]
+
+
+def test_retry_after_a_cut_resumes_with_range(fake, tmp_path):
+    data = os.urandom(3 << 20)
+    server = ranged_blob_server(fake, data, cut_first=1)
+    with fast_client() as client:
+        assert client.fetch_blob(f"{server.host}/a/b:1", sha256(data), tmp_path / "blob", size=len(data)) == len(data)
+    assert (tmp_path / "blob").read_bytes() == data and not partial_path(tmp_path / "blob").exists()
+    ranges = blob_ranges(server)
+    assert ranges[0] is None and re.fullmatch(r"bytes=\d+-", ranges[1])
+    assert 0 < int(ranges[1][6:-1]) < len(data)  # only the rest was asked for
+
+
+def test_partial_of_an_earlier_attempt_is_resumed(fake, tmp_path):
+    data = os.urandom(3 << 20)
+    dest = tmp_path / "blob"
+    server = ranged_blob_server(fake, data, cut_first=1)
+    with fast_client(retries=0) as client:  # the first process gives up (or is killed) mid-blob
+        with pytest.raises(RegistryError):
+            client.fetch_blob(f"{server.host}/a/b:1", sha256(data), dest, size=len(data))
+    kept = partial_path(dest).stat().st_size
+    assert not dest.exists() and 0 < kept < len(data)
+    progress = []
+    with fast_client() as client:
+        client.fetch_blob(f"{server.host}/a/b:1", sha256(data), dest, size=len(data),
+                          progress=lambda done, total: progress.append(done))
+    assert dest.read_bytes() == data
+    assert blob_ranges(server)[-1] == f"bytes={kept}-" and progress[0] == kept
+
+
+@pytest.mark.parametrize("honour_range", [True, False], ids=["206", "range-ignored"])
+def test_a_bad_or_unservable_partial_costs_one_full_download(fake, tmp_path, honour_range):
+    """A partial whose bytes are wrong fails verification and is fetched again from 0; a server
+    that ignores Range (200) sends the whole blob, which replaces the partial."""
+    data = os.urandom(1 << 20)
+    dest = tmp_path / "blob"
+    partial_path(dest).write_bytes(b"x" * 1000)
+    server = ranged_blob_server(fake, data, honour_range=honour_range)
+    with fast_client() as client:
+        client.fetch_blob(f"{server.host}/a/b:1", sha256(data), dest, size=len(data))
+    assert dest.read_bytes() == data and not partial_path(dest).exists()
+    assert blob_ranges(server) == (["bytes=1000-", None] if honour_range else ["bytes=1000-"])
 
 
 def test_credentials_never_go_to_a_plain_http_realm(fake):

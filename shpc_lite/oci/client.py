@@ -22,6 +22,7 @@ import hashlib
 import ipaddress
 import json
 import logging
+import os
 import platform as _platform
 import random
 import re
@@ -37,7 +38,6 @@ import requests
 import urllib3
 
 from ..errors import ConfigError, DigestMismatchError, ReferenceError_, RegistryError
-from ..fsutil import atomic_open
 from .credentials import Credential, CredentialProvider, DockerCredentials, env_prefix
 from .reference import ImageReference, is_digest, parse_reference
 
@@ -361,6 +361,56 @@ def _digest_of(hasher) -> str:
     return f"{hasher.name}:{hasher.hexdigest()}"
 
 
+PARTIAL_SUFFIX = ".partial"
+
+
+def partial_path(dest: Path) -> Path:
+    """Where ``fetch_blob`` keeps the bytes of ``dest`` received so far."""
+    return dest.with_name(dest.name + PARTIAL_SUFFIX)
+
+
+def _range_start(resp: requests.Response) -> Optional[int]:
+    """First byte of a 206 answer (``Content-Range: bytes START-END/TOTAL``)."""
+    match = re.match(r"bytes (\d+)-", resp.headers.get("Content-Range", ""))
+    return int(match.group(1)) if match else None
+
+
+@dataclass
+class _Partial:
+    """The hash and length of a partial download, kept in step with its file."""
+
+    digest: str
+    size: Optional[int]
+    hasher: object
+    have: int = 0
+
+    @classmethod
+    def load(cls, fh, digest: str, size: Optional[int]) -> "_Partial":
+        state = cls(digest, size, _new_hasher(digest))
+        fh.seek(0)
+        for block in iter(lambda: fh.read(CHUNK), b""):
+            state.add(block)
+        if size is not None and state.have > size:
+            state.restart(fh)
+        return state
+
+    def add(self, chunk: bytes) -> None:
+        self.hasher.update(chunk)
+        self.have += len(chunk)
+
+    def restart(self, fh) -> None:
+        fh.truncate(0)
+        self.hasher, self.have = _new_hasher(self.digest), 0
+
+    def verify(self, what: str) -> int:
+        got = _digest_of(self.hasher)
+        if self.size is not None and self.have != self.size:
+            raise DigestMismatchError(f"{what} has size {self.have} (expected {self.size}); discarded")
+        if got != self.digest:
+            raise DigestMismatchError(f"{what} has digest {got}; discarded")
+        return self.have
+
+
 def _retry_after(resp: requests.Response) -> Optional[float]:
     value = resp.headers.get("Retry-After", "").strip()
     if not value:
@@ -654,45 +704,77 @@ class RegistryClient:
     def fetch_blob(self, ref: Union[str, ImageReference], digest: str, dest: Path, *,
                    size: Optional[int] = None,
                    progress: Optional[Callable[[int, Optional[int]], None]] = None) -> int:
-        """Stream a blob into ``dest`` (temp file beside it, verified, then renamed).
+        """Stream a blob into ``dest``, verified, resuming what an earlier attempt received.
 
-        ``progress(done_bytes, total_bytes_or_None)`` is called as data arrives (``done`` starts
-        again from 0 when a download is retried). Returns the number of bytes written.
+        Bytes go to ``partial_path(dest)`` first, unbuffered, so a dropped connection, Ctrl-C or
+        ``kill -9`` keeps what arrived; the retry (or the next call) asks only for the rest with a
+        ``Range`` request, which registries and their blob CDNs serve. Multi-GB layers of NGC
+        images are then not fetched again from zero. A registry that ignores the range (200)
+        sends everything again; a resumed blob that fails verification is fetched once more from
+        the start. Callers keep one process per ``dest`` (the puller's per-blob lock).
+
+        ``progress(done_bytes, total_bytes_or_None)`` is called as data arrives; ``done`` starts
+        from the bytes already held. Returns the size of the blob.
         """
         ref = _as_ref(ref)
         _check_digest(digest, ref)
-        ep = self._endpoint(ref)
         dest = Path(dest)
-        with atomic_open(dest, 0o644, binary=True) as out:
+        partial = partial_path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        resumed = partial.is_file() and partial.stat().st_size > 0
+        try:
+            written = self._fetch_partial(ref, digest, partial, size, progress)
+        except DigestMismatchError:
+            partial.unlink(missing_ok=True)
+            if not resumed:
+                raise
+            log.info("%s: resumed blob %s did not verify; fetching it again from the start", ref, digest)
+            try:
+                written = self._fetch_partial(ref, digest, partial, size, progress)
+            except DigestMismatchError:
+                partial.unlink(missing_ok=True)
+                raise
+        os.chmod(partial, 0o644)
+        os.replace(partial, dest)
+        return written
+
+    def _fetch_partial(self, ref: ImageReference, digest: str, partial: Path, size: Optional[int],
+                       progress) -> int:
+        ep = self._endpoint(ref)
+        with open(partial, "ab+", buffering=0) as out:
+            state = _Partial.load(out, digest, size)
+
+            def headers() -> dict:
+                extra = {"Range": f"bytes={state.have}-"} if state.have else {}
+                return {"Accept-Encoding": "identity", **extra}
+
             def consume(resp):
-                out.seek(0)
-                out.truncate()
-                hasher = _new_hasher(digest)
+                if resp.status_code != 206:
+                    state.restart(out)
+                elif _range_start(resp) != state.have:
+                    state.restart(out)
+                    raise RegistryError(f"{ep.registry}: blob {digest} of {ref}: answered a range "
+                                        f"request with {resp.headers.get('Content-Range')!r}")
                 total = size
                 if total is None and resp.headers.get("Content-Length", "").isdigit():
-                    total = int(resp.headers["Content-Length"])
-                done = 0
+                    total = state.have + int(resp.headers["Content-Length"])
                 if progress:
-                    progress(0, total)
+                    progress(state.have, total)
                 for chunk in resp.raw.stream(CHUNK, decode_content=False):
-                    done += len(chunk)
-                    if size is not None and done > size:
+                    if size is not None and state.have + len(chunk) > size:
+                        state.have += len(chunk)  # more than the manifest says: a lie
                         break
-                    hasher.update(chunk)
                     out.write(chunk)
+                    state.add(chunk)
                     if progress:
-                        progress(done, total)
-                got = _digest_of(hasher)
-                if got != digest or (size is not None and done != size):
-                    what = (f"size {done} (expected {size})" if size is not None and done != size
-                            else f"digest {got}")
-                    raise DigestMismatchError(
-                        f"{ref}: blob {digest} from {ep.registry} has {what}; discarded")
-                return done
+                        progress(state.have, total)
+                return state.verify(f"{ref}: blob {digest} from {ep.registry}")
 
+            if size is not None and state.have == size:  # all there: a kill came before the rename
+                return state.verify(f"{ref}: blob {digest} (partial download)")
             _, written = self._call("blob", ep, ref, "GET", self._blob_url(ep, ref, digest),
-                                    what=f"get blob {digest}", consume=consume,
-                                    headers={"Accept-Encoding": "identity"})
+                                    what=f"get blob {digest}", consume=consume, headers=headers,
+                                    ok=(200, 206))
         return written
 
     # -- endpoints and URLs ----------------------------------------------------------------
@@ -720,9 +802,11 @@ class RegistryClient:
     # -- requests, retries, redirects -------------------------------------------------------
 
     def _call(self, kind, ep: _Endpoint, ref: Optional[ImageReference], method: str, url: str, *,
-              what: str, headers: Optional[dict] = None, consume=None, auth: bool = True,
+              what: str, headers=None, consume=None, auth: bool = True,
               ok: Sequence[int] = (200,)):
         """One logical request with auth, redirects and retries; returns (response, consumed).
+
+        ``headers`` is a dict, or a function giving one per attempt (a resumed download's Range).
 
         ``consume(response)`` reads the body inside the retry loop, so a connection dropped
         mid-body is retried too. Any other status than ``ok`` becomes a RegistryError.
@@ -730,11 +814,12 @@ class RegistryClient:
         image = str(ref) if ref is not None else ep.registry
         for attempt in range(self.retries + 1):
             last = attempt == self.retries
+            sent = headers() if callable(headers) else headers
             try:
                 if auth:
-                    resp = self._send_authed(kind, ep, ref, method, url, headers)
+                    resp = self._send_authed(kind, ep, ref, method, url, sent)
                 else:
-                    resp = self._send(kind, method, url, headers, None, None)
+                    resp = self._send(kind, method, url, sent, None, None)
                 try:
                     if resp.status_code in ok:
                         result = consume(resp) if consume else None
