@@ -94,13 +94,13 @@ def main() -> int:
                "SHPC_LITE_SYSTEM_CONFIG": str(work / "none.yaml"), "XDG_CONFIG_HOME": str(work / "cfg")}
         if opts.level is not None:
             env["SHPC_LITE_SQUASHFS_LEVEL"] = str(opts.level)
-        level = load_config({}, environ=env)["squashfs_level"]  # the builtin's level, given to the peer too
+        level = load_config({}, environ=env)["squashfs_level"] or None  # the builtin's level, given to the peer too
         squash = ["-noappend", "-no-xattrs", "-quiet", "-no-progress", *compression_args(opts.compression, level)]
         started = time.perf_counter()
         _, blob_bytes, file_bytes = push_image(f"http://{host}", work, opts.size_mb)
         print(f"image: {file_bytes / 1e6:.0f} MB of files in 4 gzip layers ({blob_bytes / 1e6:.0f} MB pushed), "
               f"made and pushed in {time.perf_counter() - started:.1f} s; {os.cpu_count()} CPUs; "
-              f"squashfs {opts.compression} level {level}")
+              f"squashfs {opts.compression} level {level or 'default'}")
 
         from shpc_lite.puller import pull
 

@@ -40,7 +40,7 @@ KEYS: dict[str, tuple[Any, str, tuple[str, ...]]] = {
     "platform": ("", "str", ()),
     "puller": ("auto", "str", ("auto", "apptainer", "builtin")),
     "squashfs_compression": ("zstd", "str", ("zstd", "gzip", "xz", "lz4", "lzo")),
-    "squashfs_level": (3, "int", ()),
+    "squashfs_level": (0, "int", ()),  # 0: the compressor's own default (zstd 3, gzip 9)
     "group": ("", "str", ()),
     "file_mode": ("0644", "str", ()),
     "lustre_stripe_count": (0, "int", ()),

@@ -206,7 +206,7 @@ def _pull_builtin(config: Config, client, ref, digest: str, tmp_sif: Path, scrat
         build_squashfs(
             layers, image_config, squashfs,
             source_ref=str(ref), source_digest=digest,
-            compression=config["squashfs_compression"], level=config["squashfs_level"],
+            compression=config["squashfs_compression"], level=config["squashfs_level"] or None,
             workdir=scratch,
         )
         arch = (resolved.platform.architecture if resolved.platform else "") or image_config.get("architecture", "amd64")
