@@ -28,7 +28,7 @@ import random
 import re
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
@@ -560,7 +560,7 @@ class RegistryClient:
 
     def list_tags(self, ref: Union[str, ImageReference]) -> List[str]:
         """All tags of the repository, sorted (registries do not promise an order)."""
-        ref = _as_ref(ref)
+        ref = replace(_as_ref(ref), tag=None, digest=None)  # errors name the repository only
         ep = self._endpoint(ref)
         url = f"{ep.base}/v2/{ref.repository}/tags/list?n={self.tags_page_size}"
         tags: set = set()
@@ -922,7 +922,8 @@ class RegistryClient:
             with self._lock:
                 if ep.base in self._challenges:
                     return self._challenges[ep.base]
-            resp, _ = self._call("ping", ep, None, "GET", f"{ep.base}/v2/", what="ping",
+            # ``ref`` only names the image in an error: the answer is kept per endpoint
+            resp, _ = self._call("ping", ep, ref, "GET", f"{ep.base}/v2/", what="contacting the registry",
                                  auth=False, ok=(200, 401, 403, 404))
             challenge = (_pick_challenge(resp.headers.get("WWW-Authenticate", ""))
                          if resp.status_code == 401 else None)
