@@ -91,6 +91,20 @@ def check_store(config: Config) -> list[Finding]:
     return out
 
 
+def check_images(config: Config) -> Finding:
+    """Every installed module's SIF is there and readable. A module can outlive its image: a
+    user's module uses a central image by reference, and the central admins may remove it."""
+    from shpc_lite.modules import installed
+
+    broken = [r for r in installed(config.paths) if not os.access(r.sif, os.R_OK)]
+    if not broken:
+        return Finding("ok", "images", "every installed module's SIF is readable")
+    names = ", ".join(f"{r.name}:{r.version}" for r in broken[:5]) + (" ..." if len(broken) > 5 else "")
+    user = " --user" if config["central_root"] else ""
+    return Finding("error", "images", f"{len(broken)} module(s) whose SIF is missing or unreadable: {names}",
+                   f"install them again (shpc-lite{user} install NAME:VERSION pulls the image)")
+
+
 def check_registry(config: Config) -> Finding:
     import requests
 
@@ -108,7 +122,7 @@ def check_registry(config: Config) -> Finding:
 
 def run_checks(config: Config, network: bool = True) -> list[Finding]:
     findings = [check_runtime(config), check_mksquashfs(config), check_module_system(config),
-                check_modulepath(config), *check_store(config)]
+                check_modulepath(config), *check_store(config), check_images(config)]
     if network:
         findings.append(check_registry(config))
     return findings

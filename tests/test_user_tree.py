@@ -6,6 +6,7 @@ test; Lmod shows both trees. The runtime would be the recording stand-in; nothin
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import shutil
@@ -94,5 +95,17 @@ def test_user_tree_reuses_central_images(user, wheel_venv, registry, unique_repo
         assert str(central / "modules") in avail and str(user_root / "modules") in avail
         assert "hello/1.0" in avail and "hello/2.0" in avail
         assert "hello/2.0" in avail.split("Currently Loaded")[-1]
+        # the admins remove 1.0: its image goes with it, and the user's doctor says what broke
+        admin = subprocess.run(["shpc-lite", "uninstall", "hello:1.0"], env={**env, "HOME": "/root"},
+                               capture_output=True, text=True, timeout=300)
+        assert admin.returncode == 0 and not central_sif.exists(), admin.stderr
+        doctor = as_user("shpc-lite", "--user", "doctor", "--offline", "--json", check=False)
+        images = next(f for f in json.loads(doctor.stdout) if f["check"] == "images")
+        assert doctor.returncode == 1 and images["level"] == "error" and "hello:2.0" in images["detail"]
+        assert "shpc-lite --user install" in images["fix"]
+        as_user("shpc-lite", "--user", "install", "hello:2.0")  # the fix: now from their own store
+        assert [p.name for p in (user_root / "containers").glob("*.sif")] == [central_sif.name]
+        doctor = as_user("shpc-lite", "--user", "doctor", "--offline", "--json", check=False)
+        assert next(f for f in json.loads(doctor.stdout) if f["check"] == "images")["level"] == "ok"
     finally:
         shutil.rmtree(base, ignore_errors=True)
