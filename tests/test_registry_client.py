@@ -770,6 +770,16 @@ def test_a_bad_or_unservable_partial_costs_one_full_download(fake, tmp_path, hon
     assert blob_ranges(server) == (["bytes=1000-", None] if honour_range else ["bytes=1000-"])
 
 
+def test_a_blob_longer_than_its_manifest_says_is_refused(fake, tmp_path):
+    data = os.urandom(1 << 20)
+    server = ranged_blob_server(fake, data + b"trailing bytes")
+    with fast_client() as client:
+        with pytest.raises(DigestMismatchError) as info:
+            client.fetch_blob(f"{server.host}/a/b:1", sha256(data), tmp_path / "blob", size=len(data))
+    assert f"larger than the {len(data)} bytes its manifest says" in one_line(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_credentials_never_go_to_a_plain_http_realm(fake):
     def handle(req):
         return 401, {"WWW-Authenticate": 'Bearer realm="http://auth.example.invalid/token",'

@@ -762,8 +762,8 @@ class RegistryClient:
                     progress(state.have, total)
                 for chunk in resp.raw.stream(CHUNK, decode_content=False):
                     if size is not None and state.have + len(chunk) > size:
-                        state.have += len(chunk)  # more than the manifest says: a lie
-                        break
+                        raise DigestMismatchError(f"{ref}: blob {digest} from {ep.registry} is larger "
+                                                  f"than the {size} bytes its manifest says; discarded")
                     out.write(chunk)
                     state.add(chunk)
                     if progress:
