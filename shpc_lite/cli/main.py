@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "doctor": ("doctor", "check the runtime, tools, module system, store and registry"),
     "resolve": ("resolve", "choose versions from registry tags and record tag + digest in the lock file"),
     "check": ("check", "compare installed and locked digests with the registry; report newer versions"),
+    "import-shpc": ("import_shpc", "convert Singularity Registry HPC (shpc) container.yaml recipes"),
     "clean": ("clean", "remove the layer blob cache (pulls run again from the registry); modules keep working"),
 }
 
