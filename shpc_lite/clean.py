@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shpc_lite.config import Paths
-from shpc_lite.store import LOCK_DIR, clean_stale
+from shpc_lite.store import LOCK_DIR, clean_stale, is_held, lease
 
 
 @dataclass(frozen=True)
@@ -29,21 +29,11 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
-def _held(lock_file: Path) -> bool:
-    from filelock import SoftFileLock, Timeout
-
-    try:
-        with SoftFileLock(str(lock_file), timeout=0):
-            return False
-    except Timeout:
-        return True
-
-
-def running_pulls(paths: Paths) -> list[str]:
+def running_pulls(paths: Paths, lease_seconds: float) -> list[str]:
     """Digests being pulled into this root right now (their lock is held)."""
     lock_dir = paths.containers / LOCK_DIR
     locks = sorted(lock_dir.glob("*.lock")) if lock_dir.is_dir() else []
-    return [lock.name[: -len(".lock")].replace("-", ":", 1) for lock in locks if _held(lock)]
+    return [lock.name[: -len(".lock")].replace("-", ":", 1) for lock in locks if is_held(lock, lease_seconds)]
 
 
 def cache_entries(paths: Paths) -> list[Path]:
@@ -53,14 +43,14 @@ def cache_entries(paths: Paths) -> list[Path]:
     return entries + ([apptainer] if apptainer.is_dir() else [])
 
 
-def clean(paths: Paths, dry_run: bool = False) -> Cleanup:
-    from filelock import SoftFileLock, Timeout
+def clean(paths: Paths, lease_seconds: float, dry_run: bool = False) -> Cleanup:
+    from filelock import Timeout
 
-    pulls = running_pulls(paths)
+    pulls = running_pulls(paths, lease_seconds)
     if pulls:
         return Cleanup([], 0, [f"a pull is running ({', '.join(pulls)}): nothing removed; run clean again later"])
     if not dry_run:
-        clean_stale(paths)
+        clean_stale(paths, lease_seconds)
     removed, freed, busy = [], 0, []
     for entry in cache_entries(paths):
         size = _size(entry)
@@ -69,7 +59,7 @@ def clean(paths: Paths, dry_run: bool = False) -> Cleanup:
             freed += size
             continue
         try:
-            with SoftFileLock(str(entry) + ".lock", timeout=0):  # the layer's download lock
+            with lease(Path(str(entry) + ".lock"), lease_seconds, timeout=0):  # the layer's download lock
                 shutil.rmtree(entry)
         except Timeout:
             busy.append(f"{entry}: being downloaded")

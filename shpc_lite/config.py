@@ -48,6 +48,7 @@ KEYS: dict[str, tuple[Any, str, tuple[str, ...]]] = {
     "timeout": (60, "int", ()),
     "retries": (4, "int", ()),
     "spider_cache": (False, "bool", ()),
+    "lock_lease": (120, "int", ()),
 }
 
 _TRUE = {"1", "true", "yes", "on"}

@@ -110,7 +110,7 @@ def _drop_unused(config: Config, sifs: list[str]) -> None:
         return [r.sif for r in installed(paths)]
 
     for path in unreferenced(paths, sifs, in_use):
-        with digest_lock(paths, digest_of(path)):
+        with digest_lock(paths, digest_of(path), config["lock_lease"]):
             if unreferenced(paths, [str(path)], in_use):
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import threading
@@ -27,7 +28,7 @@ from shpc_lite.config import Config, Paths
 from shpc_lite.errors import PullError, SifError
 from shpc_lite.fsutil import TMP_PREFIX
 from shpc_lite.progress import Progress, elapsed
-from shpc_lite.store import apply_group, clean_stale, digest_lock, sif_name
+from shpc_lite.store import apply_group, clean_stale, digest_lock, lease, sif_name
 
 
 @dataclass(frozen=True)
@@ -80,13 +81,13 @@ def pull(config: Config, image: str, tag: str, digest: Optional[str] = None, *, 
         return found
     paths = config.paths
     paths.containers.mkdir(parents=True, exist_ok=True)
-    clean_stale(paths)
-    with digest_lock(paths, digest):
+    clean_stale(paths, config["lock_lease"])
+    with digest_lock(paths, digest, config["lock_lease"]):
         found = find_stored(config, digest)  # another process may have made it while we waited
         if found:
             return found
-        scratch = paths.containers / f"{TMP_PREFIX}{digest.replace(':', '-')}"
-        shutil.rmtree(scratch, ignore_errors=True)  # left by a killed pull of this digest
+        # Unique even per digest: a pull that lost its lease (a frozen node) cannot touch ours.
+        scratch = paths.containers / f"{TMP_PREFIX}{digest.replace(':', '-')}.{os.getpid()}-{secrets.token_hex(4)}"
         scratch.mkdir()
         dest = paths.containers / sif_name(digest)
         try:
@@ -147,21 +148,27 @@ def blob_path(paths: Paths, digest: str) -> Path:
     return paths.cache / "blobs" / algo / hexpart / "data"
 
 
-def _fetch_blob(client, ref, desc, paths: Paths, progress: Progress, cancel: threading.Event) -> Path:
-    """One layer into the blob cache, under a per-blob lock so that no blob is fetched twice."""
-    from filelock import SoftFileLock
+def _fetch_blob(client, ref, desc, paths: Paths, progress: Progress, cancel: threading.Event,
+                lease_seconds: float) -> Path:
+    """One layer into the blob cache, under a per-blob lock so that no blob is fetched twice.
 
+    A download whose lock was taken over (this process froze past the lease) stops: the new
+    holder resumes the partial file."""
     dest = blob_path(paths, desc.digest)
+    lost = threading.Event()
     if dest.is_file() and dest.stat().st_size == desc.size:
         progress.advance(desc.size)
         progress.layer_done(desc.digest, cached=True)
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with SoftFileLock(str(dest.parent) + ".lock", timeout=6 * 3600):
+    with lease(Path(str(dest.parent) + ".lock"), lease_seconds, 6 * 3600, on_lost=lambda _: lost.set()):
         if not (dest.is_file() and dest.stat().st_size == desc.size):
             seen = [0]
 
             def report(done: int, total: Optional[int]) -> None:
+                if lost.is_set():
+                    raise PullError(f"{ref}: layer {desc.digest}: another process took over its download "
+                                    f"(this one stalled for over {lease_seconds:g} s, config lock_lease)")
                 if cancel.is_set():
                     raise Cancelled(f"{ref}: pull cancelled")
                 progress.advance(done - seen[0])
@@ -187,7 +194,7 @@ def _pull_builtin(config: Config, client, ref, digest: str, tmp_sif: Path, scrat
     paths = config.paths
     try:
         pool = ThreadPoolExecutor(max_workers=max(1, config["jobs"]))
-        futures = [pool.submit(_fetch_blob, client, ref, d, paths, progress, cancel)
+        futures = [pool.submit(_fetch_blob, client, ref, d, paths, progress, cancel, config["lock_lease"])
                    for d in resolved.layers]
         try:
             done, _ = wait(futures, return_when=FIRST_EXCEPTION)

@@ -3,8 +3,10 @@
 Names: ``sha256-<hex>.sif`` for pulled images (the manifest digest), ``file-sha256-<hex>.sif``
 for SIF files imported with ``--sif`` (the file's own digest). A file appears under its final
 name only complete and verified (temp file + rename); a lock per digest keeps two processes
-from building the same image at once. Locks are filelock's SoftFileLock (O_EXCL create), which
-works on NFS and Lustre where flock may not.
+from building the same image at once. Locks are filelock's SoftFileLease: an O_EXCL marker file,
+which works on NFS and Lustre where flock may not, renewed by its holder's heartbeat thread, so a
+pull on a node that crashed blocks others for ``lock_lease`` seconds, not for hours (a dead
+process on the same host is noticed at once).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import hashlib
 import os
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Optional
 
 from shpc_lite.config import Config, Paths
 from shpc_lite.errors import SifError, StoreError
@@ -45,16 +47,37 @@ def file_digest(path: Path) -> str:
     return "sha256:" + sha.hexdigest()
 
 
-@contextlib.contextmanager
-def digest_lock(paths: Paths, digest: str, timeout: float = 6 * 3600) -> Iterator[None]:
-    """Hold the per-digest lock; a second process waits here and then finds the file made."""
-    from filelock import SoftFileLock, Timeout
+def lease(path: Path, lease_seconds: float, timeout: float, on_lost: Optional[Callable] = None):
+    """The lock every shpc-lite process uses for ``path`` (all of them must agree on the lease)."""
+    from filelock import SoftFileLease
 
-    lock_dir = paths.containers / LOCK_DIR
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    lock = SoftFileLock(str(lock_dir / (digest.replace(":", "-") + ".lock")), timeout=timeout)
+    return SoftFileLease(str(path), lease_duration=float(lease_seconds), timeout=timeout, on_compromise=on_lost)
+
+
+def is_held(path: Path, lease_seconds: float) -> bool:
+    """Whether a live process holds the lock at ``path`` (a stale one is taken over and dropped)."""
+    from filelock import Timeout
+
     try:
-        with lock:
+        with lease(path, lease_seconds, timeout=0):
+            return False
+    except Timeout:
+        return True
+
+
+def digest_lock_path(paths: Paths, digest: str) -> Path:
+    return paths.containers / LOCK_DIR / (digest.replace(":", "-") + ".lock")
+
+
+@contextlib.contextmanager
+def digest_lock(paths: Paths, digest: str, lease_seconds: float, timeout: float = 6 * 3600) -> Iterator[None]:
+    """Hold the per-digest lock; a second process waits here and then finds the file made."""
+    from filelock import Timeout
+
+    path = digest_lock_path(paths, digest)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with lease(path, lease_seconds, timeout):
             yield
     except Timeout:
         raise StoreError(f"timed out waiting for another process to store {digest}") from None
@@ -70,7 +93,7 @@ def import_sif(paths: Paths, source: Path, config: Config) -> tuple[Path, bool]:
     read_sif(source)  # raises SifError naming the file when it is not a SIF
     digest = file_digest(source)
     dest = paths.containers / sif_name(digest, imported=True)
-    with digest_lock(paths, digest):
+    with digest_lock(paths, digest, config["lock_lease"]):
         if dest.exists():
             return dest, False
         atomic_copy(source, dest, mode=config.file_mode)
@@ -103,12 +126,10 @@ def unreferenced(paths: Paths, candidates: Iterable[str], in_use: Callable[[], I
     return [p for p in ours if os.path.realpath(p) not in used]
 
 
-def clean_stale(paths: Paths, older_than: float = STALE_SECONDS) -> list[Path]:
-    """Remove what killed pulls left: a digest's scratch dir whose lock nobody holds, and other
-    temp files older than ``older_than`` seconds. Safe while other pulls run."""
+def clean_stale(paths: Paths, lease_seconds: float, older_than: float = STALE_SECONDS) -> list[Path]:
+    """Remove what killed pulls left: a digest's scratch dirs while nobody holds its lock, and
+    other temp files older than ``older_than`` seconds. Safe while other pulls run."""
     import shutil
-
-    from filelock import SoftFileLock, Timeout
 
     removed: list[Path] = []
     if not paths.containers.is_dir():
@@ -118,12 +139,10 @@ def clean_stale(paths: Paths, older_than: float = STALE_SECONDS) -> list[Path]:
         name = tmp.name[len(TMP_PREFIX):]
         try:
             if tmp.is_dir() and name.startswith("sha256-"):
-                lock = SoftFileLock(str(paths.containers / LOCK_DIR / (name + ".lock")), timeout=0)
-                try:
-                    with lock:
-                        shutil.rmtree(tmp)
-                except Timeout:
+                digest = name.split(".", 1)[0].replace("-", ":", 1)
+                if is_held(digest_lock_path(paths, digest), lease_seconds):
                     continue  # a live pull owns it
+                shutil.rmtree(tmp)
             elif now - tmp.lstat().st_mtime > older_than:
                 shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
             else:

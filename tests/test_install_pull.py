@@ -226,6 +226,46 @@ def test_kill_mid_pull_then_rerun_resumes(site, registry, unique_repo, how):
     assert not list((site.root / "containers" / ".locks").glob("*.lock"))
 
 
+def test_a_frozen_pull_is_taken_over_after_its_lease(site, registry, unique_repo):
+    """A pull whose node hangs mid-layer (SIGSTOP here) holds its locks only for config
+    lock_lease: a second install takes over, resumes the layer and finishes. When the first
+    wakes up it finds it lost its locks and fails; the store stays correct."""
+    big = it.make_layer([it.File("blob.bin", os.urandom(3 << 20))], "gzip")
+    registry.pusher().push_image(unique_repo, it.make_image([big], env=["PATH=/bin"]), tags=["1.0"])
+    _recipe(site, "frozen", f"{registry.host}/{unique_repo}", {"1.0": "1.0"})
+    blob_dir = site.root / "cache" / "blobs" / "sha256" / big.digest.split(":")[1]
+    lease = {"SHPC_LITE_LOCK_LEASE": "2"}
+    with Proxy(registry.url, delay=8, delay_if=lambda path: path.endswith(big.digest)) as proxy:
+        env = {**site.env, **lease, "SHPC_LITE_MIRRORS": f"{registry.host}={proxy.url}"}
+        first = subprocess.Popen([sys.executable, "-m", "shpc_lite", "-q", "install", "frozen:1.0"], env=env,
+                                 start_new_session=True, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not (
+                    (blob_dir / "data.partial").is_file() and (blob_dir / "data.partial").stat().st_size > 0):
+                time.sleep(0.05)
+            os.killpg(first.pid, signal.SIGSTOP)
+            started = time.monotonic()
+            second = site.cli("install", "frozen:1.0", extra_env=lease, timeout=120)
+            assert second.returncode == 0, second.stderr
+            assert time.monotonic() - started < 30
+            os.killpg(first.pid, signal.SIGCONT)
+            assert first.wait(timeout=60) == 1  # it lost its locks: one clear line, e.g. "another
+            lines = first.stderr.read().decode().strip().splitlines()  # process took over its download"
+            assert len(lines) == 1 and lines[0].startswith("shpc-lite: error: "), lines
+        finally:
+            if first.poll() is None:
+                os.killpg(first.pid, signal.SIGKILL)
+                first.wait(10)
+    assert (blob_dir / "data").read_bytes() == big.data  # the waking pull wrote nothing into it
+    sifs = list((site.root / "containers").glob("*.sif"))
+    assert len(sifs) == 1 and str(sifs[0]) in (site.root / "modules" / "frozen" / "1.0.lua").read_text()
+    assert site.cli("inspect", "frozen:1.0", check=True).returncode == 0
+    site.cli("clean", check=True)  # nothing of the frozen pull is left once no pull runs
+    assert not list((site.root / "containers").glob(".shpc-lite-tmp-*"))
+    assert not list((site.root / "containers" / ".locks").glob("*.lock"))
+
+
 def test_check_sees_a_repushed_tag_of_an_installed_module(site, registry, unique_repo):
     registry.pusher().push_image(unique_repo, demo_image(), tags=["1.0"])
     _recipe(site, "moving", f"{registry.host}/{unique_repo}", {"1.0": "1.0"})

@@ -12,7 +12,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, config) -> int:
     from shpc_lite.clean import clean
 
-    result = clean(config.paths, dry_run=args.dry_run)
+    result = clean(config.paths, config["lock_lease"], dry_run=args.dry_run)
     for reason in result.busy:
         print(f"shpc-lite: {reason}")
     if not args.quiet:

@@ -26,6 +26,7 @@ import os
 import platform as _platform
 import random
 import re
+import shutil
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -741,6 +742,12 @@ class RegistryClient:
     def _fetch_partial(self, ref: ImageReference, digest: str, partial: Path, size: Optional[int],
                        progress) -> int:
         ep = self._endpoint(ref)
+        if partial.is_file() and partial.stat().st_size:
+            # Continue in a copy (a new inode): a process that had this download before us and
+            # wakes up again writes to the old one, never into ours or the finished blob.
+            copy = partial.with_name(f"{partial.name}.{os.getpid()}-{threading.get_ident()}")
+            shutil.copyfile(partial, copy)
+            os.replace(copy, partial)
         with open(partial, "ab+", buffering=0) as out:
             state = _Partial.load(out, digest, size)
 
