@@ -124,20 +124,23 @@ def _prepare_striping(path: Path, config: Config) -> None:
 
 
 def _on_lustre(directory: Path) -> bool:
-    """Whether ``directory`` is on a Lustre mount, from /proc/self/mounts (longest prefix wins)."""
     try:
-        mounts = Path("/proc/self/mounts").read_text().splitlines()
+        mounts = Path("/proc/self/mounts").read_text()
     except OSError:
         return False
-    target = os.path.realpath(directory)
+    return mount_type(os.path.realpath(directory), mounts) == "lustre"
+
+
+def mount_type(path: str, mounts: str) -> str:
+    """The file system type of the mount holding ``path`` in a mount table (longest prefix wins)."""
     best, fstype = "", ""
-    for line in mounts:
+    for line in mounts.splitlines():
         fields = line.split()
         if len(fields) >= 3:
             point = fields[1].replace("\\040", " ")
-            if (target == point or target.startswith(point.rstrip("/") + "/")) and len(point) > len(best):
+            if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) > len(best):
                 best, fstype = point, fields[2]
-    return fstype == "lustre"
+    return fstype
 
 
 # ------------------------------------------------------------------------------------------ builtin

@@ -17,6 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from shpc_lite import puller
+from shpc_lite.config import load_config
+from shpc_lite.puller import mount_type
 from shpc_lite.sif import read_sif
 from tests import imagetools as it
 from tests.conftest import read_record
@@ -264,6 +267,35 @@ def test_a_frozen_pull_is_taken_over_after_its_lease(site, registry, unique_repo
     site.cli("clean", check=True)  # nothing of the frozen pull is left once no pull runs
     assert not list((site.root / "containers").glob(".shpc-lite-tmp-*"))
     assert not list((site.root / "containers" / ".locks").glob("*.lock"))
+
+
+def test_mount_type_reads_the_mount_table():
+    table = ("/dev/vda1 / ext4 rw 0 0\n"
+             "10.0.0.1@tcp:/scratch /lustre/scratch lustre rw,flock 0 0\n"
+             "nfs:/home /lustre/scratch/my\\040home nfs rw 0 0\n")
+    assert mount_type("/lustre/scratch/shpc/containers", table) == "lustre"
+    assert mount_type("/lustre/scratchy", table) == "ext4"  # a prefix of the name is not the mount
+    assert mount_type("/lustre/scratch/my home/x", table) == "nfs"
+
+
+def test_lustre_stripes_the_sif_before_it_is_written(site, registry, unique_repo, tmp_path, monkeypatch):
+    """No Lustre here: the mount check is forced and `lfs` is a recording stand-in that creates the
+    file, as `lfs setstripe` does. The SIF must be written into that file (keeping its layout)."""
+    registry.pusher().push_image(unique_repo, demo_image(), tags=["1.0"])
+    bindir = tmp_path / "lfsbin"
+    bindir.mkdir()
+    (bindir / "lfs").write_text('#!/bin/sh\nprintf \'%s\\n\' "$@" > "$LFS_RECORD"\n'
+                                'for last; do :; done\n: > "$last"\nls -i "$last" >> "$LFS_RECORD"\n')
+    (bindir / "lfs").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    monkeypatch.setenv("LFS_RECORD", str(tmp_path / "lfs.record"))
+    monkeypatch.setattr(puller, "_on_lustre", lambda directory: True)
+    config = load_config({"root": str(site.root), "lustre_stripe_count": 4, "puller": "builtin"}, environ={})
+    stored = puller.pull(config, f"{registry.host}/{unique_repo}", "1.0", quiet=True)
+    *argv, inode_line = (tmp_path / "lfs.record").read_text().splitlines()
+    assert argv[:3] == ["setstripe", "-c", "4"] and argv[3].endswith("/image.sif")
+    assert int(inode_line.split()[0]) == stored.path.stat().st_ino  # the striped file became the SIF
+    assert subprocess.run(["siftool", "info", "1", str(stored.path)], capture_output=True).returncode == 0
 
 
 def test_check_sees_a_repushed_tag_of_an_installed_module(site, registry, unique_repo):
