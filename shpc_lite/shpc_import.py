@@ -39,8 +39,6 @@ NOT_CONVERTED = {
     "singularity_scripts": "custom wrapper scripts were not converted",
     "docker_scripts": "custom wrapper scripts were not converted",
 }
-
-
 SHELL_SYNTAX = re.compile(r"[$`|;&<>*?~()]")
 
 
@@ -103,7 +101,7 @@ def convert(doc: Any, source: str, gpu: str = "nvidia") -> Converted:
     return Converted(source, image.name, data, notes)
 
 
-def _aliases(value: Any) -> tuple[dict[str, str], list[str]]:
+def _aliases(value: Any) -> tuple[dict[str, Any], list[str]]:
     """shpc aliases come as a mapping or as a list of {name, command}."""
     if isinstance(value, list):
         pairs: Iterable = ((a.get("name"), a.get("command")) for a in value if isinstance(a, dict))
@@ -166,4 +164,3 @@ def header(recipe: Converted) -> str:
     lines = [f"# Imported from shpc recipe {recipe.source} by `shpc-lite import-shpc`."]
     lines += [f"# Note: {note}" for note in recipe.notes]
     return "\n".join(lines) + "\n"
-
