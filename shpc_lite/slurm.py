@@ -104,7 +104,8 @@ def results(directory: Path, count: int) -> list[Optional[dict]]:
 
 
 def job_states(job_ids: list[str]) -> dict[str, str]:
-    """State of each job (array tasks expanded) from squeue, then scontrol for finished ones."""
+    """State of each job (array tasks expanded) from squeue, then scontrol for finished ones,
+    then sacct for those Slurm no longer holds in memory."""
     states: dict[str, str] = {}
     if shutil.which("squeue"):
         proc = subprocess.run(["squeue", "-h", "-r", "-o", "%i %T", "-j", ",".join(job_ids)],
@@ -121,6 +122,16 @@ def job_states(job_ids: list[str]) -> dict[str, str]:
                 if fields.get("ArrayTaskId") and fields.get("ArrayJobId"):
                     jid = f"{fields['ArrayJobId']}_{fields['ArrayTaskId']}"
                 states.setdefault(jid, fields.get("JobState", "UNKNOWN"))
+    missing = [job for job in job_ids if not any(k == job or k.startswith(job + "_") for k in states)]
+    if missing and shutil.which("sacct"):
+        # scontrol forgets finished jobs after MinJobAge (300 s by default); sites with
+        # accounting still know them. Without slurmdbd sacct fails: nothing is added.
+        proc = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(missing)],
+                              capture_output=True, text=True, timeout=60)
+        for line in proc.stdout.splitlines() if proc.returncode == 0 else ():
+            job, _, state = line.partition("|")
+            if job and state:
+                states.setdefault(job, state.split()[0])
     return states
 
 

@@ -7,6 +7,7 @@ the modules load in real Lmod. The runtime would be the recording stand-in; noth
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -65,3 +66,23 @@ def test_wrappers_under_srun_and_sbatch_wrap(site, small_sif, slurm):
                    env=env, capture_output=True, timeout=120, check=True)
     argv, _ = read_record(site)
     assert argv == [b"exec", str(stored).encode(), b"python", b"-V", b"x y"]
+
+
+def test_status_asks_sacct_for_jobs_slurm_has_forgotten(tmp_path, monkeypatch):
+    """scontrol drops finished jobs after MinJobAge; accounting (sacct) still knows them. Slurm
+    commands are stand-ins here: the single-node Slurm of the tests has no slurmdbd."""
+    from shpc_lite.slurm import job_states
+
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for name, script in {
+        "squeue": "exit 0",
+        "scontrol": "echo 'slurm_load_jobs error: Invalid job id specified' >&2; exit 1",
+        "sacct": "printf '42_0|COMPLETED\\n42_1|FAILED\\n43|CANCELLED by 0\\n'",
+    }.items():
+        (bindir / name).write_text(f"#!/bin/sh\n{script}\n")
+        (bindir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    assert job_states(["42", "43"]) == {"42_0": "COMPLETED", "42_1": "FAILED", "43": "CANCELLED"}
+    (bindir / "sacct").write_text("#!/bin/sh\necho 'Slurm accounting storage is disabled' >&2; exit 1\n")
+    assert job_states(["42", "43"]) == {}
