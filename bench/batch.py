@@ -35,7 +35,6 @@ sys.path.insert(0, str(REPO))
 from shpc_lite.config import load_config  # noqa: E402
 from shpc_lite.index import refresh  # noqa: E402
 from shpc_lite.install import install_sif  # noqa: E402
-from shpc_lite.recipe import RecipeIndex  # noqa: E402
 from shpc_lite.resources import builtin_registry  # noqa: E402
 from shpc_lite.sif import write_sif  # noqa: E402
 from tests.modsys import have, run_bash  # noqa: E402

@@ -18,7 +18,8 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 from shpc_lite.errors import ResolveError, ShpcLiteError
 from shpc_lite.lock import Lock, LockedRecipe, LockedVersion, now
 from shpc_lite.recipe import Recipe
-from shpc_lite.tags import CompiledRule, Decision, explain, version_key
+from shpc_lite.tags import CompiledRule, Decision, explain
+from shpc_lite.versions import version_key
 
 
 def client_from_config(config: Any, **overrides: Any):

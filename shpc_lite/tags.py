@@ -18,7 +18,6 @@ from packaging.version import InvalidVersion, Version
 
 from shpc_lite.errors import ResolveError
 from shpc_lite.recipe import SAFE_VERSION, SelectRule
-from shpc_lite.versions import version_key
 
 # cosign signatures, attestations and SBOMs are stored as tags named after the image digest.
 SIGNATURE_TAG = re.compile(r"^sha(?:256|384|512)-[0-9a-fA-F]+\.(?:sig|att|sbom)$")

@@ -9,7 +9,8 @@ import pytest
 
 from shpc_lite.errors import ResolveError
 from shpc_lite.recipe import SelectRule, load_recipe
-from shpc_lite.tags import Choice, explain, is_signature_tag, select, version_key
+from shpc_lite.tags import Choice, explain, is_signature_tag, select
+from shpc_lite.versions import version_key
 
 ROOT = Path(__file__).resolve().parent.parent
 TAGS = Path(__file__).resolve().parent / "data" / "tags"
