@@ -10,12 +10,14 @@ import pytest
 from shpc_lite.config import Paths
 from shpc_lite.store import digest_lock
 from tests import imagetools as it
+from tests.modsys import have
 from tests.proxy import Proxy
 from tests.test_install_pull import _recipe
 
 pytestmark = pytest.mark.skipif(not shutil.which("mksquashfs"), reason="squashfs-tools not installed")
 
 
+@pytest.mark.skipif(not have("lmod"), reason="Debian lmod not installed (its spider cache must survive clean)")
 def test_clean_frees_the_blob_cache_and_modules_keep_working(site, registry, unique_repo):
     layer = it.make_layer([it.File("usr/bin/tool", "#!/bin/sh\necho tool\n", 0o755)])
     registry.pusher().push_image(unique_repo, it.make_image([layer]), tags=["1.0"])
