@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shpc_lite.config import Paths
-from shpc_lite.store import LOCK_DIR, clean_stale, is_held, lease
+from shpc_lite.store import LOCK_DIR, blob_lock_path, clean_stale, is_held, lease
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ def clean(paths: Paths, lease_seconds: float, dry_run: bool = False) -> Cleanup:
             freed += size
             continue
         try:
-            with lease(Path(str(entry) + ".lock"), lease_seconds, timeout=0):  # the layer's download lock
+            with lease(blob_lock_path(entry), lease_seconds, timeout=0):
                 shutil.rmtree(entry)
         except Timeout:
             busy.append(f"{entry}: being downloaded")

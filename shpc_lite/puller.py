@@ -28,7 +28,7 @@ from shpc_lite.config import Config, Paths
 from shpc_lite.errors import PullError, SifError
 from shpc_lite.fsutil import TMP_PREFIX
 from shpc_lite.progress import Progress, elapsed
-from shpc_lite.store import apply_group, clean_stale, digest_lock, lease, sif_name
+from shpc_lite.store import apply_group, blob_lock_path, clean_stale, digest_lock, lease, sif_name
 
 
 @dataclass(frozen=True)
@@ -164,7 +164,7 @@ def _fetch_blob(client, ref, desc, paths: Paths, progress: Progress, cancel: thr
         progress.layer_done(desc.digest, cached=True)
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with lease(Path(str(dest.parent) + ".lock"), lease_seconds, 6 * 3600, on_lost=lambda _: lost.set()):
+    with lease(blob_lock_path(dest.parent), lease_seconds, 6 * 3600, on_lost=lambda _: lost.set()):
         if not (dest.is_file() and dest.stat().st_size == desc.size):
             seen = [0]
 

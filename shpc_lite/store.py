@@ -65,6 +65,11 @@ def is_held(path: Path, lease_seconds: float) -> bool:
         return True
 
 
+def blob_lock_path(blob_dir: Path) -> Path:
+    """The lock a cached layer is downloaded (and removed by ``clean``) under."""
+    return Path(str(blob_dir) + ".lock")
+
+
 def digest_lock_path(paths: Paths, digest: str) -> Path:
     return paths.containers / LOCK_DIR / (digest.replace(":", "-") + ".lock")
 
