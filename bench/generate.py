@@ -49,8 +49,8 @@ def generate(root: Path, system: str, count: int) -> tuple[float, int]:
     n = 0
     for recipe in recipes(count):
         pin = recipe.versions[0]
-        spec = make_spec(recipe, pin.version, pin.tag, "", sif, config.paths, config)
-        write_module(spec, config.paths, config)
+        spec = make_spec(recipe, pin.version, pin.tag, "", sif, config.layout, config)
+        write_module(spec, config.layout, config)
         n += 1
     return time.perf_counter() - start, n
 

@@ -9,9 +9,13 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 from shpc_lite.errors import ConfigError
+from shpc_lite.module_systems import DEFAULT as DEFAULT_MODULE_SYSTEM, MODULE_SYSTEMS
+
+if TYPE_CHECKING:
+    from shpc_lite.layout import Layout
 
 SYSTEM_CONFIG = "/etc/shpc-lite/config.yaml"
 ENV_PREFIX = "SHPC_LITE_"
@@ -28,7 +32,7 @@ def _default_root() -> str:
 KEYS: dict[str, tuple[Any, str, tuple[str, ...]]] = {
     "root": (None, "str", ()),
     "central_root": ("", "str", ()),
-    "module_system": ("lmod", "str", ("lmod", "tcl")),
+    "module_system": (DEFAULT_MODULE_SYSTEM.name, "str", tuple(MODULE_SYSTEMS)),
     "runtime": ("singularity", "str", ()),
     "runtime_module": ("", "str", ()),
     "bind_paths": ([], "list", ()),
@@ -142,33 +146,6 @@ def system_config_path(environ: Mapping[str, str] = os.environ) -> Path:
 
 
 @dataclass(frozen=True)
-class Paths:
-    """The layout of one module root (central or a user's private tree)."""
-
-    root: Path
-
-    @property
-    def modules(self) -> Path:
-        return self.root / "modules"
-
-    @property
-    def containers(self) -> Path:
-        return self.root / "containers"
-
-    @property
-    def wrappers(self) -> Path:
-        return self.root / "wrappers"
-
-    @property
-    def cache(self) -> Path:
-        return self.root / "cache"
-
-    @property
-    def lock_file(self) -> Path:
-        return self.root / "shpc-lite.lock"
-
-
-@dataclass(frozen=True)
 class Config:
     values: dict[str, Any]
     sources: dict[str, str] = field(default_factory=dict)
@@ -177,8 +154,17 @@ class Config:
         return self.values[key]
 
     @property
-    def paths(self) -> Paths:
-        return Paths(Path(self.values["root"]).expanduser())
+    def layout(self) -> "Layout":
+        """Every on-disk name under this config's root, for its module system."""
+        from shpc_lite.layout import Layout
+
+        return Layout(Path(self.values["root"]).expanduser(), MODULE_SYSTEMS[self.values["module_system"]])
+
+    @property
+    def central_layout(self) -> Optional["Layout"]:
+        """The site's central tree a user's private tree reuses images from, if any."""
+        central = self.values["central_root"]
+        return self.layout.with_root(Path(central).expanduser()) if central else None
 
     @property
     def file_mode(self) -> int:

@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 from dataclasses import dataclass
-from pathlib import Path
 
 from shpc_lite.config import Config
 
@@ -48,20 +47,15 @@ def check_mksquashfs(config: Config) -> Finding:
 
 
 def check_module_system(config: Config) -> Finding:
-    system = config["module_system"]
-    if system == "lmod":
-        if os.environ.get("LMOD_CMD") or Path("/usr/share/lmod/lmod/init/bash").exists():
-            return Finding("ok", "module system", f"Lmod {os.environ.get('LMOD_VERSION', '')}".strip())
-        return Finding("error", "module system", "Lmod not found (no LMOD_CMD, no /usr/share/lmod)",
-                       "install Lmod, or set module_system: tcl for Environment Modules")
-    if os.environ.get("MODULESHOME") or shutil.which("modulecmd.tcl"):
-        return Finding("ok", "module system", f"Environment Modules at {os.environ.get('MODULESHOME', '?')}")
-    return Finding("error", "module system", "Environment Modules not found (no MODULESHOME)",
-                   "install environment-modules, or set module_system: lmod")
+    system = config.layout.system
+    found = system.installation()
+    if found:
+        return Finding("ok", "module system", found)
+    return Finding("error", "module system", f"{system.label} not found", system.missing_hint)
 
 
 def check_modulepath(config: Config) -> Finding:
-    modules = str(config.paths.modules)
+    modules = str(config.layout.modules)
     entries = [os.path.realpath(p) for p in os.environ.get("MODULEPATH", "").split(":") if p]
     if os.path.realpath(modules) in entries:
         return Finding("ok", "MODULEPATH", f"{modules} is in MODULEPATH")
@@ -70,20 +64,20 @@ def check_modulepath(config: Config) -> Finding:
 
 
 def check_store(config: Config) -> list[Finding]:
-    paths = config.paths
+    layout = config.layout
     out = []
-    probe = paths.root
+    probe = layout.root
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if os.access(probe, os.W_OK):
-        out.append(Finding("ok", "store", f"{paths.root} is writable"))
+        out.append(Finding("ok", "store", f"{layout.root} is writable"))
     else:
-        out.append(Finding("error", "store", f"{paths.root} is not writable by you",
+        out.append(Finding("error", "store", f"{layout.root} is not writable by you",
                            "use --user for a private tree, or ask the admins for group write access"))
-    unreadable = [p for p in paths.containers.glob("*.sif") if not (p.stat().st_mode & 0o044)]
+    unreadable = [p for p in layout.containers.glob("*.sif") if not (p.stat().st_mode & 0o044)]
     if unreadable:
         out.append(Finding("warn", "store", f"{len(unreadable)} SIF file(s) readable only by their owner",
-                           f"chmod go+r {paths.containers}/*.sif, or set config file_mode: '0644'"))
+                           f"chmod go+r {layout.containers}/*.sif, or set config file_mode: '0644'"))
     free = shutil.disk_usage(probe).free
     level = "ok" if free >= MIN_FREE_BYTES else "warn"
     out.append(Finding(level, "free space", f"{free / 1024**3:.1f} GiB free at {probe}",
@@ -96,7 +90,7 @@ def check_images(config: Config) -> Finding:
     user's module uses a central image by reference, and the central admins may remove it."""
     from shpc_lite.modules import installed
 
-    broken = [r for r in installed(config.paths) if not os.access(r.sif, os.R_OK)]
+    broken = [r for r in installed(config.layout) if not os.access(r.sif, os.R_OK)]
     if not broken:
         return Finding("ok", "images", "every installed module's SIF is readable")
     names = ", ".join(f"{r.name}:{r.version}" for r in broken[:5]) + (" ..." if len(broken) > 5 else "")

@@ -11,14 +11,16 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Iterator, Optional
 
 TMP_PREFIX = ".shpc-lite-tmp-"
 
 
 @contextlib.contextmanager
-def atomic_open(path: Path, mode: int = 0o644, binary: bool = False) -> Iterator[IO]:
-    """Yield a file in the target's directory; rename it over ``path`` only if the block succeeds."""
+def atomic_open(path: Path, mode: int = 0o644, binary: bool = False, gid: Optional[int] = None) -> Iterator[IO]:
+    """Yield a file in the target's directory; rename it over ``path`` only if the block succeeds.
+
+    Mode and group (``gid``) are set on the temp file, so the file never appears with others."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent)
@@ -28,6 +30,8 @@ def atomic_open(path: Path, mode: int = 0o644, binary: bool = False) -> Iterator
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, mode)
+        if gid is not None:
+            os.chown(tmp, -1, gid)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -40,18 +44,7 @@ def atomic_write(path: Path, text: str, mode: int = 0o644) -> None:
         fh.write(text)
 
 
-def atomic_copy(src: Path, dest: Path, mode: int = 0o644) -> None:
+def atomic_copy(src: Path, dest: Path, mode: int = 0o644, gid: Optional[int] = None) -> None:
     """Copy ``src`` to ``dest`` via a temp file beside ``dest``."""
-    with open(src, "rb") as fin, atomic_open(dest, mode, binary=True) as fout:
+    with open(src, "rb") as fin, atomic_open(dest, mode, binary=True, gid=gid) as fout:
         shutil.copyfileobj(fin, fout, 1 << 20)
-
-
-def remove_empty_parents(path: Path, stop: Path) -> None:
-    """Remove now-empty directories from ``path`` up to (not including) ``stop``."""
-    path, stop = Path(path), Path(stop)
-    while path != stop and stop in path.parents:
-        try:
-            path.rmdir()
-        except OSError:
-            return
-        path = path.parent

@@ -27,36 +27,31 @@ def _update_tool() -> Optional[Path]:
     return None
 
 
-def lmodrc_path(config: Config) -> Path:
-    return config.paths.root / "lmodrc.lua"
-
-
 def refresh(config: Config) -> Optional[str]:
     """Rebuild the spider cache if config ``spider_cache`` is on (Lmod only).
 
     Returns the line an admin puts into the site's shell start-up, or None when no cache is kept.
     """
-    if config["module_system"] != "lmod" or not config["spider_cache"]:
+    layout = config.layout
+    if not layout.system.spider_cache or not config["spider_cache"]:
         return None
     from shpc_lite.modules import render
 
     tool = _update_tool()
     if tool is None:
         raise SiteError("spider_cache is on but Lmod's update_lmod_system_cache_files was not found (set LMOD_DIR)")
-    paths = config.paths
-    cache = paths.cache / "lmod"
-    cache.mkdir(parents=True, exist_ok=True)
+    cache = layout.make_dir(layout.spider_cache)
     timestamp = cache / "timestamp"
-    paths.modules.mkdir(parents=True, exist_ok=True)
+    layout.make_dir(layout.modules)
     proc = subprocess.run(
-        ["bash", str(tool), "-d", str(cache), "-t", str(timestamp), str(paths.modules)],
+        ["bash", str(tool), "-d", str(cache), "-t", str(timestamp), str(layout.modules)],
         capture_output=True, text=True, timeout=600,
         env={**os.environ, "LMOD_DIR": str(tool.parent)},
     )
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise SiteError(f"updating the Lmod spider cache in {cache} failed: {last}")
-    rc = lmodrc_path(config)
-    atomic_write(rc, render("lmodrc.lua.j2", modules=str(paths.modules), cache_dir=str(cache),
+    rc = layout.lmodrc
+    atomic_write(rc, render("lmodrc.lua.j2", modules=str(layout.modules), cache_dir=str(cache),
                             timestamp=str(timestamp), rc=str(rc)))
     return f"export LMOD_RC={rc}"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Optional
 
@@ -10,19 +9,19 @@ from shpc_lite.config import Config
 from shpc_lite.errors import NotFoundError
 from shpc_lite.modules import Installed, find_installed, installed, make_spec, remove_module, write_module
 from shpc_lite.recipe import Recipe, recipe_index
-from shpc_lite.store import digest_lock, digest_of, import_sif, unreferenced
+from shpc_lite.store import digest_lock, import_sif, unreferenced
 
 
 def install_sif(config: Config, name: str, version: str, sif: Path) -> Installed:
     """``install NAME:VERSION --sif PATH``: the recipe must know the version (its tag is recorded)."""
     recipe = recipe_index(config).get(name)
     pin = recipe.version(version)
-    paths = config.paths
-    previous = [r.sif for r in installed(paths, name) if r.version == version]
-    stored, created = import_sif(paths, sif, config)
+    layout = config.layout
+    previous = [r.sif for r in installed(layout, name) if r.version == version]
+    stored, created = import_sif(config, sif)
     try:
-        spec = make_spec(recipe, version, pin.tag, pin.digest or "", stored, paths, config)
-        record = write_module(spec, paths, config)
+        spec = make_spec(recipe, version, pin.tag, pin.digest or "", stored, layout, config)
+        record = write_module(spec, layout, config)
     except BaseException:
         if created:
             _drop_unused(config, [str(stored)])
@@ -39,7 +38,7 @@ def choose_version(config: Config, recipe, version: Optional[str]) -> tuple[str,
     from shpc_lite.lock import load_lock, locked_version
     from shpc_lite.versions import newest
 
-    lock = load_lock(config.paths.lock_file)
+    lock = load_lock(config.layout.lock_file)
     locked = lock.versions(recipe.name) if lock is not None else {}
     if version is None:
         version = newest([*locked, *(p.version for p in recipe.versions)])
@@ -66,12 +65,12 @@ def install_version(config: Config, recipe: Recipe, version: str, tag: str, dige
     install of this version used is dropped once no module uses it."""
     from shpc_lite.puller import pull
 
-    paths = config.paths
-    previous = [r.sif for r in installed(paths, recipe.name) if r.version == version]
+    layout = config.layout
+    previous = [r.sif for r in installed(layout, recipe.name) if r.version == version]
     stored = pull(config, recipe.image, tag, digest, quiet=quiet, client=client)
     try:
-        spec = make_spec(recipe, version, tag, stored.digest, stored.path, paths, config)
-        record = write_module(spec, paths, config, default=default)
+        spec = make_spec(recipe, version, tag, stored.digest, stored.path, layout, config)
+        record = write_module(spec, layout, config, default=default)
     except BaseException:
         if stored.pulled:
             _drop_unused(config, [str(stored.path)])
@@ -85,12 +84,12 @@ def install_version(config: Config, recipe: Recipe, version: str, tag: str, dige
 def uninstall(config: Config, name: str, version: Optional[str] = None) -> list[Installed]:
     from shpc_lite import views
 
-    paths = config.paths
-    records = find_installed(paths, name, version)
+    layout = config.layout
+    records = find_installed(layout, name, version)
     for record in records:
-        remove_module(paths, record, config)
+        remove_module(layout, record, config)
     _drop_unused(config, [r.sif for r in records])
-    views.prune(paths, config)
+    views.prune(layout, config)
     return records
 
 
@@ -104,15 +103,15 @@ def after_change(config: Config) -> Optional[str]:
 
 def _drop_unused(config: Config, sifs: list[str]) -> None:
     """Delete stored images no module uses, each under its digest lock (no pull is finishing)."""
-    paths = config.paths
+    layout = config.layout
 
     def in_use() -> list[str]:
-        return [r.sif for r in installed(paths)]
+        return [r.sif for r in installed(layout)]
 
-    for path in unreferenced(paths, sifs, in_use):
-        with digest_lock(paths, digest_of(path), config["lock_lease"]):
-            if unreferenced(paths, [str(path)], in_use):
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
+    for path in unreferenced(layout, sifs, in_use):
+        digest = layout.image_digest(path)
+        with digest_lock(layout, digest, config["lock_lease"]):
+            if unreferenced(layout, [str(path)], in_use):
+                layout.remove(path)
 
 

@@ -18,14 +18,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from shpc_lite.config import Config, Paths
+from shpc_lite.config import Config
 from shpc_lite.errors import NotFoundError
-from shpc_lite.fsutil import TMP_PREFIX, atomic_write, remove_empty_parents
+from shpc_lite.fsutil import TMP_PREFIX, atomic_write
+from shpc_lite.layout import Layout
+from shpc_lite.module_systems import MODULE_SYSTEMS, ModuleSystem
 from shpc_lite.quoting import lua_quote, sh_quote, tcl_quote
 from shpc_lite.recipe import Alias, Recipe
 from shpc_lite.versions import newest, version_key
 
-METADATA = "install.json"
 GPU_FLAGS = {"nvidia": "--nv", "amd": "--rocm"}
 # Device files whose presence means "this node has such a GPU" (checked by wrappers at run time).
 GPU_DEVICES = {"nvidia": "/dev/nvidiactl", "amd": "/dev/kfd"}
@@ -111,7 +112,7 @@ class ModuleSpec:
 
 
 def make_spec(
-    recipe: Recipe, version: str, tag: str, digest: str, sif: Path, paths: Paths, config: Config
+    recipe: Recipe, version: str, tag: str, digest: str, sif: Path, layout: Layout, config: Config
 ) -> ModuleSpec:
     return ModuleSpec(
         name=recipe.name,
@@ -123,7 +124,7 @@ def make_spec(
         tag=tag,
         digest=digest,
         sif=str(sif),
-        wrapper_dir=str(paths.wrappers / recipe.name / version / "bin"),
+        wrapper_dir=str(layout.wrapper_bin(recipe.name, version)),
         runtime=config["runtime"],
         runtime_module=config["runtime_module"],
         gpu=recipe.features.gpu,
@@ -161,16 +162,12 @@ def render(template: str, **context: Any) -> str:
     return _environment().get_template(template).render(shpc_lite_version=__version__, **context)
 
 
-def render_modulefile(spec: ModuleSpec, module_system: str) -> str:
-    return render(f"module.{'lua' if module_system == 'lmod' else 'tcl'}.j2", spec=spec)
+def render_modulefile(spec: ModuleSpec, system: ModuleSystem) -> str:
+    return render(system.module_template, spec=spec)
 
 
 def render_wrapper(spec: ModuleSpec, wrapper: Wrapper) -> str:
     return render("wrapper.sh.j2", spec=spec, wrapper=wrapper)
-
-
-def modulefile_path(paths: Paths, name: str, version: str, module_system: str) -> Path:
-    return paths.modules / name / (f"{version}.lua" if module_system == "lmod" else version)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,29 +199,34 @@ class Installed:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-def installed(paths: Paths, name: Optional[str] = None) -> list[Installed]:
-    """Installed versions (of one module or all), sorted by name then version."""
+def installed(layout: Layout, name: Optional[str] = None) -> list[Installed]:
+    """Installed versions (of one module or all), sorted by name then version.
+
+    A record counts only where it says what its place in the tree says (name and version), so
+    an edited or planted ``install.json`` cannot make another module's files look like its own.
+    """
     found = []
-    pattern = f"{name}/*/{METADATA}" if name else f"*/*/{METADATA}"
-    for meta in paths.wrappers.glob(pattern):
+    for module, version, path in layout.records(name):
         try:
-            found.append(Installed.from_json(meta.read_text(encoding="utf-8")))
+            record = Installed.from_json(path.read_text(encoding="utf-8"))
         except (OSError, ValueError, TypeError):
             continue  # a half-removed or foreign directory: not ours to list
+        if (record.name, record.version) == (module, version):
+            found.append(record)
     return sorted(found, key=lambda i: (i.name, version_key(i.version)))
 
 
-def write_module(spec: ModuleSpec, paths: Paths, config: Config, default: bool = False) -> Installed:
+def write_module(spec: ModuleSpec, layout: Layout, config: Config, default: bool = False) -> Installed:
     """Write wrappers (staged dir, then swapped in) and then the modulefile, atomically.
 
     The modulefile goes last because it is what users see: a failure before it leaves the
     previous state untouched.
     """
-    module_system = config["module_system"]
-    final = Path(spec.wrapper_dir).parent
-    final.parent.mkdir(parents=True, exist_ok=True)
+    final = layout.version_dir(spec.name, spec.version)
+    modulefile = layout.modulefile(spec.name, spec.version)
+    layout.make_dir(final.parent)
+    layout.make_dir(modulefile.parent)
     stage = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=final.parent))
-    modulefile = modulefile_path(paths, spec.name, spec.version, module_system)
     record = Installed(
         name=spec.name,
         version=spec.version,
@@ -232,7 +234,7 @@ def write_module(spec: ModuleSpec, paths: Paths, config: Config, default: bool =
         tag=spec.tag,
         digest=spec.digest,
         sif=spec.sif,
-        module_system=module_system,
+        module_system=layout.system.name,
         modulefile=str(modulefile),
         commands=tuple(spec.commands),
         gpu=spec.gpu,
@@ -246,28 +248,28 @@ def write_module(spec: ModuleSpec, paths: Paths, config: Config, default: bool =
         for wrapper in spec.wrappers:
             (bindir / wrapper.name).write_text(render_wrapper(spec, wrapper), encoding="utf-8")
             os.chmod(bindir / wrapper.name, 0o755)
-        (stage / METADATA).write_text(_record_json(record))
+        (stage / layout.record(spec.name, spec.version).name).write_text(_record_json(record))
         os.chmod(stage, 0o755)
-        if final.exists():
+        if os.path.lexists(final):
             old = final.parent / f"{TMP_PREFIX}old-{spec.version}-{os.getpid()}"
             os.rename(final, old)
         os.rename(stage, final)
-        atomic_write(modulefile, render_modulefile(spec, module_system))
+        atomic_write(modulefile, render_modulefile(spec, layout.system))
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         if old is not None:
-            shutil.rmtree(final, ignore_errors=True)
+            layout.remove(final)
             os.rename(old, final)
             old = None
         raise
     finally:
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            layout.remove(old)
     if default:
-        for other in installed(paths, spec.name):
+        for other in installed(layout, spec.name):
             if other.default and other.version != spec.version:
-                _write_record(paths, dataclasses.replace(other, default=False))
-    write_defaults(paths, spec.name, config)
+                _write_record(layout, dataclasses.replace(other, default=False))
+    write_defaults(layout, spec.name, config)
     return record
 
 
@@ -275,48 +277,45 @@ def _record_json(record: Installed) -> str:
     return json.dumps(asdict(record), indent=2, sort_keys=True) + "\n"
 
 
-def _write_record(paths: Paths, record: Installed) -> None:
-    atomic_write(paths.wrappers / record.name / record.version / METADATA, _record_json(record))
+def _write_record(layout: Layout, record: Installed) -> None:
+    atomic_write(layout.inside(layout.record(record.name, record.version)), _record_json(record))
 
 
-def remove_module(paths: Paths, record: Installed, config: Config) -> None:
-    """Remove the modulefile first (users stop seeing it), then the wrappers."""
-    for path in (Path(record.modulefile), modulefile_path(paths, record.name, record.version, config["module_system"])):
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            pass
-    shutil.rmtree(paths.wrappers / record.name / record.version, ignore_errors=True)
-    write_defaults(paths, record.name, config)
-    remove_empty_parents(paths.wrappers / record.name, paths.wrappers)
+def remove_module(layout: Layout, record: Installed, config: Config) -> None:
+    """Remove the modulefile first (users stop seeing it), then the wrappers.
+
+    What is removed is derived from (name, version) through the layout, never from paths stored
+    in the record, and nothing is followed through a symlink out of the root."""
+    systems = {layout.system, MODULE_SYSTEMS.get(record.module_system, layout.system)}
+    for system in systems:
+        layout.remove(layout.modulefile(record.name, record.version, system))
+    layout.remove(layout.version_dir(record.name, record.version))
+    write_defaults(layout, record.name, config)
+    layout.remove_empty_parents(layout.wrapper_root(record.name), layout.wrappers)
 
 
-def write_defaults(paths: Paths, name: str, config: Config) -> None:
+def write_defaults(layout: Layout, name: str, config: Config) -> None:
     """Rewrite ``.modulerc.lua`` / ``.modulerc`` for one module: default version and GPU tags."""
-    records = [r for r in installed(paths, name) if r.module_system == config["module_system"]]
-    directory = paths.modules / name
-    rc = directory / (".modulerc.lua" if config["module_system"] == "lmod" else ".modulerc")
+    records = [r for r in installed(layout, name) if r.module_system == layout.system.name]
+    rc = layout.modulerc(name)
     chosen = [r.version for r in records if r.default]
     default = chosen[0] if chosen else newest(r.version for r in records) if config["default_version"] == "newest" else None
     gpu_versions = [r.version for r in records if r.gpu != "none"]
     if not records or (default is None and not gpu_versions):
-        try:
-            rc.unlink()
-        except FileNotFoundError:
-            pass
-        remove_empty_parents(directory, paths.modules)
+        layout.remove(rc)
+        layout.remove_empty_parents(rc.parent, layout.modules)
         return
-    template = "modulerc.lua.j2" if config["module_system"] == "lmod" else "modulerc.tcl.j2"
-    atomic_write(rc, render(template, name=name, default=default, gpu_versions=gpu_versions))
+    layout.make_dir(rc.parent)
+    atomic_write(rc, render(layout.system.rc_template, name=name, default=default, gpu_versions=gpu_versions))
 
 
-def find_installed(paths: Paths, name: str, version: Optional[str] = None) -> list[Installed]:
-    records = installed(paths, name)
+def find_installed(layout: Layout, name: str, version: Optional[str] = None) -> list[Installed]:
+    records = installed(layout, name)
     if version is not None:
         records = [r for r in records if r.version == version]
     if not records:
         what = f"{name}:{version}" if version else name
-        raise NotFoundError(f"{what} is not installed in {paths.root}")
+        raise NotFoundError(f"{what} is not installed in {layout.root}")
     return records
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 import subprocess
 import threading
@@ -24,11 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from shpc_lite.config import Config, Paths
+from shpc_lite.config import Config
 from shpc_lite.errors import PullError, SifError
-from shpc_lite.fsutil import TMP_PREFIX
+from shpc_lite.layout import Layout
 from shpc_lite.progress import Progress, elapsed
-from shpc_lite.store import apply_group, blob_lock_path, clean_stale, digest_lock, lease, sif_name
+from shpc_lite.store import clean_stale, digest_lock, group_id, lease, stored_image_ok
 
 
 @dataclass(frozen=True)
@@ -45,14 +44,14 @@ class Cancelled(PullError):
 
 def find_stored(config: Config, digest: str) -> Optional[StoredImage]:
     """The SIF for ``digest`` in this root, or else in the central root (used by reference)."""
-    own = config.paths.containers / sif_name(digest)
-    if own.is_file():
+    own = config.layout.image(digest)
+    if stored_image_ok(own, digest, imported=False):
         return StoredImage(own, digest, False)
-    central = config["central_root"]
-    if central:
-        shared = Paths(Path(central)).containers / sif_name(digest)
-        if shared.is_file() and os.access(shared, os.R_OK):
-            return StoredImage(shared, digest, False, shared_from=str(central))
+    central = config.central_layout
+    if central is not None:
+        shared = central.image(digest)
+        if os.access(shared, os.R_OK) and stored_image_ok(shared, digest, imported=False):
+            return StoredImage(shared, digest, False, shared_from=str(central.root))
     return None
 
 
@@ -79,17 +78,18 @@ def pull(config: Config, image: str, tag: str, digest: Optional[str] = None, *, 
     found = find_stored(config, digest)
     if found:
         return found
-    paths = config.paths
-    paths.containers.mkdir(parents=True, exist_ok=True)
-    clean_stale(paths, config["lock_lease"])
-    with digest_lock(paths, digest, config["lock_lease"]):
+    layout = config.layout
+    gid = group_id(config)  # a wrong group fails before the download, not after it
+    layout.make_dir(layout.containers)
+    clean_stale(layout, config["lock_lease"])
+    with digest_lock(layout, digest, config["lock_lease"]):
         found = find_stored(config, digest)  # another process may have made it while we waited
         if found:
             return found
         # Unique even per digest: a pull that lost its lease (a frozen node) cannot touch ours.
-        scratch = paths.containers / f"{TMP_PREFIX}{digest.replace(':', '-')}.{os.getpid()}-{secrets.token_hex(4)}"
+        scratch = layout.new_scratch(digest)
         scratch.mkdir()
-        dest = paths.containers / sif_name(digest)
+        dest = layout.inside(layout.image(digest))
         try:
             tmp_sif = scratch / "image.sif"
             _prepare_striping(tmp_sif, config)
@@ -99,7 +99,8 @@ def pull(config: Config, image: str, tag: str, digest: Optional[str] = None, *, 
                 _pull_builtin(config, client, ref, digest, tmp_sif, scratch, quiet)
             _verify_sif(tmp_sif, ref)
             os.chmod(tmp_sif, config.file_mode)
-            apply_group(tmp_sif, config)
+            if gid is not None:
+                os.chown(tmp_sif, -1, gid)
             os.replace(tmp_sif, dest)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -107,10 +108,10 @@ def pull(config: Config, image: str, tag: str, digest: Optional[str] = None, *, 
 
 
 def _verify_sif(path: Path, ref) -> None:
-    from shpc_lite.sif import read_sif
+    from shpc_lite.sif import primary_partition, read_sif
 
     try:
-        read_sif(path)
+        primary_partition(read_sif(path))
     except SifError as err:
         raise PullError(f"{ref}: the SIF built is not valid: {err}") from None
 
@@ -146,25 +147,20 @@ def mount_type(path: str, mounts: str) -> str:
 # ------------------------------------------------------------------------------------------ builtin
 
 
-def blob_path(paths: Paths, digest: str) -> Path:
-    algo, _, hexpart = digest.partition(":")
-    return paths.cache / "blobs" / algo / hexpart / "data"
-
-
-def _fetch_blob(client, ref, desc, paths: Paths, progress: Progress, cancel: threading.Event,
+def _fetch_blob(client, ref, desc, layout: Layout, progress: Progress, cancel: threading.Event,
                 lease_seconds: float) -> Path:
     """One layer into the blob cache, under a per-blob lock so that no blob is fetched twice.
 
     A download whose lock was taken over (this process froze past the lease) stops: the new
     holder resumes the partial file."""
-    dest = blob_path(paths, desc.digest)
+    dest = layout.blob_data(desc.digest)
     lost = threading.Event()
     if dest.is_file() and dest.stat().st_size == desc.size:
         progress.advance(desc.size)
         progress.layer_done(desc.digest, cached=True)
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with lease(blob_lock_path(dest.parent), lease_seconds, 6 * 3600, on_lost=lambda _: lost.set()):
+    layout.make_dir(dest.parent)
+    with lease(layout.blob_lock(desc.digest), lease_seconds, 6 * 3600, on_lost=lambda _: lost.set()):
         if not (dest.is_file() and dest.stat().st_size == desc.size):
             seen = [0]
 
@@ -194,10 +190,10 @@ def _pull_builtin(config: Config, client, ref, digest: str, tmp_sif: Path, scrat
     image_config = client.get_config(resolved)
     progress = Progress(str(ref), resolved.size, len(resolved.layers), quiet=quiet)
     cancel = threading.Event()
-    paths = config.paths
+    layout = config.layout
     try:
         pool = ThreadPoolExecutor(max_workers=max(1, config["jobs"]))
-        futures = [pool.submit(_fetch_blob, client, ref, d, paths, progress, cancel, config["lock_lease"])
+        futures = [pool.submit(_fetch_blob, client, ref, d, layout, progress, cancel, config["lock_lease"])
                    for d in resolved.layers]
         try:
             done, _ = wait(futures, return_when=FIRST_EXCEPTION)
@@ -210,7 +206,7 @@ def _pull_builtin(config: Config, client, ref, digest: str, tmp_sif: Path, scrat
             pool.shutdown(wait=False, cancel_futures=True)
             raise
         pool.shutdown(wait=True)
-        layers = [LayerBlob(blob_path(paths, d.digest), d.media_type, d.digest) for d in resolved.layers]
+        layers = [LayerBlob(layout.blob_data(d.digest), d.media_type, d.digest) for d in resolved.layers]
         progress.stage("building squashfs")
         squashfs = scratch / "rootfs.squashfs"
         build_squashfs(
@@ -245,8 +241,7 @@ def _pull_apptainer(config: Config, ref, digest: str, tmp_sif: Path, scratch: Pa
     mirror = config["mirrors"].get(ref.registry, "")
     host = mirror.split("://", 1)[-1].rstrip("/") if mirror else ref.registry
     uri = f"docker://{host}/{ref.repository}@{digest}"
-    cache = config.paths.cache / "apptainer"
-    cache.mkdir(parents=True, exist_ok=True)
+    cache = config.layout.make_dir(config.layout.apptainer_cache)
     env = dict(os.environ)
     for prefix in ("APPTAINER_", "SINGULARITY_"):
         env[prefix + "CACHEDIR"] = str(cache)

@@ -126,7 +126,7 @@ def plan(config: Config, entries: list[Entry]) -> Plan:
     from shpc_lite.recipe import recipe_index
 
     index = recipe_index(config)
-    lock = load_lock(config.paths.lock_file)
+    lock = load_lock(config.layout.lock_file)
     result = Plan()
     for entry in entries:
         try:
@@ -159,7 +159,7 @@ def current_state(config: Config, task: Task, digest: Optional[str]) -> str:
     """'unchanged' when this version is installed from the same tag (and digest, when known)."""
     from shpc_lite.modules import installed
 
-    for record in installed(config.paths, task.name):
+    for record in installed(config.layout, task.name):
         if record.version == task.version:
             same = record.tag == task.tag and (digest is None or record.digest == digest)
             return "unchanged" if same and Path(record.sif).exists() else "update"
@@ -236,7 +236,7 @@ def unlisted(config: Config, entries: list[Entry], the_plan: Plan) -> list:
 
     wanted = {(t.name, t.version) for t in the_plan.tasks}
     failed_names = {o.label.split(":")[0] for o in the_plan.errors}
-    return [r for r in installed(config.paths)
+    return [r for r in installed(config.layout)
             if (r.name, r.version) not in wanted and r.name not in failed_names]
 
 

@@ -35,7 +35,7 @@ class Submission:
 
 
 def batch_root(config: Config) -> Path:
-    return config.paths.root / "batch"
+    return config.layout.batches
 
 
 def _sbatch(argv: list[str]) -> str:
@@ -62,7 +62,7 @@ def submit(config: Config, tasks: list[Task], sbatch_options: str, throttle: int
     directory = root / time.strftime("%Y%m%d-%H%M%S") / str(os.getpid())
     directory.mkdir(parents=True)
     flags = {k: config[k] for k, source in config.sources.items() if source.startswith("flag ")}
-    flags["root"] = str(config.paths.root)
+    flags["root"] = str(config.layout.root)
     plan_file = directory / "plan.json"
     atomic_write(plan_file, json.dumps({"tasks": [task_to_json(t) for t in tasks], "flags": flags}, indent=2))
     options = shlex.split(sbatch_options or "")
@@ -138,5 +138,5 @@ def job_states(job_ids: list[str]) -> dict[str, str]:
 def latest(config: Config) -> Path:
     marker = batch_root(config) / "latest"
     if not marker.exists():
-        raise SiteError(f"no Slurm batch has been submitted from {config.paths.root}")
+        raise SiteError(f"no Slurm batch has been submitted from {config.layout.root}")
     return Path(marker.read_text().strip())

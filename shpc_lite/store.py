@@ -1,7 +1,7 @@
 """Content-addressed SIF store under ``<root>/containers``, safe on shared filesystems.
 
-Names: ``sha256-<hex>.sif`` for pulled images (the manifest digest), ``file-sha256-<hex>.sif``
-for SIF files imported with ``--sif`` (the file's own digest). A file appears under its final
+Names (made by ``Layout``): ``sha256-<hex>.sif`` for pulled images (the manifest digest),
+``file-sha256-<hex>.sif`` for SIF files imported with ``--sif`` (the file's own digest). A file appears under its final
 name only complete and verified (temp file + rename); a lock per digest keeps two processes
 from building the same image at once. Locks are filelock's SoftFileLease: an O_EXCL marker file,
 which works on NFS and Lustre where flock may not, renewed by its holder's heartbeat thread, so a
@@ -14,29 +14,18 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
+import stat
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
-from shpc_lite.config import Config, Paths
+from shpc_lite.config import Config
 from shpc_lite.errors import SifError, StoreError
 from shpc_lite.fsutil import TMP_PREFIX, atomic_copy
+from shpc_lite.layout import Layout
 
-LOCK_DIR = ".locks"
 STALE_SECONDS = 24 * 3600
-
-
-def sif_name(digest: str, imported: bool = False) -> str:
-    algo, _, hexpart = digest.partition(":")
-    return f"{'file-' if imported else ''}{algo}-{hexpart}.sif"
-
-
-def digest_of(path: Path) -> str:
-    """The digest a stored file is named after (the inverse of ``sif_name``)."""
-    stem = Path(path).name[: -len(".sif")]
-    stem = stem[len("file-"):] if stem.startswith("file-") else stem
-    algo, _, hexpart = stem.partition("-")
-    return f"{algo}:{hexpart}"
 
 
 def file_digest(path: Path) -> str:
@@ -65,22 +54,13 @@ def is_held(path: Path, lease_seconds: float) -> bool:
         return True
 
 
-def blob_lock_path(blob_dir: Path) -> Path:
-    """The lock a cached layer is downloaded (and removed by ``clean``) under."""
-    return Path(str(blob_dir) + ".lock")
-
-
-def digest_lock_path(paths: Paths, digest: str) -> Path:
-    return paths.containers / LOCK_DIR / (digest.replace(":", "-") + ".lock")
-
-
 @contextlib.contextmanager
-def digest_lock(paths: Paths, digest: str, lease_seconds: float, timeout: float = 6 * 3600) -> Iterator[None]:
+def digest_lock(layout: Layout, digest: str, lease_seconds: float, timeout: float = 6 * 3600) -> Iterator[None]:
     """Hold the per-digest lock; a second process waits here and then finds the file made."""
     from filelock import Timeout
 
-    path = digest_lock_path(paths, digest)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = layout.digest_lock(digest)
+    layout.make_dir(path.parent)
     try:
         with lease(path, lease_seconds, timeout):
             yield
@@ -88,71 +68,104 @@ def digest_lock(paths: Paths, digest: str, lease_seconds: float, timeout: float 
         raise StoreError(f"timed out waiting for another process to store {digest}") from None
 
 
-def import_sif(paths: Paths, source: Path, config: Config) -> tuple[Path, bool]:
-    """Copy a SIF file into the store; returns (path, whether this call created it)."""
-    from shpc_lite.sif import read_sif
+def stored_image_ok(path: Path, digest: str, imported: bool) -> bool:
+    """Whether a file found under a digest's name in a store may be used as that image.
 
-    source = Path(source)
-    if not source.is_file():
-        raise SifError(f"{source}: no such file")
-    read_sif(source)  # raises SifError naming the file when it is not a SIF
-    digest = file_digest(source)
-    dest = paths.containers / sif_name(digest, imported=True)
-    with digest_lock(paths, digest, config["lock_lease"]):
-        if dest.exists():
-            return dest, False
-        atomic_copy(source, dest, mode=config.file_mode)
-        apply_group(dest, config)
-        return dest, True
+    The store may have been tampered with: the name must be a regular file (not a symlink to
+    elsewhere) holding a SIF with a root file system; an imported SIF must hash to its name; a
+    pulled one must not name another image in its definition (what the builtin puller and
+    Apptainer record there)."""
+    from shpc_lite.sif import DataType, primary_partition, read_data, read_sif
+
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return False
+        image = read_sif(path)
+        primary_partition(image)
+        if imported:
+            return file_digest(path) == digest
+        for desc in image.descriptors:
+            if desc.data_type == DataType.DEFFILE and desc.size < 1 << 16:
+                text = read_data(path, desc).decode("utf-8", "replace")
+                named = re.findall(r"@(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})", text)
+                if named and digest not in named:
+                    return False
+    except (OSError, SifError):
+        return False
+    return True
 
 
-def apply_group(path: Path, config: Config) -> None:
+def group_id(config: Config) -> Optional[int]:
+    """The gid of config ``group`` (None when unset), checked before anything is written."""
     group = config["group"]
     if not group:
-        return
+        return None
     import grp
 
     try:
-        os.chown(path, -1, grp.getgrnam(group).gr_gid)
+        return grp.getgrnam(group).gr_gid
     except KeyError:
         raise StoreError(f"config group {group!r}: no such group") from None
 
 
-def unreferenced(paths: Paths, candidates: Iterable[str], in_use: Callable[[], Iterable[str]]) -> list[Path]:
-    """Candidates inside this store that no installed module uses any more.
+def import_sif(config: Config, source: Path) -> tuple[Path, bool]:
+    """Copy a SIF file into the store; returns (path, whether this call created it).
 
-    ``in_use`` is only called when a candidate is left: listing every installed module is the
-    expensive part, and most installs have nothing to drop.
+    A user's private tree uses the central store's copy when it has one (by reference)."""
+    from shpc_lite.sif import primary_partition, read_sif
+
+    source = Path(source)
+    if not source.is_file():
+        raise SifError(f"{source}: no such file")
+    primary_partition(read_sif(source))  # raises SifError naming the file: not a SIF, or no rootfs
+    gid = group_id(config)
+    digest = file_digest(source)
+    layout = config.layout
+    central = config.central_layout
+    if central is not None:
+        shared = central.image(digest, imported=True)
+        if os.access(shared, os.R_OK) and stored_image_ok(shared, digest, imported=True):
+            return shared, False
+    dest = layout.image(digest, imported=True)
+    with digest_lock(layout, digest, config["lock_lease"]):
+        if stored_image_ok(dest, digest, imported=True):
+            return dest, False
+        layout.inside(dest)
+        atomic_copy(source, dest, mode=config.file_mode, gid=gid)
+        return dest, True
+
+
+def unreferenced(layout: Layout, candidates: Iterable[str], in_use: Callable[[], Iterable[str]]) -> list[Path]:
+    """Candidates that are images of this store no installed module uses any more.
+
+    Only a path exactly of the store's naming counts (a record's ``sif`` is not trusted to say
+    what to delete). ``in_use`` is only called when a candidate is left: listing every installed
+    module is the expensive part, and most installs have nothing to drop.
     """
-    ours = [p for p in map(Path, candidates) if p.parent == paths.containers and p.exists()]
+    ours = [p for p in map(Path, candidates) if layout.image_digest(p) is not None and os.path.lexists(p)]
     if not ours:
         return []
-    used = {os.path.realpath(p) for p in in_use()}
-    return [p for p in ours if os.path.realpath(p) not in used]
+    used = {os.path.normpath(p) for p in in_use()}
+    return [p for p in ours if os.path.normpath(p) not in used]
 
 
-def clean_stale(paths: Paths, lease_seconds: float, older_than: float = STALE_SECONDS) -> list[Path]:
+def clean_stale(layout: Layout, lease_seconds: float, older_than: float = STALE_SECONDS) -> list[Path]:
     """Remove what killed pulls left: a digest's scratch dirs while nobody holds its lock, and
     other temp files older than ``older_than`` seconds. Safe while other pulls run."""
-    import shutil
-
     removed: list[Path] = []
-    if not paths.containers.is_dir():
+    if not layout.containers.is_dir():
         return removed
     now = time.time()
-    for tmp in paths.containers.glob(TMP_PREFIX + "*"):
-        name = tmp.name[len(TMP_PREFIX):]
+    for tmp in layout.containers.glob(TMP_PREFIX + "*"):
+        digest = layout.scratch_digest(tmp)
         try:
-            if tmp.is_dir() and name.startswith("sha256-"):
-                digest = name.split(".", 1)[0].replace("-", ":", 1)
-                if is_held(digest_lock_path(paths, digest), lease_seconds):
+            if digest is not None and tmp.is_dir() and not tmp.is_symlink():
+                if is_held(layout.digest_lock(digest), lease_seconds):
                     continue  # a live pull owns it
-                shutil.rmtree(tmp)
-            elif now - tmp.lstat().st_mtime > older_than:
-                shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
-            else:
+            elif now - tmp.lstat().st_mtime <= older_than:
                 continue
+            layout.remove(tmp)
             removed.append(tmp)
-        except OSError:
+        except (OSError, StoreError):
             continue
     return removed

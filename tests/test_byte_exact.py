@@ -37,8 +37,8 @@ def _generate(site, system: str, env_value: str, description: str) -> str:
     recipe = recipe_from_dict(yaml.safe_load(yaml.safe_dump(data, allow_unicode=True)), "demo.yaml")
     config = load_config({"root": str(site.root), "module_system": system}, environ={})
     sif = site.root / "containers" / "x.sif"
-    spec = make_spec(recipe, "1.0", "1.0", "", sif, config.paths, config)
-    write_module(spec, config.paths, config)
+    spec = make_spec(recipe, "1.0", "1.0", "", sif, config.layout, config)
+    write_module(spec, config.layout, config)
     return spec.wrapper_dir
 
 

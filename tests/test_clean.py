@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from shpc_lite.config import Paths
+from shpc_lite.layout import Layout
 from shpc_lite.store import digest_lock
 from tests import imagetools as it
 from tests.modsys import have
@@ -54,7 +54,7 @@ def test_clean_leaves_everything_while_a_pull_runs(site, registry, unique_repo):
     _recipe(site, "busy", f"{registry.host}/{unique_repo}", {"1.0": "1.0"})
     site.cli("install", "busy:1.0", check=True)
     before = sorted(p.name for p in (site.root / "cache" / "blobs" / "sha256").iterdir())
-    with digest_lock(Paths(site.root), "sha256:" + "ab" * 32, 120):  # another process's pull, as it looks
+    with digest_lock(Layout(site.root), "sha256:" + "ab" * 32, 120):  # another process's pull, as it looks
         proc = site.cli("clean")
     assert proc.returncode == 1
     assert f"a pull is running (sha256:{'ab' * 32}): nothing removed" in proc.stdout

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from shpc_lite.config import load_config
+from shpc_lite.module_systems import LMOD, TCL
 from shpc_lite.modules import make_spec, render, render_modulefile, render_wrapper
 from shpc_lite.recipe import RecipeIndex
 from shpc_lite.resources import builtin_registry
@@ -26,11 +27,11 @@ def _rendered(name: str) -> dict[str, str]:
     recipe = RecipeIndex([builtin_registry()]).get(name)
     pin = recipe.versions[0]
     digest = "sha256:" + "0123456789abcdef" * 4
-    sif = config.paths.containers / f"sha256-{'0123456789abcdef' * 4}.sif"
-    spec = make_spec(recipe, pin.version, pin.tag, digest, sif, config.paths, config)
+    sif = config.layout.containers / f"sha256-{'0123456789abcdef' * 4}.sif"
+    spec = make_spec(recipe, pin.version, pin.tag, digest, sif, config.layout, config)
     out = {
-        f"{pin.version}.lua": render_modulefile(spec, "lmod"),
-        f"{pin.version}.tcl": render_modulefile(spec, "tcl"),
+        f"{pin.version}.lua": render_modulefile(spec, LMOD),
+        f"{pin.version}.tcl": render_modulefile(spec, TCL),
         ".modulerc.lua": render("modulerc.lua.j2", name=name, default=pin.version, gpu_versions=[]),
         ".modulerc": render("modulerc.tcl.j2", name=name, default=pin.version,
                             gpu_versions=[pin.version] if spec.gpu != "none" else []),

@@ -11,16 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from shpc_lite.config import Paths
+from shpc_lite.layout import Layout
 from shpc_lite.errors import StoreError
 from shpc_lite.fsutil import TMP_PREFIX
-from shpc_lite.store import clean_stale, digest_lock, sif_name
+from shpc_lite.store import clean_stale, digest_lock
 
 LEASE = 120
 
 
 def test_clean_stale_spares_live_pulls(tmp_path):
-    paths = Paths(tmp_path)
+    paths = Layout(tmp_path)
     paths.containers.mkdir(parents=True)
     dead = paths.containers / f"{TMP_PREFIX}sha256-{'a' * 64}.4242-0a1b2c3d"
     live = paths.containers / f"{TMP_PREFIX}sha256-{'b' * 64}.4343-0a1b2c3d"
@@ -39,24 +39,11 @@ def test_clean_stale_spares_live_pulls(tmp_path):
     assert clean_stale(paths, LEASE) == [live]
 
 
-def test_sif_names():
-    assert sif_name("sha256:" + "c" * 64) == f"sha256-{'c' * 64}.sif"
-    assert sif_name("sha256:" + "c" * 64, imported=True) == f"file-sha256-{'c' * 64}.sif"
-
-
-def test_digest_of_inverts_sif_name():
-    from shpc_lite.store import digest_of
-
-    digest = "sha256:" + "d" * 64
-    assert digest_of(sif_name(digest)) == digest
-    assert digest_of(sif_name(digest, imported=True)) == digest
-
-
-def _holder(paths: Paths, digest: str, lease: float) -> subprocess.Popen:
+def _holder(paths: Layout, digest: str, lease: float) -> subprocess.Popen:
     """Another process holding the digest lock (as a pull would), until it is stopped or killed."""
-    code = ("import sys, time\nfrom pathlib import Path\nfrom shpc_lite.config import Paths\n"
+    code = ("import sys, time\nfrom pathlib import Path\nfrom shpc_lite.layout import Layout\n"
             "from shpc_lite.store import digest_lock\n"
-            f"with digest_lock(Paths(Path({str(paths.root)!r})), {digest!r}, {lease}):\n"
+            f"with digest_lock(Layout(Path({str(paths.root)!r})), {digest!r}, {lease}):\n"
             "    print('held', flush=True)\n    time.sleep(600)\n")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
@@ -67,7 +54,7 @@ def _holder(paths: Paths, digest: str, lease: float) -> subprocess.Popen:
 def test_a_live_holder_keeps_its_lock_and_a_frozen_one_loses_it_after_the_lease(tmp_path):
     """A node that hangs or dies mid-pull blocks the others for one lease, not for hours; a
     holder that is alive renews its lease and keeps the lock."""
-    paths, digest, lease = Paths(tmp_path), "sha256:" + "d" * 64, 2
+    paths, digest, lease = Layout(tmp_path), "sha256:" + "d" * 64, 2
     holder = _holder(paths, digest, lease)
     try:
         with pytest.raises(StoreError, match="timed out waiting for another process"):
@@ -84,7 +71,7 @@ def test_a_live_holder_keeps_its_lock_and_a_frozen_one_loses_it_after_the_lease(
 
 
 def test_a_killed_holder_on_this_host_is_noticed_at_once(tmp_path):
-    paths, digest = Paths(tmp_path), "sha256:" + "e" * 64
+    paths, digest = Layout(tmp_path), "sha256:" + "e" * 64
     holder = _holder(paths, digest, 120)
     holder.kill()
     holder.wait(10)

@@ -56,10 +56,10 @@ def run(args: argparse.Namespace, config) -> int:
     from shpc_lite.recipe import recipe_index, split_spec
     from shpc_lite.resolve import check, client_from_config, report_to_json
 
-    paths = config.paths
+    layout = config.layout
     name = split_spec(args.name)[0] if args.name else None
-    records = installed(paths, name)
-    lock = load_lock(paths.lock_file)
+    records = installed(layout, name)
+    lock = load_lock(layout.lock_file)
     if lock is not None and name:
         lock = Lock(tuple(r for r in lock.recipes if r.name == name))
     names = {r.name for r in records} | set(lock.names() if lock else ())

@@ -18,15 +18,15 @@ def run(args: argparse.Namespace, config) -> int:
     from shpc_lite.errors import ConfigError
 
     if args.action == "paths":
-        paths = config.paths
+        layout = config.layout
         rows = {
             "system_config": str(system_config_path()),
             "user_config": str(user_config_path()),
-            "root": str(paths.root),
-            "modules": str(paths.modules),
-            "containers": str(paths.containers),
-            "wrappers": str(paths.wrappers),
-            "lock_file": str(paths.lock_file),
+            "root": str(layout.root),
+            "modules": str(layout.modules),
+            "containers": str(layout.containers),
+            "wrappers": str(layout.wrappers),
+            "lock_file": str(layout.lock_file),
         }
         print(json.dumps(rows, indent=2) if args.json else "\n".join(f"{k}: {v}" for k, v in rows.items()))
         return 0

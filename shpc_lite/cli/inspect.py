@@ -18,7 +18,7 @@ def run(args: argparse.Namespace, config) -> int:
     from shpc_lite.recipe import split_spec
 
     name, version = split_spec(args.spec)
-    record = find_installed(config.paths, name, version)[-1]
+    record = find_installed(config.layout, name, version)[-1]
     info = {"module": f"{record.name}/{record.version}", "image": f"{record.image}:{record.tag}",
             "digest": record.digest, **inspect_sif(record.sif)}
     if args.json:

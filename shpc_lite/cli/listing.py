@@ -33,7 +33,7 @@ def run(args: argparse.Namespace, config) -> int:
             for row in rows:
                 print(f"{row['name']:<20} {' '.join(row['versions']):<28} {row['description']}")
         return 1 if failed else 0
-    records = installed(config.paths)
+    records = installed(config.layout)
     if args.json:
         print(json.dumps([{"name": r.name, "version": r.version, "image": r.image, "tag": r.tag,
                            "digest": r.digest, "sif": r.sif, "modulefile": r.modulefile} for r in records], indent=2))

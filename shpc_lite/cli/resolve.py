@@ -102,7 +102,7 @@ def run(args: argparse.Namespace, config) -> int:
     for failure in result.failures:
         print(f"shpc-lite: error: {failure.error}", file=sys.stderr)
 
-    lock_file = config.paths.lock_file
+    lock_file = config.layout.lock_file
     if result.failures:
         total = len(result.recipes) + len(result.failures)
         print(

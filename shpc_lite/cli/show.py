@@ -49,8 +49,8 @@ def run(args: argparse.Namespace, config) -> int:
     from shpc_lite.lock import load_lock
 
     name, _ = split_spec(args.name)
-    lock = load_lock(config.paths.lock_file)
-    info = describe(recipe_index(config).get(name), installed(config.paths, name),
+    lock = load_lock(config.layout.lock_file)
+    info = describe(recipe_index(config).get(name), installed(config.layout, name),
                     lock.versions(name) if lock is not None else {})
     if args.json:
         print(json.dumps(info, indent=2))

@@ -13,15 +13,13 @@ def run(args: argparse.Namespace, config) -> int:
     from shpc_lite import views
     from shpc_lite.quoting import sh_quote
 
-    paths = config.paths
+    layout = config.layout
     if args.view:
-        print(f"module use {sh_quote(str(views.view_dir(paths, args.view)))}")
+        print(f"module use {sh_quote(str(views.view_dir(layout, args.view)))}")
         return 0
-    central = config["central_root"]
-    if central:
+    central = config.central_layout
+    if central is not None:
         # `module use` prepends: the line printed last ends up first in MODULEPATH and wins.
-        from pathlib import Path
-
-        print(f"module use {sh_quote(str(Path(central) / 'modules'))}")
-    print(f"module use {sh_quote(str(paths.modules))}")
+        print(f"module use {sh_quote(str(central.modules))}")
+    print(f"module use {sh_quote(str(layout.modules))}")
     return 0

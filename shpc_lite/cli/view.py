@@ -28,30 +28,30 @@ def run(args: argparse.Namespace, config) -> int:
     from shpc_lite import views
     from shpc_lite.recipe import split_spec
 
-    paths = config.paths
+    layout = config.layout
     say = (lambda *a: None) if args.quiet else print
     if args.action == "create":
-        directory = views.create(paths, args.view)
+        directory = views.create(layout, args.view)
         say(f"created view {args.view}; to use it: module use {directory}")
     elif args.action == "delete":
-        views.delete(paths, args.view)
+        views.delete(layout, args.view)
         say(f"deleted view {args.view}")
     elif args.action == "add":
         name, version = split_spec(args.spec)
-        for entry in views.add(paths, config, args.view, name, version, args.short):
+        for entry in views.add(layout, config, args.view, name, version, args.short):
             say(f"{args.view}: {entry.name}/{entry.version} -> {entry.target}")
     elif args.action == "remove":
         name, version = split_spec(args.spec)
-        for entry in views.remove(paths, config, args.view, name, version):
+        for entry in views.remove(layout, config, args.view, name, version):
             say(f"{args.view}: removed {entry.name}/{entry.version}")
     elif args.view:
-        items = views.entries(paths, args.view)
+        items = views.entries(layout, args.view)
         if args.json:
             print(views.to_json(items))
         else:
             for entry in items:
                 print(f"{entry.name}/{entry.version}")
     else:
-        names = views.views(paths)
+        names = views.views(layout)
         print(json.dumps(names) if args.json else "\n".join(names))
     return 0
