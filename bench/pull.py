@@ -36,6 +36,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from shpc_lite.config import load_config  # noqa: E402
+from shpc_lite.oci.reference import parse_reference  # noqa: E402
 from shpc_lite.pull.squashfs import compression_args  # noqa: E402
 from squashfs_paths import make_layers  # noqa: E402
 from tests.imagetools import Layer, Pusher, make_image, sha256  # noqa: E402
@@ -113,7 +114,7 @@ def main() -> int:
 
             def builtin() -> None:
                 nonlocal stored
-                stored = pull(config, f"{host}/{REPOSITORY}", TAG, quiet=True)
+                stored = pull(config, parse_reference(f"{host}/{REPOSITORY}:{TAG}"), quiet=True)
 
             rows.setdefault("builtin cold (download + SIF)", []).append(timed(builtin))
             sizes["builtin"] = stored.path.stat().st_size

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+from shpc_lite.choice import ImageChoice, choose
 from shpc_lite.config import Config
 from shpc_lite.errors import NotFoundError
 from shpc_lite.modules import Installed, find_installed, installed, make_spec, remove_module, write_module
@@ -30,8 +31,8 @@ def install_sif(config: Config, name: str, version: str, sif: Path) -> Installed
     return record
 
 
-def choose_version(config: Config, recipe, version: Optional[str]) -> tuple[str, str, Optional[str]]:
-    """(version, tag, digest or None): the site's lock file wins, then the recipe's pins.
+def choose_version(config: Config, recipe: Recipe, version: Optional[str]) -> ImageChoice:
+    """The image a module version is made from: the site's lock file wins, then the recipe's pins.
 
     Without a version, the newest one the lock or the recipe offers is taken.
     """
@@ -46,37 +47,37 @@ def choose_version(config: Config, recipe, version: Optional[str]) -> tuple[str,
             raise NotFoundError(f"{recipe.name}: no versions pinned and none locked; run shpc-lite resolve {recipe.name}")
     hit = locked_version(lock, recipe.name, version) if lock is not None else None
     if hit is not None:
-        return version, hit[0], hit[1]
+        return choose(version, recipe.image, hit.tag, hit.digest)
     pin = recipe.version(version)
-    return version, pin.tag, pin.digest
+    return choose(version, recipe.image, pin.tag, pin.digest)
 
 
 def install_pull(config: Config, name: str, version: Optional[str] = None, *, quiet: bool = False,
                  client=None) -> Installed:
     """``install NAME[:VERSION]``: resolve (or read the lock), pull into the store, generate."""
     recipe = recipe_index(config).get(name)
-    version, tag, digest = choose_version(config, recipe, version)
-    return install_version(config, recipe, version, tag, digest, quiet=quiet, client=client)
+    return install_version(config, recipe, choose_version(config, recipe, version), quiet=quiet, client=client)
 
 
-def install_version(config: Config, recipe: Recipe, version: str, tag: str, digest: Optional[str], *,
+def install_version(config: Config, recipe: Recipe, choice: ImageChoice, *,
                     quiet: bool = False, client=None, default: bool = False) -> Installed:
-    """Pull ``tag`` (at ``digest``) into the store and write the module; the image an earlier
-    install of this version used is dropped once no module uses it."""
+    """Pull the chosen image into the store and write the module; the image an earlier install
+    of this version used is dropped once no module uses it."""
     from shpc_lite.puller import pull
 
     layout = config.layout
+    version = choice.version
     previous = [r.sif for r in installed(layout, recipe.name) if r.version == version]
-    stored = pull(config, recipe.image, tag, digest, quiet=quiet, client=client)
+    stored = pull(config, choice.ref, choice.digest, quiet=quiet, client=client)
     try:
-        spec = make_spec(recipe, version, tag, stored.digest, stored.path, layout, config)
+        spec = make_spec(recipe, version, choice.tag, stored.digest, stored.path, layout, config)
         record = write_module(spec, layout, config, default=default)
     except BaseException:
         if stored.pulled:
             _drop_unused(config, [str(stored.path)])
         raise
     if not stored.path.exists():  # a concurrent uninstall dropped it before our module used it
-        pull(config, recipe.image, tag, stored.digest, quiet=quiet, client=client)
+        pull(config, choice.ref, stored.digest, quiet=quiet, client=client)
     _drop_unused(config, previous)
     return record
 

@@ -40,14 +40,15 @@ from shpc_lite.module_systems import DEFAULT, ModuleSystem
 # One path component a name or version may become: no '/', no leading '.', nothing a shell or
 # module system treats specially.
 _COMPONENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
-_DIGEST = re.compile(r"(sha256):([0-9a-f]{64})|(sha512):([0-9a-f]{128})")
 IMPORTED_PREFIX = "file-"
 SIF_SUFFIX = ".sif"
 RECORD = "install.json"
 
 
 def valid_digest(digest: str) -> bool:
-    return isinstance(digest, str) and _DIGEST.fullmatch(digest) is not None
+    from shpc_lite.oci.reference import is_digest
+
+    return is_digest(digest)
 
 
 def _digest_stem(digest: str) -> str:

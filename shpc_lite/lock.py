@@ -84,11 +84,10 @@ def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def locked_version(lock: Lock, name: str, version: str) -> Optional[tuple[str, str]]:
-    """(tag, digest) of a locked module version, or None."""
+def locked_version(lock: Lock, name: str, version: str) -> Optional[LockedVersion]:
+    """A locked module version, or None."""
     recipe = lock.get(name)
-    found = recipe.version(version) if recipe else None
-    return (found.tag, found.digest) if found else None
+    return recipe.version(version) if recipe else None
 
 
 def _sorted_recipe(recipe: LockedRecipe) -> LockedRecipe:

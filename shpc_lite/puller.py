@@ -21,13 +21,16 @@ import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from shpc_lite.config import Config
 from shpc_lite.errors import PullError, SifError
 from shpc_lite.layout import Layout
 from shpc_lite.progress import Progress, elapsed
 from shpc_lite.store import clean_stale, digest_lock, group_id, lease, stored_image_ok
+
+if TYPE_CHECKING:
+    from shpc_lite.oci.reference import ImageReference
 
 
 @dataclass(frozen=True)
@@ -65,13 +68,12 @@ def choose_backend(config: Config) -> str:
     return wanted
 
 
-def pull(config: Config, image: str, tag: str, digest: Optional[str] = None, *, quiet: bool = False,
+def pull(config: Config, ref: "ImageReference", digest: Optional[str] = None, *, quiet: bool = False,
          client=None) -> StoredImage:
-    """Make sure the SIF of ``image:tag`` (at ``digest`` when given, e.g. from the lock) is stored."""
-    from shpc_lite.oci.reference import parse_reference
+    """Make sure the SIF of ``ref`` (an image with its tag; at ``digest`` when given, e.g. from the
+    lock) is stored."""
     from shpc_lite.resolve import client_from_config
 
-    ref = parse_reference(f"{image}:{tag}")
     client = client or client_from_config(config)
     if digest is None:
         digest = client.head_digest(ref)

@@ -14,11 +14,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from shpc_lite.config import Config
 from shpc_lite.errors import ShpcLiteError, SiteError
 from shpc_lite.recipe import SAFE_NAME, SAFE_VERSION, Recipe
+
+if TYPE_CHECKING:
+    from shpc_lite.choice import ImageChoice
 
 ENTRY_KEYS = {"name", "versions", "newest", "bind", "default"}
 
@@ -51,6 +54,12 @@ class Task:
     @property
     def label(self) -> str:
         return f"{self.name}/{self.version}"
+
+    @property
+    def choice(self) -> "ImageChoice":
+        from shpc_lite.choice import choose
+
+        return choose(self.version, self.image, self.tag, self.digest)
 
 
 @dataclass
@@ -140,9 +149,9 @@ def plan(config: Config, entries: list[Entry]) -> Plan:
             if entry.default and entry.default not in versions:
                 raise SiteError(f"{entry.name}: default {entry.default!r} is not among the versions installed")
             for version in versions:
-                version, tag, digest = choose_version(config, recipe, version)
-                result.tasks.append(Task(recipe.name, version, tag, digest, recipe.image, entry.bind,
-                                         default=entry.default == version))
+                choice = choose_version(config, recipe, version)
+                result.tasks.append(Task(recipe.name, choice.version, choice.tag, choice.digest, recipe.image,
+                                         entry.bind, default=entry.default == choice.version))
         except ShpcLiteError as err:
             result.errors.append(Outcome(None, entry.label, "failed", str(err)))
     return result
@@ -166,28 +175,28 @@ def current_state(config: Config, task: Task, digest: Optional[str]) -> str:
     return "install"
 
 
+def _pinned(task: Task, client) -> "ImageChoice":
+    """The task's image with its digest, asking the registry when neither lock nor pin said."""
+    choice = task.choice
+    return choice if choice.digest else dataclasses.replace(choice, digest=client.head_digest(choice.ref))
+
+
 def install_task(config: Config, task: Task, client, quiet: bool = True) -> Outcome:
     """Pull (once, under the store's lock) and generate one module; never raises ShpcLiteError."""
     from shpc_lite.install import install_version
 
     start = time.monotonic()
     try:
-        digest = task.digest or client.head_digest(_ref(task))
-        state = current_state(config, task, digest)
+        choice = _pinned(task, client)
+        state = current_state(config, task, choice.digest)
         if state == "unchanged":
             return Outcome(task, task.label, "unchanged", "", time.monotonic() - start)
-        record = install_version(config, _recipe_for(config, task), task.version, task.tag, digest,
+        record = install_version(config, _recipe_for(config, task), choice,
                                  quiet=quiet, client=client, default=task.default)
         status = "installed" if state == "install" else "updated"
         return Outcome(task, task.label, status, record.sif, time.monotonic() - start)
     except ShpcLiteError as err:
         return Outcome(task, task.label, "failed", str(err), time.monotonic() - start)
-
-
-def _ref(task: Task):
-    from shpc_lite.oci.reference import parse_reference
-
-    return parse_reference(f"{task.image}:{task.tag}")
 
 
 def run(config: Config, the_plan: Plan, *, jobs: int, quiet: bool = True,
@@ -213,15 +222,14 @@ def dry_run(config: Config, the_plan: Plan, *, jobs: int) -> list[Outcome]:
 
     def look(task: Task) -> Outcome:
         try:
-            ref = _ref(task)
-            digest = task.digest or client.head_digest(ref)
-            state = current_state(config, task, digest)
+            choice = _pinned(task, client)
+            state = current_state(config, task, choice.digest)
             if state == "unchanged":
                 return Outcome(task, task.label, "unchanged")
             size = None
-            detail = "module only (image already stored)" if find_stored(config, digest) else "pull"
+            detail = "module only (image already stored)" if find_stored(config, choice.digest) else "pull"
             if detail == "pull":
-                size = client.resolve_image(ref.with_digest(digest)).size
+                size = client.resolve_image(choice.ref.with_digest(choice.digest)).size
             return Outcome(task, task.label, f"would-{state}", detail, size=size)
         except ShpcLiteError as err:
             return Outcome(task, task.label, "failed", str(err))

@@ -19,6 +19,7 @@ import pytest
 
 from shpc_lite import puller
 from shpc_lite.config import load_config
+from shpc_lite.oci.reference import parse_reference
 from shpc_lite.puller import mount_type
 from shpc_lite.sif import read_sif
 from tests import imagetools as it
@@ -291,7 +292,7 @@ def test_lustre_stripes_the_sif_before_it_is_written(site, registry, unique_repo
     monkeypatch.setenv("LFS_RECORD", str(tmp_path / "lfs.record"))
     monkeypatch.setattr(puller, "_on_lustre", lambda directory: True)
     config = load_config({"root": str(site.root), "lustre_stripe_count": 4, "puller": "builtin"}, environ={})
-    stored = puller.pull(config, f"{registry.host}/{unique_repo}", "1.0", quiet=True)
+    stored = puller.pull(config, parse_reference(f"{registry.host}/{unique_repo}:1.0"), quiet=True)
     *argv, inode_line = (tmp_path / "lfs.record").read_text().splitlines()
     assert argv[:3] == ["setstripe", "-c", "4"] and argv[3].endswith("/image.sif")
     assert int(inode_line.split()[0]) == stored.path.stat().st_ino  # the striped file became the SIF

@@ -86,7 +86,8 @@ def test_merge_replaces_named_recipes_and_keeps_the_others():
 
 def test_locked_version():
     lock = Lock((PY,))
-    assert locked_version(lock, "python", "3.12") == ("3.12-bookworm", D2)
+    found = locked_version(lock, "python", "3.12")
+    assert (found.tag, found.digest) == ("3.12-bookworm", D2)
     assert locked_version(lock, "python", "3.8") is None
     assert locked_version(lock, "nope", "3.12") is None
 

@@ -145,7 +145,7 @@ def _task(args, config) -> int:
     task = tasks[args.index]
     start = time.monotonic()
     try:
-        stored = pull(config, task.image, task.tag, task.digest, quiet=True)
+        stored = pull(config, task.choice.ref, task.digest, quiet=True)
         outcome = site.Outcome(task, task.label, "pulled", str(stored.path), time.monotonic() - start)
     except ShpcLiteError as err:
         outcome = site.Outcome(task, task.label, "failed", str(err), time.monotonic() - start)
