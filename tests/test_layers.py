@@ -87,6 +87,8 @@ def disk_tree(root: Path) -> Dict[str, Tuple]:
                 out[rel] = ("dir", stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, None)
             elif stat.S_ISLNK(st.st_mode):
                 out[rel] = ("symlink", None, st.st_uid, st.st_gid, os.readlink(p))
+            elif stat.S_ISFIFO(st.st_mode):
+                out[rel] = ("fifo", stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, None)
             else:
                 data = p.read_bytes() if os.access(p, os.R_OK) else "<unreadable>"
                 out[rel] = ("file", stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, data)
@@ -209,16 +211,18 @@ def test_corrupt_layer_is_one_line_error(tmp_path):
     assert "sha256:bad" in str(ei.value) and "\n" not in str(ei.value)
 
 
-def test_devices_and_fifos_skipped_with_a_note(tmp_path):
+def test_devices_skipped_with_a_note_fifos_kept(tmp_path):
     l1 = make_layer(tmp_path, [E("dev/null", data=b"was a file")])
-    l2 = make_layer(tmp_path, [E("dev/null", "chr"), E("dev/sda", "blk"), E("run/fifo", "fifo"), E("ok", data=b"1")])
+    l2 = make_layer(tmp_path, [E("dev/null", "chr"), E("dev/sda", "blk"), E("run/fifo", "fifo", mode=0o620),
+                               E("run/fifo2", "hardlink", link="run/fifo"), E("ok", data=b"1")])
     tree = build_tree([l1, l2])
-    assert any("skipped 3" in n and l2.digest in n for n in tree.notes)
+    assert any("skipped 2" in n and l2.digest in n for n in tree.notes)
     root = tmp_path / "rootfs"
     root.mkdir()
     write_rootfs_dir(tree, root, chown=False)
     t = disk_tree(root)
-    assert "dev/null" not in t and "dev/sda" not in t and "run/fifo" not in t and t["ok"][4] == b"1"
+    assert "dev/null" not in t and "dev/sda" not in t and t["ok"][4] == b"1"
+    assert t["run/fifo"][:2] == t["run/fifo2"][:2] == ("fifo", 0o620)
 
 
 # ---- hostile layers: confined or refused, never a write outside the rootfs

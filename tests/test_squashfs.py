@@ -76,7 +76,7 @@ def image(tmp_path):
             E("locked/f", data=b"f", mode=0o400), E("usr/share/café ü.txt", data=b"u"),
             E("usr/share/we ird'\"$\\name", data=b"w", mode=0o000), E("usr/share/sub dir", "dir", mode=0o311),
         ], "zstd"),
-        make_layer(d, [E("usr/bin/.wh.wall"), E("dev/console", "chr")], "none"),
+        make_layer(d, [E("usr/bin/.wh.wall"), E("dev/console", "chr"), E("run/pipe", "fifo", mode=0o620)], "none"),
     ]
     return layers
 
@@ -103,6 +103,7 @@ def test_both_paths_build_the_same_expected_tree(image, tmp_path):
     assert ls["tmp"][0] == "drwxrwxrwt" and ls["var/tmp"][0] == "drwxrwxrwt"
     assert ls["usr/bin/su"][0] == "-rwsr-xr-x" and ls["usr/bin/hl"][0] == "-rwsr-xr-x"
     assert "usr/bin/wall" not in ls and "etc/group" not in ls and "dev/console" not in ls
+    assert ls["run/pipe"][0] == "prw--w----" and t["run/pipe"][0] == "fifo"
     assert ls["home/user"][:3] == ("drwx------", "1000/1000" if as_root else "0/0", None)
     assert ls["home/user"][3] == "2023-11-14 22:13" and ls["singularity"][3] == "2024-05-01 10:00"
     assert ls["secret"][0] == "----------" and ls["locked"][0] == "dr-xr-xr-x" and ls["locked/f"][0] == "-r--------"

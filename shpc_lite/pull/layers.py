@@ -20,8 +20,9 @@ Modes keep setuid/setgid/sticky bits (Python's tarfile extraction filters would 
 Sparse files (GNU tar's old ``S`` entries and pax sparse formats 0.0, 0.1 and 1.0, which GNU tar
 ``--sparse`` and bsdtar write for files with holes) become the files they stand for, holes as
 zeros, streamed; their maps are bounded and checked first (see :class:`_LayerTarInfo`).
-Device nodes and FIFOs are not created (a note is logged); they are not needed in an Apptainer
-image, whose /dev is mounted at run time. Extended attributes are not kept.
+FIFOs are kept. Device nodes are not created (a note is logged); they are not needed in an
+Apptainer image, whose /dev is mounted at run time. Extended attributes are not kept. (How this
+compares with umoci, the reference unpacker: docs/registries.md, tests/test_differential.py.)
 """
 
 from __future__ import annotations
@@ -375,6 +376,12 @@ class _Symlink(_Node):
         self.target = target
 
 
+class _Fifo(_Node):
+    """A named pipe: no data, only its metadata."""
+
+    __slots__ = ()
+
+
 class _File(_Node):
     """A regular file's inode: the same object under several names is a hard link."""
 
@@ -511,7 +518,7 @@ class RootfsTree:
             self._apply_member(blob, index, ordinal, member, skipped)
         if skipped:
             shown = ", ".join(repr(s) for s in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
-            note = f"layer {blob.label}: skipped {len(skipped)} device node(s)/FIFO(s)/unsupported entries: {shown}"
+            note = f"layer {blob.label}: skipped {len(skipped)} device node(s)/unsupported entries: {shown}"
             self.notes.append(note)
             log.info("%s", note)
         self._touched, self._touched_prefixes = set(), set()
@@ -566,9 +573,13 @@ class RootfsTree:
                 raise _entry_error(blob, name, f"hard link to directory {m.linkname!r}")
             if isinstance(target, _Symlink):  # keep it simple: a hard-linked symlink becomes a copy
                 node = _Symlink(target.mode, target.uid, target.gid, target.mtime, target.target)
+            elif isinstance(target, _Fifo):  # likewise a hard-linked FIFO (a pipe has no data to share)
+                node = _Fifo(target.mode, target.uid, target.gid, target.mtime)
             else:
                 node = target
-        else:  # char/block devices, FIFOs, anything else: not created; a lower entry there is removed
+        elif m.isfifo():
+            node = _Fifo(mode, m.uid, m.gid, mtime)
+        else:  # char/block devices, anything else: not created; a lower entry there is removed
             skipped.append(name)
             res = self._resolve_dir(parts[:-1], create=False, mtime=mtime, blob=blob, name=name)
             if res is not None:
@@ -677,6 +688,8 @@ class RootfsTree:
                     subdirs.append((path + "/", node))
                 elif isinstance(node, _Symlink):
                     plan.symlinks.append((path, node))
+                elif isinstance(node, _Fifo):
+                    plan.fifos.append((path, node))
                 else:
                     assert isinstance(node, _File)
                     key = id(node)
@@ -697,10 +710,11 @@ class RootfsTree:
 
 @dataclass
 class Plan:
-    """The final tree in writing order: directories (parents first), symlinks, file inodes by source."""
+    """The final tree in writing order: directories (parents first), symlinks, FIFOs, file inodes by source."""
 
     dirs: List[Tuple[str, _Dir]] = field(default_factory=list)
     symlinks: List[Tuple[str, _Symlink]] = field(default_factory=list)
+    fifos: List[Tuple[str, _Fifo]] = field(default_factory=list)
     by_layer: Dict[int, Dict[int, Tuple[_File, List[str]]]] = field(default_factory=dict)
     generated: List[Tuple[_File, List[str]]] = field(default_factory=list)
     root_mtime: int = 0
@@ -853,6 +867,8 @@ def write_merged_tar(tree: RootfsTree, out: BinaryIO) -> None:
         write(_header(_tarinfo(path, d, tarfile.DIRTYPE)))
     for path, s in plan.symlinks:
         write(_symlink_header(path, s))
+    for path, f in plan.fifos:
+        write(_header(_tarinfo(path, f, tarfile.FIFOTYPE)))
     for node, names, reader in _iter_file_data(tree, plan):
         write(_header(_tarinfo(names[0], node, tarfile.REGTYPE, size=node.size)))
         _copy_exact(reader, node.size, write, _label(tree, node), names[0])
@@ -900,6 +916,12 @@ def write_rootfs_dir(tree: RootfsTree, root: Path, *, chown: bool) -> DirResult:
             if chown:
                 os.chown(path, s.uid, s.gid, dir_fd=rootfd, follow_symlinks=False)
             os.utime(path, (s.mtime, s.mtime), dir_fd=rootfd, follow_symlinks=False)
+        for path, f in plan.fifos:  # mksquashfs only stats a FIFO: its mode needs no fix-up
+            os.mkfifo(path, 0o600, dir_fd=rootfd)
+            if chown:
+                os.chown(path, f.uid, f.gid, dir_fd=rootfd, follow_symlinks=False)
+            os.chmod(path, f.mode, dir_fd=rootfd)  # a FIFO we just made, under directories we made
+            os.utime(path, (f.mtime, f.mtime), dir_fd=rootfd, follow_symlinks=False)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         for node, names, reader in _iter_file_data(tree, plan):
             fd = os.open(names[0], flags, 0o600, dir_fd=rootfd)
