@@ -315,11 +315,11 @@ def test_link_targets_and_long_names_are_stored_verbatim(tmp_path, method):
     assert t[DEEP][4] == b"deep"
 
 
-@pytest.mark.parametrize("writer", ["gnu", "bsdtar"])
-def test_sparse_files_in_the_squashfs(tmp_path, writer):
+@pytest.mark.parametrize("writer,method", [("gnu", "tar"), ("bsdtar", "tar"), ("bsdtar", "dir")])
+def test_sparse_files_in_the_squashfs(tmp_path, writer, method):
     expected = sparse_sources(tmp_path / "src")
     layer = blob_from_tar(tmp_path, it.tar_directory(writer, tmp_path / "src"), "zstd")
-    t = extract(_build([layer], tmp_path, "tar"), tmp_path / "x")
+    t = extract(_build([layer], tmp_path, method), tmp_path / "x")
     assert {name: t[name][4] for name in expected} == expected
 
 

@@ -772,6 +772,7 @@ class _SparseReader:
     def __init__(self, fileobj: IO[bytes], offset_data: int, segments: List[Tuple[int, int]], size: int):
         self._f = fileobj
         self._raw = offset_data  # where the next stored byte is in the layer stream
+        self._map = segments
         self._segments = iter(segments)
         self._segment: Optional[Tuple[int, int]] = next(self._segments, None)
         self._pos = 0
@@ -796,6 +797,16 @@ class _SparseReader:
         self._raw += count
         self._pos += count
         return data
+
+    def write_holes_kept(self, fd: int, write, blob_label: str, name: str) -> None:
+        """Write the file into the fresh file ``fd`` with ``write``, seeking over the holes instead of
+        writing zeros (a rootfs directory on disk then takes the space of the data only)."""
+        for offset, length in self._map:
+            self._pos = offset  # only forward: the map was checked to be ordered
+            os.lseek(fd, offset, os.SEEK_SET)
+            _copy_exact(self, length, write, blob_label, name)
+        os.ftruncate(fd, self._size)
+        self._pos = self._size
 
 
 def _copy_exact(reader: Union[IO[bytes], bytes], size: int, write, blob_label: str, name: str) -> None:
@@ -927,7 +938,10 @@ def write_rootfs_dir(tree: RootfsTree, root: Path, *, chown: bool) -> DirResult:
             fd = os.open(names[0], flags, 0o600, dir_fd=rootfd)
             try:
                 with open(fd, "wb", buffering=0, closefd=False) as fh:
-                    _copy_exact(reader, node.size, fh.write, _label(tree, node), names[0])
+                    if isinstance(reader, _SparseReader):
+                        reader.write_holes_kept(fd, fh.write, _label(tree, node), names[0])
+                    else:
+                        _copy_exact(reader, node.size, fh.write, _label(tree, node), names[0])
                 if chown:
                     os.fchown(fd, node.uid, node.gid)  # before chmod: chown clears setuid/setgid
                 mode = _readable_mode(node.mode, False)
