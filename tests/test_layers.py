@@ -57,7 +57,8 @@ def make_layer(directory: Path, entries: List[dict], compression: str = "gzip", 
     return blob_from_tar(directory, tar_bytes(entries), compression, media_type)
 
 
-def blob_from_tar(directory: Path, raw: bytes, compression: str = "gzip", media_type: Optional[str] = None) -> LayerBlob:
+def blob_from_tar(directory: Path, raw: bytes, compression: str = "gzip",
+                  media_type: Optional[str] = None) -> LayerBlob:
     """A layer blob file in ``directory`` holding the tar ``raw``, compressed as asked."""
     if compression == "gzip":
         blob = gzip.compress(raw)
@@ -387,7 +388,8 @@ def _old_gnu_sparse(name: str, structs: List[Tuple[int, int]], realsize: int, da
     ti.type, ti.size, ti.mtime = tarfile.GNUTYPE_SPARSE, len(data), MTIME
     buf = bytearray(ti.tobuf(tarfile.GNU_FORMAT))
     for i, (offset, length) in enumerate(structs):
-        buf[386 + 24 * i:410 + 24 * i] = tarfile.itn(offset, 12, tarfile.GNU_FORMAT) + tarfile.itn(length, 12, tarfile.GNU_FORMAT)
+        field = tarfile.itn(offset, 12, tarfile.GNU_FORMAT) + tarfile.itn(length, 12, tarfile.GNU_FORMAT)
+        buf[386 + 24 * i:410 + 24 * i] = field
     buf[483:495] = tarfile.itn(realsize, 12, tarfile.GNU_FORMAT)
     buf[148:156] = b" " * 8
     buf[148:156] = b"%06o\0 " % sum(buf[:512])

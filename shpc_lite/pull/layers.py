@@ -39,7 +39,7 @@ import tarfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, BinaryIO, Dict, Iterator, List, Mapping, Optional, Set, Tuple, Union
+from typing import IO, BinaryIO, Callable, Dict, Iterator, List, Mapping, Optional, Set, Tuple, Union
 
 import zstandard
 
@@ -735,7 +735,10 @@ def build_tree(layers: List[LayerBlob], extras: Optional[Mapping[str, ExtraEntry
 # pass 2: file data
 
 
-def _iter_file_data(tree: RootfsTree, plan: Plan) -> Iterator[Tuple[_File, List[str], Union[IO[bytes], bytes]]]:
+_Data = Union[IO[bytes], "_SparseReader", bytes]  # a file's data: a reader, or the bytes themselves
+
+
+def _iter_file_data(tree: RootfsTree, plan: Plan) -> Iterator[Tuple[_File, List[str], _Data]]:
     """Yield each surviving file inode with its names and a reader of its data, layer by layer."""
     for index, blob in enumerate(tree.layers):
         wanted = dict(plan.by_layer.get(index, {}))
@@ -746,9 +749,10 @@ def _iter_file_data(tree: RootfsTree, plan: Plan) -> Iterator[Tuple[_File, List[
             if item is not None:
                 if not member.isreg() or member.size != item[0].size:
                     raise _entry_error(blob, member.name, "layer changed while it was being read")
-                reader: Optional[IO[bytes]]
+                reader: Union[IO[bytes], _SparseReader, None]
                 if member.sparse is not None:
-                    reader = _SparseReader(tf.fileobj, member.offset_data, member.sparse, member.size)  # type: ignore[arg-type]
+                    assert tf.fileobj is not None
+                    reader = _SparseReader(tf.fileobj, member.offset_data, member.sparse, member.size)
                 else:
                     reader = tf.extractfile(member)
                 assert reader is not None
@@ -798,7 +802,7 @@ class _SparseReader:
         self._pos += count
         return data
 
-    def write_holes_kept(self, fd: int, write, blob_label: str, name: str) -> None:
+    def write_holes_kept(self, fd: int, write: Callable[[bytes], object], blob_label: str, name: str) -> None:
         """Write the file into the fresh file ``fd`` with ``write``, seeking over the holes instead of
         writing zeros (a rootfs directory on disk then takes the space of the data only)."""
         for offset, length in self._map:
@@ -809,7 +813,7 @@ class _SparseReader:
         self._pos = self._size
 
 
-def _copy_exact(reader: Union[IO[bytes], bytes], size: int, write, blob_label: str, name: str) -> None:
+def _copy_exact(reader: _Data, size: int, write, blob_label: str, name: str) -> None:
     """Copy exactly ``size`` bytes; read problems are the layer's fault (LayerError), write problems are not."""
     if isinstance(reader, bytes):
         write(reader)
