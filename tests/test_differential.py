@@ -1,7 +1,8 @@
 """The builtin puller against the OCI reference unpacker: ``skopeo copy`` + ``umoci unpack``.
 
-The same two layers, written by each tar writer found on real systems (GNU tar in its two formats,
-bsdtar, busybox tar, Python's tarfile), are pushed to a real registry, then pulled twice: by
+The same two layers, written by each tar writer found on real systems (GNU tar ``--format=gnu``
+and ``--format=posix --sparse``, bsdtar, busybox tar, Python's tarfile in pax and GNU formats), are
+pushed to a real registry, then pulled twice: by
 shpc-lite into a SIF, and by skopeo + umoci into a rootfs. The two trees must agree on the set of
 paths, their types, symlink targets (byte for byte), file contents, hard-link groups, permission
 bits (setuid/setgid/sticky included) and the mtimes of files and symlinks. Not compared: the
@@ -226,7 +227,7 @@ def test_documented_differences_from_umoci(registry, unique_repo, tmp_path):
     caps = "\x01\x00\x00\x02\x00\x20\x00\x00" + "\x00" * 12  # cap_net_raw+p, as on ping
     layer = it.make_layer([
         it.Dir("dev", mtime=MTIME), _raw("dev/null", tarfile.CHRTYPE), _raw("dev/sda", tarfile.BLKTYPE),
-        it.Dir("run", mtime=MTIME), _raw("run/fifo", tarfile.FIFOTYPE),
+        it.Dir("run", mtime=MTIME), _raw("run/fifo", tarfile.FIFOTYPE), it.Hardlink("run/fifo2", "run/fifo"),
         it.Dir("d", mtime=MTIME), it.File("d/f", b"f"), it.Symlink("d/s", "f"), it.Hardlink("d/s-hard", "d/s"),
         it.Dir("bin", mtime=MTIME),
         _raw("bin/ping", tarfile.REGTYPE, b"elf", {"SCHILY.xattr.security.capability": caps,
@@ -235,8 +236,10 @@ def test_documented_differences_from_umoci(registry, unique_repo, tmp_path):
     ours, reference = pull_both(registry, unique_repo, [layer], tmp_path)
     diff = differing(ours, reference)
     empty = hashlib.sha256(b"").hexdigest()[:16]
-    assert set(diff) == {b"dev/null", b"dev/sda", b"d/s", b"d/s-hard", b"bin/ping"}, diff
-    assert stat.S_ISFIFO(int(ours[b"run/fifo"][1], 8))  # FIFOs: kept, as umoci does
+    assert set(diff) == {b"dev/null", b"dev/sda", b"d/s", b"d/s-hard", b"run/fifo", b"run/fifo2", b"bin/ping"}, diff
+    # FIFOs: kept, as umoci does, but a hard link to one is a second FIFO here
+    assert stat.S_ISFIFO(int(ours[b"run/fifo"][1], 8)) and ours[b"run/fifo2"] == ours[b"run/fifo"]
+    assert reference[b"run/fifo2"] == ours[b"run/fifo2"] + ((b"run/fifo", b"run/fifo2"),)
     # device nodes: not created here; umoci --rootless cannot mknod and leaves empty files
     assert diff[b"dev/null"] == diff[b"dev/sda"] == (None, ("file", "0o644", 0, empty, MTIME))
     # a hard link to a symlink: a second symlink here, the same inode in umoci
