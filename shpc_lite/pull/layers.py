@@ -17,8 +17,12 @@ Layer semantics (OCI image-spec layer.md): ``.wh.<name>`` removes ``<name>`` fro
 ``.wh..wh..opq`` hides every lower entry of its directory; entries of the same layer survive both;
 whiteout files never appear in the result. Hard links name a path of the same or a lower layer.
 Modes keep setuid/setgid/sticky bits (Python's tarfile extraction filters would clear them).
-Device nodes and FIFOs are not created (a note is logged); they are not needed in an Apptainer
-image, whose /dev is mounted at run time. Extended attributes are not kept.
+Sparse files (GNU tar's old ``S`` entries and pax sparse formats 0.0, 0.1 and 1.0, which GNU tar
+``--sparse`` and bsdtar write for files with holes) become the files they stand for, holes as
+zeros, streamed; their maps are bounded and checked first (see :class:`_LayerTarInfo`).
+FIFOs are kept. Device nodes are not created (a note is logged); they are not needed in an
+Apptainer image, whose /dev is mounted at run time. Extended attributes are not kept. (How this
+compares with umoci, the reference unpacker: docs/registries.md, tests/test_differential.py.)
 """
 
 from __future__ import annotations
@@ -30,11 +34,12 @@ import io
 import logging
 import lzma
 import os
+import re
 import tarfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, BinaryIO, Dict, Iterator, List, Mapping, Optional, Set, Tuple, Union
+from typing import IO, BinaryIO, Callable, Dict, Iterator, List, Mapping, Optional, Set, Tuple, Union
 
 import zstandard
 
@@ -50,6 +55,7 @@ PATH_MAX = 4096
 MAX_TIME = 2**32 - 1  # squashfs stores unsigned 32-bit seconds
 COPY_CHUNK = 1 << 20
 MAX_HEADER_READ = 64 << 20  # largest single read of a compressed layer's stream (pax/long-name data)
+MAX_SPARSE_ENTRIES = 1 << 16  # data segments of one sparse file (GNU tar writes one per run of data)
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -170,6 +176,144 @@ class _Sequential:
         return True
 
 
+class _SparseError(Exception):
+    """A sparse entry's map is malformed or too large; carries the entry's name for the message."""
+
+    def __init__(self, name: str, reason: str):
+        super().__init__(reason)
+        self.name, self.reason = name, reason
+
+
+def _sparse_number(name: str, text: Union[str, bytes]) -> int:
+    """One decimal number of a pax sparse map (``int()`` alone would accept ``+1``, ``1_0`` and spaces)."""
+    raw = text.encode("ascii", "replace") if isinstance(text, str) else text
+    if not raw.isdigit() or len(raw) > 20:
+        raise _SparseError(name, f"malformed sparse map value {raw[:24]!r}")
+    return int(raw)
+
+
+def _sparse_name(member: tarfile.TarInfo, pax_headers: Mapping[str, str]) -> str:
+    """The name of a pax sparse entry before tarfile applies its records (for error messages)."""
+    return pax_headers.get("GNU.sparse.name") or pax_headers.get("path") or member.name
+
+
+class _LayerTarInfo(tarfile.TarInfo):
+    """TarInfo that parses GNU sparse maps (old GNU ``S`` type, pax 0.0, 0.1 and 1.0) with bounds.
+
+    Why not tarfile's own parsing: it accepts maps of any length (a 1.0 map is read from the data
+    area until its declared count is reached, a 0.0 map is every match in a pax header up to
+    ``MAX_HEADER_READ``), and with a pax ``size`` record it computes the next header's offset from
+    the real (expanded) size. Here a sparse member gets ``sparse`` (the data segments, empty ones
+    dropped), ``size`` (the real size) and ``sparse_data`` (bytes stored in the archive); whether the
+    map is consistent is checked by :meth:`RootfsTree._check_sparse`, where the layer is known.
+    """
+
+    sparse_data: Optional[int] = None  # bytes of file data stored in the archive (sparse members)
+    _sparse_area: Tuple[int, int] = (0, 0)  # (offset, size) of the whole data area (map included)
+    _sparse_realsize: int = 0
+
+    def _proc_sparse(self, archive):  # type: ignore[no-untyped-def,override]
+        structs, isextended, origsize = self._sparse_structs
+        del self._sparse_structs
+        entries = list(structs)
+        while isextended:
+            if len(entries) > MAX_SPARSE_ENTRIES:
+                raise _SparseError(self.name, f"more than {MAX_SPARSE_ENTRIES} sparse map entries")
+            buf = archive.fileobj.read(tarfile.BLOCKSIZE)
+            if len(buf) != tarfile.BLOCKSIZE:
+                raise _SparseError(self.name, "sparse map truncated")
+            for pos in range(0, 21 * 24, 24):
+                entries.append((self._gnu_number(buf[pos:pos + 12]), self._gnu_number(buf[pos + 12:pos + 24])))
+            isextended = bool(buf[504])
+        self.sparse = [(off, n) for off, n in entries if n]
+        self.sparse_data = self.size
+        self.offset_data = archive.fileobj.tell()
+        archive.offset = self.offset_data + self._block(self.size)
+        self.size = origsize
+        return self
+
+    def _gnu_number(self, field_: bytes) -> int:
+        try:
+            return tarfile.nti(field_)
+        except (tarfile.HeaderError, ValueError):
+            raise _SparseError(self.name, "malformed sparse map value") from None
+
+    def _proc_pax(self, archive):  # type: ignore[no-untyped-def,override]
+        member = super()._proc_pax(archive)
+        if isinstance(member, _LayerTarInfo) and member.sparse_data is not None:
+            # the real size wins over a pax "size" record, and the next header follows the stored data
+            member.size = member._sparse_realsize
+            if "GNU.sparse.name" in member.pax_headers:  # the real name, whatever order the records came in
+                member.name = member.pax_headers["GNU.sparse.name"]
+            start, stored = member._sparse_area
+            archive.offset = start + member._block(stored)
+        return member
+
+    def _set_pax_sparse(self, member: tarfile.TarInfo, pax_headers: Mapping[str, str], realsize_key: str,
+                        numbers: List[int], map_bytes: int = 0) -> None:
+        name = _sparse_name(member, pax_headers)
+        if self.type not in (tarfile.XHDTYPE, tarfile.SOLARIS_XHDTYPE):
+            raise _SparseError(name, "sparse map in a global pax header")
+        if len(numbers) % 2:
+            raise _SparseError(name, "sparse map has an offset without a length")
+        if len(numbers) > 2 * MAX_SPARSE_ENTRIES:
+            raise _SparseError(name, f"more than {MAX_SPARSE_ENTRIES} sparse map entries")
+        if realsize_key not in pax_headers:
+            raise _SparseError(name, f"sparse entry without {realsize_key}")
+        stored = _sparse_number(name, pax_headers["size"]) if "size" in pax_headers else member.size
+        if map_bytes > stored:
+            raise _SparseError(name, "sparse map larger than the entry")
+        assert isinstance(member, _LayerTarInfo)
+        member.sparse = [(off, n) for off, n in zip(numbers[::2], numbers[1::2]) if n]
+        member._sparse_realsize = _sparse_number(name, pax_headers[realsize_key])
+        member._sparse_area = (member.offset_data - map_bytes, stored)
+        member.sparse_data = stored - map_bytes
+
+    def _proc_gnusparse_00(self, next, pax_headers, buf):  # type: ignore[no-untyped-def,override]
+        name = _sparse_name(next, pax_headers)
+        if buf.count(b" GNU.sparse.offset=") > MAX_SPARSE_ENTRIES:
+            raise _SparseError(name, f"more than {MAX_SPARSE_ENTRIES} sparse map entries")
+        offsets = [int(m.group(1)) for m in re.finditer(rb"\d+ GNU\.sparse\.offset=(\d{1,20})\n", buf)]
+        sizes = [int(m.group(1)) for m in re.finditer(rb"\d+ GNU\.sparse\.numbytes=(\d{1,20})\n", buf)]
+        if len(offsets) != len(sizes):
+            raise _SparseError(name, "sparse map has an offset without a length")
+        self._set_pax_sparse(next, pax_headers, "GNU.sparse.size", [x for pair in zip(offsets, sizes) for x in pair])
+
+    def _proc_gnusparse_01(self, next, pax_headers):  # type: ignore[no-untyped-def,override]
+        name = _sparse_name(next, pax_headers)
+        text = pax_headers["GNU.sparse.map"]
+        if text.count(",") >= 2 * MAX_SPARSE_ENTRIES:
+            raise _SparseError(name, f"more than {MAX_SPARSE_ENTRIES} sparse map entries")
+        numbers = [_sparse_number(name, x) for x in text.split(",")] if text else []
+        self._set_pax_sparse(next, pax_headers, "GNU.sparse.size", numbers)
+
+    def _proc_gnusparse_10(self, next, pax_headers, archive):  # type: ignore[no-untyped-def,override]
+        # the map is the start of the data area: a count, then offset/size pairs, one per line
+        name = _sparse_name(next, pax_headers)
+        start = archive.fileobj.tell()
+        buf = b""
+        count: Optional[int] = None
+        numbers: List[int] = []
+        while count is None or len(numbers) < 2 * count:
+            while b"\n" not in buf:
+                if len(buf) > 2 * tarfile.BLOCKSIZE:
+                    raise _SparseError(name, "malformed sparse map")
+                block = archive.fileobj.read(tarfile.BLOCKSIZE)
+                if len(block) != tarfile.BLOCKSIZE:
+                    raise _SparseError(name, "sparse map truncated")
+                buf += block
+            line, buf = buf.split(b"\n", 1)
+            value = _sparse_number(name, line)
+            if count is None:
+                if value > MAX_SPARSE_ENTRIES:
+                    raise _SparseError(name, f"more than {MAX_SPARSE_ENTRIES} sparse map entries")
+                count = value
+            else:
+                numbers.append(value)
+        next.offset_data = archive.fileobj.tell()
+        self._set_pax_sparse(next, pax_headers, "GNU.sparse.realsize", numbers, next.offset_data - start)
+
+
 _READ_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError, zstandard.ZstdError, ValueError)
 
 
@@ -179,7 +323,9 @@ def iter_members(blob: LayerBlob) -> Iterator[Tuple[int, tarfile.TarInfo, tarfil
     with open_layer(blob) as stream:
         try:
             fileobj = stream if isinstance(stream, io.BufferedReader) else _Sequential(stream)
-            tf = tarfile.open(fileobj=fileobj, mode="r:")  # type: ignore[call-overload]
+            tf = tarfile.open(fileobj=fileobj, mode="r:", tarinfo=_LayerTarInfo)  # type: ignore[call-overload]
+        except _SparseError as exc:  # opening reads the first member
+            raise _entry_error(blob, exc.name, exc.reason) from None
         except tarfile.ReadError as exc:
             if "empty file" in str(exc):
                 return  # a zero-length layer: nothing to apply
@@ -190,6 +336,8 @@ def iter_members(blob: LayerBlob) -> Iterator[Tuple[int, tarfile.TarInfo, tarfil
         while True:
             try:
                 member = tf.next()
+            except _SparseError as exc:
+                raise _entry_error(blob, exc.name, exc.reason) from None
             except _READ_ERRORS as exc:
                 where = f"entry {last!r}" if last is not None else "the first entry"
                 raise LayerError(f"layer {blob.label}: unreadable at or after {where}: {exc}") from None
@@ -226,6 +374,12 @@ class _Symlink(_Node):
     def __init__(self, mode: int, uid: int, gid: int, mtime: int, target: str):
         super().__init__(mode, uid, gid, mtime)
         self.target = target
+
+
+class _Fifo(_Node):
+    """A named pipe: no data, only its metadata."""
+
+    __slots__ = ()
 
 
 class _File(_Node):
@@ -364,7 +518,7 @@ class RootfsTree:
             self._apply_member(blob, index, ordinal, member, skipped)
         if skipped:
             shown = ", ".join(repr(s) for s in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
-            note = f"layer {blob.label}: skipped {len(skipped)} device node(s)/FIFO(s)/unsupported entries: {shown}"
+            note = f"layer {blob.label}: skipped {len(skipped)} device node(s)/unsupported entries: {shown}"
             self.notes.append(note)
             log.info("%s", note)
         self._touched, self._touched_prefixes = set(), set()
@@ -399,7 +553,7 @@ class RootfsTree:
 
         node: _Node
         if m.type == tarfile.GNUTYPE_SPARSE or m.sparse is not None:
-            raise _entry_error(blob, name, "sparse files are not supported")
+            self._check_sparse(blob, name, m)
         if m.isreg():
             if m.size < 0 or m.size > MAX_ENTRY_SIZE:
                 raise _entry_error(blob, name, f"absurd size {m.size}")
@@ -419,9 +573,13 @@ class RootfsTree:
                 raise _entry_error(blob, name, f"hard link to directory {m.linkname!r}")
             if isinstance(target, _Symlink):  # keep it simple: a hard-linked symlink becomes a copy
                 node = _Symlink(target.mode, target.uid, target.gid, target.mtime, target.target)
+            elif isinstance(target, _Fifo):  # likewise a hard-linked FIFO (a pipe has no data to share)
+                node = _Fifo(target.mode, target.uid, target.gid, target.mtime)
             else:
                 node = target
-        else:  # char/block devices, FIFOs, anything else: not created; a lower entry there is removed
+        elif m.isfifo():
+            node = _Fifo(mode, m.uid, m.gid, mtime)
+        else:  # char/block devices, anything else: not created; a lower entry there is removed
             skipped.append(name)
             res = self._resolve_dir(parts[:-1], create=False, mtime=mtime, blob=blob, name=name)
             if res is not None:
@@ -437,6 +595,26 @@ class RootfsTree:
         else:
             parent.children[base] = node
         self._mark(tuple(names) + (base,))
+
+    @staticmethod
+    def _check_sparse(blob: LayerBlob, name: str, m: tarfile.TarInfo) -> None:
+        """Refuse a sparse map pass 2 could not stream: segments out of order, overlapping, past the
+        real size, or not adding up to the data stored (the holes themselves cost no memory)."""
+        stored = getattr(m, "sparse_data", None)
+        if m.sparse is None or stored is None or not m.isreg():
+            raise _entry_error(blob, name, "sparse map on an entry that is not a regular file")
+        if not 0 <= m.size <= MAX_ENTRY_SIZE:
+            raise _entry_error(blob, name, f"absurd size {m.size}")
+        end = total = 0
+        for offset, length in m.sparse:
+            if offset < end:
+                raise _entry_error(blob, name, "malformed sparse map: segments overlap or are out of order")
+            end = offset + length
+            if end > m.size:
+                raise _entry_error(blob, name, f"malformed sparse map: segment ends at {end}, past the size {m.size}")
+            total += length
+        if total != stored:
+            raise _entry_error(blob, name, f"malformed sparse map: it maps {total} bytes, the entry stores {stored}")
 
     def _whiteout(self, blob: LayerBlob, name: str, parts: List[str]) -> None:
         base = parts[-1]
@@ -510,6 +688,8 @@ class RootfsTree:
                     subdirs.append((path + "/", node))
                 elif isinstance(node, _Symlink):
                     plan.symlinks.append((path, node))
+                elif isinstance(node, _Fifo):
+                    plan.fifos.append((path, node))
                 else:
                     assert isinstance(node, _File)
                     key = id(node)
@@ -530,10 +710,11 @@ class RootfsTree:
 
 @dataclass
 class Plan:
-    """The final tree in writing order: directories (parents first), symlinks, file inodes by source."""
+    """The final tree in writing order: directories (parents first), symlinks, FIFOs, file inodes by source."""
 
     dirs: List[Tuple[str, _Dir]] = field(default_factory=list)
     symlinks: List[Tuple[str, _Symlink]] = field(default_factory=list)
+    fifos: List[Tuple[str, _Fifo]] = field(default_factory=list)
     by_layer: Dict[int, Dict[int, Tuple[_File, List[str]]]] = field(default_factory=dict)
     generated: List[Tuple[_File, List[str]]] = field(default_factory=list)
     root_mtime: int = 0
@@ -554,7 +735,10 @@ def build_tree(layers: List[LayerBlob], extras: Optional[Mapping[str, ExtraEntry
 # pass 2: file data
 
 
-def _iter_file_data(tree: RootfsTree, plan: Plan) -> Iterator[Tuple[_File, List[str], Union[IO[bytes], bytes]]]:
+_Data = Union[IO[bytes], "_SparseReader", bytes]  # a file's data: a reader, or the bytes themselves
+
+
+def _iter_file_data(tree: RootfsTree, plan: Plan) -> Iterator[Tuple[_File, List[str], _Data]]:
     """Yield each surviving file inode with its names and a reader of its data, layer by layer."""
     for index, blob in enumerate(tree.layers):
         wanted = dict(plan.by_layer.get(index, {}))
@@ -565,7 +749,12 @@ def _iter_file_data(tree: RootfsTree, plan: Plan) -> Iterator[Tuple[_File, List[
             if item is not None:
                 if not member.isreg() or member.size != item[0].size:
                     raise _entry_error(blob, member.name, "layer changed while it was being read")
-                reader = tf.extractfile(member)
+                reader: Union[IO[bytes], _SparseReader, None]
+                if member.sparse is not None:
+                    assert tf.fileobj is not None
+                    reader = _SparseReader(tf.fileobj, member.offset_data, member.sparse, member.size)
+                else:
+                    reader = tf.extractfile(member)
                 assert reader is not None
                 yield item[0], item[1], reader
             if not wanted:
@@ -576,7 +765,55 @@ def _iter_file_data(tree: RootfsTree, plan: Plan) -> Iterator[Tuple[_File, List[
         yield node, names, node.data or b""
 
 
-def _copy_exact(reader: Union[IO[bytes], bytes], size: int, write, blob_label: str, name: str) -> None:
+class _SparseReader:
+    """A sparse member's data as the file it stands for: holes read as zeros.
+
+    tarfile's own reader of sparse members joins every segment of a read into one bytes object and
+    scans its map from the start when it loses its place; this one returns at most one segment (or
+    one hole) per read, so memory stays at the caller's chunk size whatever the map, and it only
+    moves forward through the layer stream (which cannot seek back)."""
+
+    def __init__(self, fileobj: IO[bytes], offset_data: int, segments: List[Tuple[int, int]], size: int):
+        self._f = fileobj
+        self._raw = offset_data  # where the next stored byte is in the layer stream
+        self._map = segments
+        self._segments = iter(segments)
+        self._segment: Optional[Tuple[int, int]] = next(self._segments, None)
+        self._pos = 0
+        self._size = size
+
+    def read(self, n: int = -1) -> bytes:
+        n = self._size - self._pos if n < 0 else min(n, self._size - self._pos)
+        if n <= 0:
+            return b""
+        while self._segment is not None and self._pos >= sum(self._segment):
+            self._segment = next(self._segments, None)
+        if self._segment is None or self._pos < self._segment[0]:
+            hole_end = self._segment[0] if self._segment is not None else self._size
+            count = min(n, hole_end - self._pos)
+            self._pos += count
+            return bytes(count)
+        count = min(n, sum(self._segment) - self._pos)
+        self._f.seek(self._raw)
+        data = self._f.read(count)
+        if len(data) != count:
+            raise tarfile.ReadError("unexpected end of data")
+        self._raw += count
+        self._pos += count
+        return data
+
+    def write_holes_kept(self, fd: int, write: Callable[[bytes], object], blob_label: str, name: str) -> None:
+        """Write the file into the fresh file ``fd`` with ``write``, seeking over the holes instead of
+        writing zeros (a rootfs directory on disk then takes the space of the data only)."""
+        for offset, length in self._map:
+            self._pos = offset  # only forward: the map was checked to be ordered
+            os.lseek(fd, offset, os.SEEK_SET)
+            _copy_exact(self, length, write, blob_label, name)
+        os.ftruncate(fd, self._size)
+        self._pos = self._size
+
+
+def _copy_exact(reader: _Data, size: int, write, blob_label: str, name: str) -> None:
     """Copy exactly ``size`` bytes; read problems are the layer's fault (LayerError), write problems are not."""
     if isinstance(reader, bytes):
         write(reader)
@@ -616,6 +853,27 @@ def _header(ti: tarfile.TarInfo) -> bytes:
     return ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
 
 
+def _symlink_header(path: str, node: _Symlink) -> bytes:
+    """The header(s) of a symlink whose target ``mksquashfs -tar`` must store byte for byte.
+
+    A target that fits the 100-byte ustar field as ASCII goes there. Any other would travel as a pax
+    ``linkpath`` record, from which mksquashfs 4.5.1 strips a leading ``/``, ``./`` or ``../``
+    (``/usr/share/x.crt`` became ``usr/share/x.crt``: a dangling link in the image); it keeps a GNU
+    long-link (``K``) record verbatim, so such targets are sent as one, before a pax header that
+    carries no link name. (Paths and hard-link names need no such care: they are written already
+    clean, with no leading ``/``, ``.`` or ``..`` component, which is all mksquashfs strips.)
+    """
+    target = node.target.encode("utf-8", "surrogateescape")
+    if len(target) < tarfile.LENGTH_LINK and target.isascii():
+        return _header(_tarinfo(path, node, tarfile.SYMTYPE, linkname=node.target))
+    longlink = tarfile.TarInfo("././@LongLink")
+    longlink.type = tarfile.GNUTYPE_LONGLINK
+    longlink.size = len(target) + 1
+    data = target + b"\0"
+    record = longlink.tobuf(tarfile.GNU_FORMAT) + data + b"\0" * (-len(data) % tarfile.BLOCKSIZE)
+    return record + _header(_tarinfo(path, node, tarfile.SYMTYPE))
+
+
 def write_merged_tar(tree: RootfsTree, out: BinaryIO) -> None:
     """Write the final tree as one tar stream (directories first, then symlinks, then file data)."""
     plan = tree.plan()
@@ -623,7 +881,9 @@ def write_merged_tar(tree: RootfsTree, out: BinaryIO) -> None:
     for path, d in plan.dirs:
         write(_header(_tarinfo(path, d, tarfile.DIRTYPE)))
     for path, s in plan.symlinks:
-        write(_header(_tarinfo(path, s, tarfile.SYMTYPE, linkname=s.target)))
+        write(_symlink_header(path, s))
+    for path, f in plan.fifos:
+        write(_header(_tarinfo(path, f, tarfile.FIFOTYPE)))
     for node, names, reader in _iter_file_data(tree, plan):
         write(_header(_tarinfo(names[0], node, tarfile.REGTYPE, size=node.size)))
         _copy_exact(reader, node.size, write, _label(tree, node), names[0])
@@ -671,12 +931,21 @@ def write_rootfs_dir(tree: RootfsTree, root: Path, *, chown: bool) -> DirResult:
             if chown:
                 os.chown(path, s.uid, s.gid, dir_fd=rootfd, follow_symlinks=False)
             os.utime(path, (s.mtime, s.mtime), dir_fd=rootfd, follow_symlinks=False)
+        for path, f in plan.fifos:  # mksquashfs only stats a FIFO: its mode needs no fix-up
+            os.mkfifo(path, 0o600, dir_fd=rootfd)
+            if chown:
+                os.chown(path, f.uid, f.gid, dir_fd=rootfd, follow_symlinks=False)
+            os.chmod(path, f.mode, dir_fd=rootfd)  # a FIFO we just made, under directories we made
+            os.utime(path, (f.mtime, f.mtime), dir_fd=rootfd, follow_symlinks=False)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         for node, names, reader in _iter_file_data(tree, plan):
             fd = os.open(names[0], flags, 0o600, dir_fd=rootfd)
             try:
                 with open(fd, "wb", buffering=0, closefd=False) as fh:
-                    _copy_exact(reader, node.size, fh.write, _label(tree, node), names[0])
+                    if isinstance(reader, _SparseReader):
+                        reader.write_holes_kept(fd, fh.write, _label(tree, node), names[0])
+                    else:
+                        _copy_exact(reader, node.size, fh.write, _label(tree, node), names[0])
                 if chown:
                     os.fchown(fd, node.uid, node.gid)  # before chmod: chown clears setuid/setgid
                 mode = _readable_mode(node.mode, False)

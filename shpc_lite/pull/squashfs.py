@@ -33,7 +33,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, List, Mapping, Optional, Sequence
 
-from ..errors import PullError
+from ..errors import LayerError, PullError
 from .apptainer_files import apptainer_files, inner_config
 from .layers import LayerBlob, RootfsTree, build_tree, is_root, write_merged_tar, write_rootfs_dir
 
@@ -192,8 +192,6 @@ def build_squashfs(
 
     cfg = inner_config(image_config)
     extras = apptainer_files(image_config, source_ref=source_ref, source_digest=source_digest)
-    tree = build_tree(list(layers), extras, _created_time(image_config) or _created_time(cfg))
-
     dest = Path(dest)
     workdir = Path(workdir)
     common = ["-noappend", *comp_args, "-no-xattrs"]
@@ -201,6 +199,7 @@ def build_squashfs(
         common += ["-processors", str(int(processors))]
     common += [o for o in ("-quiet", "-no-progress", "-exit-on-error") if o in feats]
     try:
+        tree = build_tree(list(layers), extras, _created_time(image_config) or _created_time(cfg))
         workdir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=workdir, prefix="squashfs-") as scratch:
             if method == "tar":
@@ -212,6 +211,8 @@ def build_squashfs(
             dest.unlink()
         if isinstance(exc, OSError):  # scratch space full, unwritable workdir ...
             raise PullError(f"building {dest.name} in {workdir} failed: {exc}") from None
+        if isinstance(exc, LayerError):  # it names the layer and the entry; add the image they belong to
+            raise LayerError(f"{source_ref}: {exc}") from None
         raise
     return method
 
