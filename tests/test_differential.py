@@ -25,6 +25,7 @@ import pytest
 
 from shpc_lite import puller
 from shpc_lite.config import load_config
+from shpc_lite.oci.reference import parse_reference
 from shpc_lite.pull.apptainer_files import apptainer_files
 from tests import imagetools as it
 from tests.test_install_pull import _sif_tree
@@ -177,7 +178,7 @@ def builtin_pull(registry, repo: str, work: Path) -> Path:
     """Pull with shpc-lite's builtin puller; the SIF's squashfs partition, extracted."""
     it.needs_tools("mksquashfs", "unsquashfs")
     config = load_config({"root": str(work / "shpc"), "puller": "builtin"}, environ={})
-    stored = puller.pull(config, f"{registry.host}/{repo}", "1", quiet=True, client=registry.client())
+    stored = puller.pull(config, parse_reference(f"{registry.host}/{repo}:1"), quiet=True, client=registry.client())
     _, out = _sif_tree(stored.path, work)
     return out
 
