@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from shpc_lite.choice import ImageChoice, choose
 from shpc_lite.config import Config
@@ -11,6 +11,9 @@ from shpc_lite.errors import NotFoundError
 from shpc_lite.modules import Installed, find_installed, installed, make_spec, remove_module, write_module
 from shpc_lite.recipe import Recipe, recipe_index
 from shpc_lite.store import digest_lock, import_sif, unreferenced
+
+if TYPE_CHECKING:
+    from shpc_lite.puller import StoredImage
 
 
 def install_sif(config: Config, name: str, version: str, sif: Path) -> Installed:
@@ -61,23 +64,53 @@ def install_pull(config: Config, name: str, version: Optional[str] = None, *, qu
 
 def install_version(config: Config, recipe: Recipe, choice: ImageChoice, *,
                     quiet: bool = False, client=None, default: bool = False) -> Installed:
-    """Pull the chosen image into the store and write the module; the image an earlier install
-    of this version used is dropped once no module uses it."""
+    """Pull the chosen image into the store and write the module."""
     from shpc_lite.puller import pull
 
+    def store(digest: Optional[str]) -> StoredImage:
+        return pull(config, choice.ref, digest or choice.digest, quiet=quiet, client=client)
+
+    return _install_stored(config, recipe, choice.version, choice.tag, store, default=default)
+
+
+def install_from(config: Config, name: str, version: str, source: str, *, quiet: bool = False) -> Installed:
+    """``install NAME:VERSION --from oci:DIR|oci-archive:PATH|docker-archive:PATH``: an image the
+    site already has, built and stored exactly as a registry pull (shpc_lite.oci.layout_source).
+
+    The record's ``image`` is the recipe's image; its ``tag`` is the name the layout or archive
+    gives the image (``:TAG`` or its only ref name / RepoTag) when that is a valid tag, else
+    VERSION; its ``digest`` is the store key (the manifest digest, or a docker archive's config
+    digest)."""
+    from shpc_lite.oci.layout_source import open_local_source
+    from shpc_lite.oci.reference import parse_reference
+    from shpc_lite.puller import store_image
+
+    recipe = recipe_index(config).get(name)
+    local = open_local_source(source, config, parse_reference(recipe.image))
+    tag = local.record_tag(version)
+
+    def store(_digest: Optional[str]) -> StoredImage:
+        return store_image(config, local, quiet=quiet)
+
+    return _install_stored(config, recipe, version, tag, store)
+
+
+def _install_stored(config: Config, recipe: Recipe, version: str, tag: str,
+                    store: Callable[[Optional[str]], StoredImage], *, default: bool = False) -> Installed:
+    """Store the image (``store(None)``) and write the module; the image an earlier install of this
+    version used is dropped once no module uses it. Shared by every source of an image."""
     layout = config.layout
-    version = choice.version
     previous = [r.sif for r in installed(layout, recipe.name) if r.version == version]
-    stored = pull(config, choice.ref, choice.digest, quiet=quiet, client=client)
+    stored = store(None)
     try:
-        spec = make_spec(recipe, version, choice.tag, stored.digest, stored.path, layout, config)
+        spec = make_spec(recipe, version, tag, stored.digest, stored.path, layout, config)
         record = write_module(spec, layout, config, default=default)
     except BaseException:
         if stored.pulled:
             _drop_unused(config, [str(stored.path)])
         raise
     if not stored.path.exists():  # a concurrent uninstall dropped it before our module used it
-        pull(config, choice.ref, stored.digest, quiet=quiet, client=client)
+        store(stored.digest)
     _drop_unused(config, previous)
     return record
 

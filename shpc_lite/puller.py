@@ -1,6 +1,9 @@
 """Pull: an image digest -> a verified SIF in the store, once, even with many processes at once.
 
-Two back ends (config ``puller``): ``apptainer`` runs ``apptainer pull`` by digest; ``builtin``
+Images come from an ``ImageSource`` (shpc_lite.pull.source): a registry (``RegistrySource``) or
+a layout/archive a site already has (shpc_lite.oci.layout_source); both go through
+``store_image``, so the lock, the build and the store are the same. Two back ends for registry
+images (config ``puller``): ``apptainer`` runs ``apptainer pull`` by digest; ``builtin``
 needs no Apptainer: blobs are downloaded concurrently into a content-addressed cache (each
 verified against its digest while streaming), merged into a squashfs (shpc_lite.pull) and wrapped
 in a SIF (shpc_lite.sif). ``auto`` prefers apptainer when it is on PATH.
@@ -27,6 +30,7 @@ from shpc_lite.config import Config
 from shpc_lite.errors import PullError, SifError
 from shpc_lite.layout import Layout
 from shpc_lite.progress import Progress, elapsed
+from shpc_lite.pull.source import ImageSource, LayerRef, SourceImage
 from shpc_lite.store import clean_stale, digest_lock, group_id, lease, stored_image_ok
 
 if TYPE_CHECKING:
@@ -77,6 +81,13 @@ def pull(config: Config, ref: "ImageReference", digest: Optional[str] = None, *,
     client = client or client_from_config(config)
     if digest is None:
         digest = client.head_digest(ref)
+    return store_image(config, RegistrySource(client, ref, digest), quiet=quiet)
+
+
+def store_image(config: Config, source: "ImageSource", *, quiet: bool = False) -> StoredImage:
+    """Make sure the SIF of ``source`` (a registry image or a local layout/archive) is stored under
+    its digest: built once, under the digest's lock, published by rename."""
+    digest = source.digest
     found = find_stored(config, digest)
     if found:
         return found
@@ -95,11 +106,11 @@ def pull(config: Config, ref: "ImageReference", digest: Optional[str] = None, *,
         try:
             tmp_sif = scratch / "image.sif"
             _prepare_striping(tmp_sif, config)
-            if choose_backend(config) == "apptainer":
-                _pull_apptainer(config, ref, digest, tmp_sif, scratch, quiet)
+            if isinstance(source, RegistrySource) and choose_backend(config) == "apptainer":
+                _pull_apptainer(config, source.ref, digest, tmp_sif, scratch, quiet)
             else:
-                _pull_builtin(config, client, ref, digest, tmp_sif, scratch, quiet)
-            _verify_sif(tmp_sif, ref)
+                _build_builtin(config, source, tmp_sif, scratch, quiet)
+            _verify_sif(tmp_sif, source.label)
             os.chmod(tmp_sif, config.file_mode)
             if gid is not None:
                 os.chown(tmp_sif, -1, gid)
@@ -109,13 +120,13 @@ def pull(config: Config, ref: "ImageReference", digest: Optional[str] = None, *,
     return StoredImage(dest, digest, True)
 
 
-def _verify_sif(path: Path, ref) -> None:
+def _verify_sif(path: Path, label: str) -> None:
     from shpc_lite.sif import primary_partition, read_sif
 
     try:
         primary_partition(read_sif(path))
     except SifError as err:
-        raise PullError(f"{ref}: the SIF built is not valid: {err}") from None
+        raise PullError(f"{label}: the SIF built is not valid: {err}") from None
 
 
 def _prepare_striping(path: Path, config: Config) -> None:
@@ -183,20 +194,35 @@ def _fetch_blob(client, ref, desc, layout: Layout, progress: Progress, cancel: t
     return dest
 
 
-def _pull_builtin(config: Config, client, ref, digest: str, tmp_sif: Path, scratch: Path, quiet: bool) -> None:
-    from shpc_lite.pull import LayerBlob, build_squashfs
-    from shpc_lite.sif import build_container_sif
+@dataclass(frozen=True)
+class RegistrySource:
+    """An image in a registry at a known digest (what the tag named): the ``ImageSource`` pulls use."""
 
-    start = time.monotonic()
-    resolved = client.resolve_image(ref.with_digest(digest))
-    image_config = client.get_config(resolved)
-    progress = Progress(str(ref), resolved.size, len(resolved.layers), quiet=quiet)
-    cancel = threading.Event()
-    layout = config.layout
-    try:
+    client: object  # a RegistryClient (or a test double with its methods)
+    ref: "ImageReference"
+    digest: str
+
+    @property
+    def label(self) -> str:
+        return str(self.ref)
+
+    def open(self) -> SourceImage:
+        resolved = self.client.resolve_image(self.ref.with_digest(self.digest))
+        image_config = self.client.get_config(resolved)
+        arch = (resolved.platform.architecture if resolved.platform else "") or image_config.get("architecture", "amd64")
+        layers = tuple(LayerRef(d.digest, d.size, d.media_type) for d in resolved.layers)
+        return SourceImage(self.label, self.digest, f"bootstrap: docker\nfrom: {self.ref.with_digest(self.digest)}\n",
+                           image_config, layers, arch)
+
+    def fetch_layers(self, image: SourceImage, config: Config, progress: Progress, scratch: Path) -> list:
+        """Download the layers concurrently (config ``jobs``) into the blob cache."""
+        from shpc_lite.pull import LayerBlob
+
+        cancel = threading.Event()
+        layout = config.layout
         pool = ThreadPoolExecutor(max_workers=max(1, config["jobs"]))
-        futures = [pool.submit(_fetch_blob, client, ref, d, layout, progress, cancel, config["lock_lease"])
-                   for d in resolved.layers]
+        futures = [pool.submit(_fetch_blob, self.client, self.ref, d, layout, progress, cancel, config["lock_lease"])
+                   for d in image.layers]
         try:
             done, _ = wait(futures, return_when=FIRST_EXCEPTION)
             for future in done:
@@ -208,24 +234,35 @@ def _pull_builtin(config: Config, client, ref, digest: str, tmp_sif: Path, scrat
             pool.shutdown(wait=False, cancel_futures=True)
             raise
         pool.shutdown(wait=True)
-        layers = [LayerBlob(layout.blob_data(d.digest), d.media_type, d.digest) for d in resolved.layers]
+        return [LayerBlob(layout.blob_data(d.digest), d.media_type, d.digest) for d in image.layers]
+
+
+def _build_builtin(config: Config, source: "ImageSource", tmp_sif: Path, scratch: Path, quiet: bool) -> None:
+    """Any source's image -> squashfs -> SIF at ``tmp_sif``: the one build every install uses."""
+    from shpc_lite.pull import build_squashfs
+    from shpc_lite.sif import build_container_sif
+
+    start = time.monotonic()
+    image = source.open()
+    progress = Progress(image.label, image.size, len(image.layers), quiet=quiet)
+    try:
+        layers = source.fetch_layers(image, config, progress, scratch)
         progress.stage("building squashfs")
         squashfs = scratch / "rootfs.squashfs"
         build_squashfs(
-            layers, image_config, squashfs,
-            source_ref=str(ref), source_digest=digest,
+            layers, image.config, squashfs,
+            source_ref=image.label, source_digest=image.digest,
             compression=config["squashfs_compression"], level=config["squashfs_level"] or None,
             workdir=scratch,
         )
-        arch = (resolved.platform.architecture if resolved.platform else "") or image_config.get("architecture", "amd64")
         build_container_sif(
             tmp_sif, squashfs,
-            deffile=f"bootstrap: docker\nfrom: {ref.with_digest(digest)}\n".encode(),
-            json_objects={"oci-config.json": json.dumps(image_config.get("config") or {}, sort_keys=True).encode()},
-            arch=arch,
+            deffile=image.deffile.encode(),
+            json_objects={"oci-config.json": json.dumps(image.config.get("config") or {}, sort_keys=True).encode()},
+            arch=image.arch,
         )
         squashfs.unlink()
-        progress.close(f"{ref}: stored in {elapsed(start)}")
+        progress.close(f"{image.label}: stored in {elapsed(start)}")
     finally:
         progress.close()
 
