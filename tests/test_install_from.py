@@ -51,12 +51,15 @@ def skopeo_export(registry, repo: str, dest: str) -> None:
                     f"docker://{registry.host}/{repo}:1.0", dest], check=True, capture_output=True, timeout=60)
 
 
-def write_layout(directory: Path, image: it.Image, tag: str = "1.0") -> Path:
-    """An OCI image layout written by hand (what ``skopeo copy ... oci:DIR:TAG`` writes)."""
+def write_layout(directory: Path, image, tag: str = "1.0") -> Path:
+    """An OCI image layout written by hand (what ``skopeo copy ... oci:DIR:TAG`` writes) of an
+    image or a multi-platform index."""
     blobs = directory / "blobs" / "sha256"
     blobs.mkdir(parents=True)
-    for blob in image.blobs:
-        (blobs / blob.digest.split(":")[1]).write_bytes(blob.data)
+    for child in getattr(image, "children", (image,)):
+        for blob in child.blobs:
+            (blobs / blob.digest.split(":")[1]).write_bytes(blob.data)
+        (blobs / child.digest.split(":")[1]).write_bytes(child.manifest)
     (blobs / image.digest.split(":")[1]).write_bytes(image.manifest)
     (directory / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
     entry = {"mediaType": image.media_type, "digest": image.digest, "size": len(image.manifest),
@@ -171,6 +174,21 @@ def test_from_a_docker_archive_and_an_oci_archive_made_by_the_tests_install_and_
         assert proc.stdout.decode().splitlines() == ["hello from inside the image"]
 
 
+def test_a_multi_platform_layout_is_narrowed_like_a_registry_pull(site, tmp_path):
+    amd = from_image()
+    arm = it.make_image([it.make_layer([it.File("arch", "arm64\n")])], oci=True, architecture="arm64")
+    index = it.make_index({"linux/amd64": amd, "linux/arm64": arm}, oci=True)
+    layout = write_layout(tmp_path / "layout", index)
+    _recipe(site, "demo", "example.org/demo", {"1.0": "1.0"})
+    site.cli("--set", "platform=linux/arm64", "install", "demo:1.0", "--from", f"oci:{layout}:1.0", check=True)
+    record = json.loads((site.root / "wrappers/demo/1.0/install.json").read_text())
+    assert record["digest"] == index.digest  # stored under what the tag names, as a pull stores it
+    listing = subprocess.run(["siftool", "list", record["sif"]], capture_output=True, text=True, check=True).stdout
+    assert "FS (Squashfs/*System/arm64)" in listing
+    line = one_error(site.cli("--set", "platform=linux/s390x", "install", "demo:1.1", "--from", f"oci:{layout}"))
+    assert str(layout) in line and "no image for platform linux/s390x" in line and "linux/arm64" in line
+
+
 def test_a_layout_that_lies_about_a_digest_is_refused(site, tmp_path):
     image = from_image()
     layout = write_layout(tmp_path / "layout", image)
@@ -222,18 +240,29 @@ def test_hostile_docker_archives_are_refused(site, tmp_path):
         "points outside": ({"c.json": config}, [{"Config": "../secret.json", "Layers": []}], "'..' path"),
         "symlink out": ({"cfg.json": link}, [{"Config": "cfg.json", "Layers": []}], "links outside"),
         "missing layer": ({"c.json": config}, [{"Config": "c.json", "Layers": ["nope/layer.tar"]}], "rootfs.diff_ids"),
-        "deep json": ({}, None, "nested too deeply"),
+        "deep json": ({}, b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        "huge json": ({}, b" " * (5 << 20) + b"[]", "larger than"),
     }
     for what, (members, manifest, expected) in cases.items():
         archive = tmp_path / f"{what.replace(' ', '-')}.tar"
-        if manifest is None:
+        if isinstance(manifest, bytes):
             with tarfile.open(archive, "w") as tar:
-                data = b"[" * 100_000 + b"]" * 100_000
                 info = tarfile.TarInfo("manifest.json")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+                info.size = len(manifest)
+                tar.addfile(info, io.BytesIO(manifest))
         else:
             _docker_archive(archive, members, manifest)
         line = one_error(site.cli("install", "demo:1.0", "--from", f"docker-archive:{archive}"))
         assert str(archive) in line and expected in line, (what, line)
         assert_nothing_stored(site)
+
+
+def test_from_needs_a_known_recipe_and_a_version_and_excludes_sif(site, tmp_path):
+    _recipe(site, "demo", "example.org/demo", {"1.0": "1.0"})
+    layout = write_layout(tmp_path / "layout", from_image())
+    assert "unknown recipe" in one_error(site.cli("install", "nosuch:1.0", "--from", f"oci:{layout}"))
+    assert "needs a version" in one_error(site.cli("install", "demo", "--from", f"oci:{layout}"))
+    assert "expected oci:DIR" in one_error(site.cli("install", "demo:1.0", "--from", f"tarball:{layout}"))
+    proc = site.cli("install", "demo:1.0", "--from", f"oci:{layout}", "--sif", str(tmp_path / "x.sif"))
+    assert proc.returncode != 0 and "not allowed with" in proc.stderr
+    assert_nothing_stored(site)
