@@ -242,6 +242,8 @@ def test_hostile_docker_archives_are_refused(site, tmp_path):
         "missing layer": ({"c.json": config}, [{"Config": "c.json", "Layers": ["nope/layer.tar"]}], "rootfs.diff_ids"),
         "deep json": ({}, b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
         "huge json": ({}, b" " * (5 << 20) + b"[]", "larger than"),
+        "layer lies": ({"c.json": config, "0/layer.tar": it.make_tar({"x": "y"}), "1/layer.tar": b""},
+                       [{"Config": "c.json", "Layers": ["0/layer.tar", "1/layer.tar"]}], "but the config says"),
     }
     for what, (members, manifest, expected) in cases.items():
         archive = tmp_path / f"{what.replace(' ', '-')}.tar"
@@ -255,6 +257,21 @@ def test_hostile_docker_archives_are_refused(site, tmp_path):
         line = one_error(site.cli("install", "demo:1.0", "--from", f"docker-archive:{archive}"))
         assert str(archive) in line and expected in line, (what, line)
         assert_nothing_stored(site)
+
+
+def test_a_docker_archive_with_a_layer_linked_inside_it_installs(site, tmp_path):
+    """Old ``docker save`` links a layer.tar an image repeats to its first copy."""
+    layer = it.make_layer([it.File("hello.txt", "hi\n")], None)
+    image = it.make_image([layer, layer])
+    link = tarfile.TarInfo("1/layer.tar")
+    link.type, link.linkname = tarfile.SYMTYPE, "../0/layer.tar"
+    archive = _docker_archive(tmp_path / "linked.tar", {"c.json": image.config.data, "0/layer.tar": layer.data,
+                                                        "1/layer.tar": link},
+                              [{"Config": "c.json", "RepoTags": None, "Layers": ["0/layer.tar", "1/layer.tar"]}])
+    _recipe(site, "demo", "example.org/demo", {"1.0": "1.0"})
+    site.cli("install", "demo:2.0", "--from", f"docker-archive:{archive}", check=True)
+    record = json.loads((site.root / "wrappers/demo/2.0/install.json").read_text())
+    assert record["tag"] == "2.0" and record["digest"] == image.config.digest  # no RepoTags: the version
 
 
 def test_from_needs_a_known_recipe_and_a_version_and_excludes_sif(site, tmp_path):

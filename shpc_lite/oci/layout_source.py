@@ -323,10 +323,11 @@ def _pick_entry(where: str, entries: List[Descriptor], selector: str) -> Tuple[L
 
 
 def _choose(where: str, index: Manifest, want: Platform) -> Descriptor:
+    """The registry client's platform choice; its message names the archive, not a reference."""
     try:
         return RegistryClient.choose_platform(index, want)
     except RegistryError as err:
-        raise PullError(f"{where}: {err}") from None
+        raise PullError(f"{where}: {str(err).removeprefix(f'{index.reference}: ')}") from None
 
 
 def _select_oci(reader: _Reader, spec: LocalSpec, ref: "ImageReference", want: Platform) -> _Selected:
@@ -340,10 +341,9 @@ def _select_oci(reader: _Reader, spec: LocalSpec, ref: "ImageReference", want: P
         listing = json.dumps({"manifests": [{"mediaType": d.media_type, "digest": d.digest, "size": d.size,
                                              "platform": _platform_json(d.platform)} for d in entries]}).encode()
         chosen = _choose(where, Manifest(ref, OCI_INDEX, "", listing), want)
-        store_digest = chosen.digest
     else:
         chosen = entries[0]
-        store_digest = chosen.digest
+    store_digest = chosen.digest  # what the selection names, as a registry tag names its digest
     data = _read_blob(reader, where, chosen, MAX_MANIFEST_BYTES)
     doc = parse_json_object(where, f"manifest {chosen.digest}", data)
     arch = chosen.platform.architecture if chosen.platform else ""
