@@ -198,6 +198,9 @@ def recipe_from_dict(data: Any, source: str) -> Recipe:
         if not argv:
             raise RecipeError(f"{source}: aliases.{name}: empty command")
         options = _words(spec.get("options", []), f"aliases.{name}.options", source)
+        if name in {f"{data['name']}-{sub}" for sub in ("shell", "exec", "run")}:
+            # the generated wrapper of that name would silently replace the alias
+            raise RecipeError(f"{source}: aliases.{name}: the name is taken by the generated {name} command")
         aliases.append(Alias(name, argv, options))
     select = None
     if "select" in data:
