@@ -39,7 +39,8 @@ from shpc_lite.recipe import SAFE_NAME, SAFE_VERSION, recipe_from_dict
 from shpc_lite.shpc_import import convert
 from shpc_lite.tags import is_signature_tag
 from tests.conftest import read_record
-from tests.modsys import have, run_bash
+from tests.modsys import run_bash
+from tests.needs import need_system
 from tests.test_cli_errors import _assert_one_line_error
 
 SENTINEL = Path(tempfile.gettempdir()) / f"shpc-lite-hostile-sentinel-{os.getpid()}"
@@ -67,16 +68,6 @@ PAYLOADS = [
     "\nbind: ['/:/hostroot']\n#",
 ]
 SYSTEMS = ["lmod", "tcl"]
-
-
-def require(system: str) -> None:
-    """Skip where the module system is missing, but fail on CI (CI=true): there it must run."""
-    if have(system):
-        return
-    message = f"{system}: module system not installed (see tests/modsys.py)"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(message, pytrace=False)
-    pytest.skip(message)
 
 
 @pytest.fixture(autouse=True)
@@ -117,7 +108,7 @@ def _session(system: str, modules: Path, module: str, commands: list[str], env: 
 @pytest.mark.parametrize("system", SYSTEMS)
 def test_brace_in_text_fields_stays_text(site, small_sif, system):
     """Defect 1: a } in description, url or an alias command closed ``proc ModulesHelp {} {``."""
-    require(system)
+    need_system(system)
     payload = f"harmless }} ; exec touch {S} ; list {{"
     site.write_recipe("demo", _recipe_text(description=payload, url=payload,
                                            aliases={"tool": ["/bin/tool", payload]}))
@@ -382,7 +373,7 @@ def _property(site: Any, sif: Path, system: str, strategy: st.SearchStrategy,
               write: Callable[[Example, Any], Optional[tuple[Path, str]]]) -> None:
     """For each drawn document: ``write`` makes a recipe file (or returns None: refused on the
     way), which is installed and loaded, or refused with one line."""
-    require(system)
+    need_system(system)
     loaded = []
 
     @SETTINGS

@@ -3,8 +3,6 @@ inside a braced Tcl body, and comment text never ends its comment line."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 
 import pytest
@@ -13,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shpc_lite.quoting import FILTERS, UnsafeValueError, comment, lua_quote, sh_name, sh_quote, tcl_quote, word
+from tests.needs import need_program
 
 # Anything a YAML file or argv can carry: no NUL, no lone surrogates.
 TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"), max_size=40)
@@ -21,28 +20,17 @@ NASTY = ["", "'", '"', "\\", "$(id)", "`id`", "${HOME}", "[exec id]", "]]", "{",
          "\x85\u2028\u2029", "}\n}\n{", "\\{", "\\}", '\\"', "#", "--[[", "\\u0041"]
 
 
-def _need(program: str) -> str:
-    """The interpreter's path; skipped where it is missing, but on CI (CI=true) that fails."""
-    path = shutil.which(program)
-    if path is None:
-        message = f"{program} is not installed (dash, lua5.3 from Debian lmod, tclsh8.6)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
-    return path
-
-
 def _run(argv: list[str], program: str) -> bytes:
     return subprocess.run(argv, input=program.encode(), capture_output=True, check=True, timeout=20).stdout
 
 
 def _sh(value: str) -> bytes:
     """The value printed by dash, after a comment line holding it."""
-    return _run([_need("dash"), "-s"], f"# {comment(value)}\nprintf %s {sh_quote(value)}")
+    return _run([need_program("dash"), "-s"], f"# {comment(value)}\nprintf %s {sh_quote(value)}")
 
 
 def _lua(value: str) -> bytes:
-    return _run([_need("lua5.3"), "-"], f"-- {comment(value)}\nio.write({lua_quote(value)})")
+    return _run([need_program("lua5.3"), "-"], f"-- {comment(value)}\nio.write({lua_quote(value)})")
 
 
 TCL_BINARY = "encoding system utf-8\nfconfigure stdout -translation binary -encoding utf-8\n"
@@ -54,7 +42,7 @@ def _tcl(value: str) -> bytes:
     program = (f"{TCL_BINARY}## {comment(value)}\nputs -nonewline {word_}\n"
                f"proc p {{}} {{\n    puts -nonewline {word_}\n}}\np\n"
                f"if {{1}} {{ puts -nonewline {word_} }}\n")
-    return _run([_need("tclsh8.6")], program)
+    return _run([need_program("tclsh8.6")], program)
 
 
 def _yaml(value: str) -> object:
@@ -85,13 +73,13 @@ def test_brace_payload_cannot_close_a_braced_tcl_body(tmp_path):
     sentinel = tmp_path / "PWN"
     value = f"harmless }} ; exec touch {sentinel} ; list {{"
     program = f"{TCL_BINARY}proc ModulesHelp {{}} {{\n    puts -nonewline {tcl_quote(value)}\n}}\nModulesHelp\n"
-    assert _run([_need("tclsh8.6")], program) == value.encode()
+    assert _run([need_program("tclsh8.6")], program) == value.encode()
     assert not sentinel.exists()
 
 
 def test_comment_backslash_does_not_continue_a_tcl_comment():
     """A Tcl comment ending in an odd number of backslashes swallows the next line."""
-    out = _run([_need("tclsh8.6")], f"{TCL_BINARY}## {comment('x' + chr(92))}\nputs -nonewline ok\n")
+    out = _run([need_program("tclsh8.6")], f"{TCL_BINARY}## {comment('x' + chr(92))}\nputs -nonewline ok\n")
     assert out == b"ok"
 
 
