@@ -337,22 +337,23 @@ class Example:
         return lines[0]
 
     def check_loaded(self, recipe_path: Path, version: str, args: list[str]) -> None:
-        """Load the installed module in the real module system, call every alias, compare what
-        the runtime stand-in received with the recipe as the file holds it."""
+        """Load the installed module in the real module system, call every alias and the
+        generated NAME-exec/-run/-shell, and compare what the runtime stand-in received with the
+        recipe as the file holds it."""
         recipe = recipe_from_dict(yaml.safe_load(recipe_path.read_text(encoding="utf-8")), str(recipe_path))
-        meta = json.loads((self.root / "wrappers" / recipe.name / version / "install.json").read_text())
-        commands = [a.name for a in recipe.aliases]
-        _, records = _session(self.system, self.root / "modules", f"{recipe.name}/{version}", commands,
-                              self.env, tuple(args))
+        sif = json.loads((self.root / "wrappers" / recipe.name / version / "install.json").read_text())["sif"]
         options: list[str] = []
         for path in recipe.bind:
             options += ["-B", path]
         home = recipe.features.home
         options += ["--no-home"] if home is False else ["--home", home] if isinstance(home, str) else []
-        for alias, record in zip(recipe.aliases, records):
+        expected = {a.name: ["exec", *options, *a.options, sif, *a.argv, *args] for a in recipe.aliases}
+        expected.update({f"{recipe.name}-{sub}": [sub, *options, sif, *args] for sub in ("exec", "run", "shell")})
+        _, records = _session(self.system, self.root / "modules", f"{recipe.name}/{version}", list(expected),
+                              self.env, tuple(args))
+        for (command, want), record in zip(expected.items(), records):
             argv, env = read_record(SimpleNamespace(env={"SHPC_LITE_TEST_RECORD": str(record)}))
-            expected = ["exec", *options, *alias.options, meta["sif"], *alias.argv, *args]
-            assert argv == [a.encode() for a in expected], alias.name
+            assert argv == [a.encode() for a in want], command
             for key, value in recipe.env:
                 assert env[f"SINGULARITYENV_{key}".encode()] == value.encode(), key
 
