@@ -17,10 +17,10 @@ from typing import Any, Iterable, Iterator, Optional
 
 from shpc_lite.errors import NotFoundError, RecipeError
 
-# Names and versions become file names and words of generated code. Anchored with \Z and used
-# with .match (callers elsewhere rely on that): Python's $ also matches before a final "\n".
-SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}\Z")
-SAFE_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}\Z")
+# Names and versions become file names and words of generated code. Anchored with \A and \Z,
+# not ^ and $: Python's $ also matches before a final "\n" (and callers use .match).
+SAFE_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._+-]{0,63}\Z")
+SAFE_VERSION = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._+-]{0,127}\Z")
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,7 @@ def _strings(data: Any, where: tuple = ()) -> Iterator[tuple[tuple, str, bool]]:
         for key, value in data.items():
             if isinstance(key, str):
                 yield where, key, True
-            yield from _strings(value, where + (key,))
+            yield from _strings(value, where + (str(key),))
     elif isinstance(data, list):
         for i, value in enumerate(data):
             yield from _strings(value, where + (i,))
