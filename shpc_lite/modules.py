@@ -142,17 +142,21 @@ def make_spec(
 def _environment() -> Any:
     import jinja2
 
+    from shpc_lite import quoting
     from shpc_lite.resources import templates_dir
 
+    # Templates write code for sh, Lua and Tcl: every value goes through the quoting filter of its
+    # context, and ``finalize`` refuses one that did not (recipe text must never become code).
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(templates_dir())),
         autoescape=False,
         undefined=jinja2.StrictUndefined,
+        finalize=quoting.finalize,
         keep_trailing_newline=True,
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters.update(sh=sh_quote, lua=lua_quote, tcl=tcl_quote)
+    env.filters.update(quoting.FILTERS)
     return env
 
 

@@ -17,8 +17,10 @@ from typing import Any, Iterable, Iterator, Optional
 
 from shpc_lite.errors import NotFoundError, RecipeError
 
-SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
-SAFE_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
+# Names and versions become file names and words of generated code. Anchored with \A and \Z,
+# not ^ and $: Python's $ also matches before a final "\n" (and callers use .match).
+SAFE_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._+-]{0,63}\Z")
+SAFE_VERSION = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._+-]{0,127}\Z")
 
 
 @dataclass(frozen=True)
@@ -90,8 +92,53 @@ def _validator() -> Any:
     return jsonschema.Draft202012Validator(schema)
 
 
+_PLAIN_KEY = re.compile(r"[\w.+-]+")
+
+
+def _path(parts: Iterable[Any]) -> str:
+    """A field path for an error line: ``aliases.tool.command[1]``; odd keys (newlines, spaces)
+    as repr, so the message stays one line."""
+    out = ""
+    for part in parts:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            text = str(part)
+            out += ("." if out else "") + (text if _PLAIN_KEY.fullmatch(text) else repr(text))
+    return out or "(top level)"
+
+
 def _field(error: Any) -> str:
-    return ".".join(str(p) for p in error.absolute_path) or "(top level)"
+    return _path(error.absolute_path)
+
+
+def _strings(data: Any, where: tuple = ()) -> Iterator[tuple[tuple, str, bool]]:
+    """Every string of a parsed document, keys included: (path, string, is_key)."""
+    if isinstance(data, str):
+        yield where, data, False
+    elif isinstance(data, dict):
+        for key, value in data.items():
+            if isinstance(key, str):
+                yield where, key, True
+            yield from _strings(value, where + (str(key),))
+    elif isinstance(data, list):
+        for i, value in enumerate(data):
+            yield from _strings(value, where + (i,))
+
+
+def _check_text(data: Any, source: str) -> None:
+    """Refuse what no generated file can carry faithfully: a NUL byte (dropped by sh, cut short by
+    C strings: a command or bind would silently change) and lone surrogates (not UTF-8)."""
+    for where, text, is_key in _strings(data):
+        problem = "a NUL byte" if "\0" in text else None
+        if problem is None:
+            try:
+                text.encode("utf-8")
+                continue
+            except UnicodeEncodeError:
+                problem = "a character that is not valid Unicode (a lone surrogate)"
+        what = f"{_path(where)}: name {text!r}" if is_key else _path(where)
+        raise RecipeError(f"{source}: {what}: contains {problem}, which recipe text cannot hold")
 
 
 def _explain(error: Any) -> str:
@@ -110,7 +157,8 @@ def _explain(error: Any) -> str:
         for sub in error.context or []:
             bad = sub.instance
         label = {"aliases": "alias name", "versions": "version", "env": "env name"}.get(where, "key")
-        return f"{where}: unsafe {label} {bad!r} (allowed: letters, digits and . _ + -)"
+        allowed = "letters, digits and _, not first a digit" if where == "env" else "letters, digits and . _ + -"
+        return f"{where}: unsafe {label} {bad!r} (allowed: {allowed})"
     if kind == "pattern":
         return f"{where}: {error.instance!r} has characters that are not allowed"
     if kind == "enum":
@@ -135,6 +183,7 @@ def recipe_from_dict(data: Any, source: str) -> Recipe:
     """Validate one parsed recipe document; errors name the file and the field."""
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: expected a mapping of fields, got {type(data).__name__}")
+    _check_text(data, source)
     errors = sorted(_validator().iter_errors(data), key=lambda e: (len(e.absolute_path), str(e.absolute_path)))
     if errors:
         raise RecipeError(f"{source}: {_explain(errors[0])}")
@@ -149,6 +198,9 @@ def recipe_from_dict(data: Any, source: str) -> Recipe:
         if not argv:
             raise RecipeError(f"{source}: aliases.{name}: empty command")
         options = _words(spec.get("options", []), f"aliases.{name}.options", source)
+        if name in {f"{data['name']}-{sub}" for sub in ("shell", "exec", "run")}:
+            # the generated wrapper of that name would silently replace the alias
+            raise RecipeError(f"{source}: aliases.{name}: the name is taken by the generated {name} command")
         aliases.append(Alias(name, argv, options))
     select = None
     if "select" in data:
@@ -170,8 +222,6 @@ def recipe_from_dict(data: Any, source: str) -> Recipe:
         raise RecipeError(f"{source}: missing field 'versions' (or a 'select' rule)")
     features = Features(**(data.get("features") or {}))
     env = tuple((k, _env_value(v)) for k, v in (data.get("env") or {}).items())
-    if any("\0" in v for _, v in env):
-        raise RecipeError(f"{source}: env: values cannot contain NUL bytes")
     return Recipe(
         name=data["name"],
         image=data["image"],

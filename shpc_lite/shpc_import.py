@@ -21,8 +21,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from shpc_lite.errors import RecipeError
+from shpc_lite.errors import RecipeError, ReferenceError_
 from shpc_lite.oci.reference import parse_reference
+from shpc_lite.quoting import comment
 from shpc_lite.recipe import SAFE_NAME, SAFE_VERSION, recipe_from_dict
 from shpc_lite.tags import is_signature_tag
 from shpc_lite.versions import version_key
@@ -61,7 +62,10 @@ def convert(doc: Any, source: str, gpu: str = "nvidia") -> Converted:
     if not doc.get("docker"):
         kind = next((k for k in UNSUPPORTED_SOURCES if doc.get(k)), None)
         raise SkipRecipe(f"{source}: {UNSUPPORTED_SOURCES[kind] if kind else 'no docker: image'}")
-    image = parse_reference(str(doc["docker"]))
+    try:
+        image = parse_reference(str(doc["docker"]))
+    except ReferenceError_ as err:
+        raise SkipRecipe(f"{source}: {err}") from None
     notes: list[str] = []
     versions: dict[str, dict[str, str]] = {}
     dropped = []
@@ -75,10 +79,10 @@ def convert(doc: Any, source: str, gpu: str = "nvidia") -> Converted:
             pin["digest"] = digest
         versions[tag] = pin
     if dropped:
-        notes.append(f"left out {len(dropped)} signature or oddly named tag(s): {', '.join(dropped[:4])}"
+        notes.append(f"left out {len(dropped)} signature or oddly named tag(s): {', '.join(map(repr, dropped[:4]))}"
                      + (" ..." if len(dropped) > 4 else ""))
     if not versions:
-        raise SkipRecipe(f"{source}: no installable tags (only {', '.join(dropped) or 'none'})")
+        raise SkipRecipe(f"{source}: no installable tags (only {', '.join(map(repr, dropped)) or 'none'})")
     aliases, bad = _aliases(doc.get("aliases"))
     if bad:
         notes.append(f"left out alias(es) with unsafe names: {', '.join(map(repr, bad))}")
@@ -161,6 +165,16 @@ def finish(name: str, recipe: Converted) -> dict[str, Any]:
 
 
 def header(recipe: Converted) -> str:
-    lines = [f"# Imported from shpc recipe {recipe.source} by `shpc-lite import-shpc`."]
-    lines += [f"# Note: {note}" for note in recipe.notes]
-    return "\n".join(lines) + "\n"
+    """Comment lines for the top of the written file. Each text goes through ``comment`` (line
+    breaks escaped): a tag or path from the shpc recipe must never start a YAML line of its own."""
+    lines = [f"Imported from shpc recipe {recipe.source} by `shpc-lite import-shpc`."]
+    lines += [f"Note: {note}" for note in recipe.notes]
+    return "".join(f"# {comment(line)}\n" for line in lines)
+
+
+def document(recipe: Converted, data: dict[str, Any]) -> str:
+    """The recipe file for ``data`` (from ``finish``): sanitised comment lines, then YAML written
+    by the serializer only, never by formatting strings."""
+    import yaml
+
+    return header(recipe) + yaml.safe_dump(data, sort_keys=False, width=100)

@@ -20,7 +20,7 @@ from shpc_lite.errors import ResolveError
 from shpc_lite.recipe import SAFE_VERSION, SelectRule
 
 # cosign signatures, attestations and SBOMs are stored as tags named after the image digest.
-SIGNATURE_TAG = re.compile(r"^sha(?:256|384|512)-[0-9a-fA-F]+\.(?:sig|att|sbom)$")
+SIGNATURE_TAG = re.compile(r"\Asha(?:256|384|512)-[0-9a-fA-F]+\.(?:sig|att|sbom)\Z")  # \Z: no final newline
 NEVER = frozenset({"latest"})
 PER = {"version": None, "minor": 2, "major": 1}
 

@@ -2,6 +2,9 @@
 
 A change to a template shows up here as a diff to review. Regenerate on purpose with
 SHPC_LITE_UPDATE_GOLDEN=1 python -m pytest tests/test_golden.py
+
+tests/data/hostile/hostile.yaml (braces, brackets, quotes, $, backticks, newlines in every text
+field) is rendered too, into tests/golden/hostile/: how each context quotes it is reviewed there.
 """
 
 from __future__ import annotations
@@ -18,13 +21,14 @@ from shpc_lite.recipe import RecipeIndex
 from shpc_lite.resources import builtin_registry
 
 GOLDEN = Path(__file__).parent / "golden"
+HOSTILE = Path(__file__).parent / "data" / "hostile"
 NAMES = RecipeIndex([builtin_registry()]).names()
 UPDATE = os.environ.get("SHPC_LITE_UPDATE_GOLDEN") == "1"
 
 
-def _rendered(name: str) -> dict[str, str]:
+def _rendered(name: str, registry: Path) -> dict[str, str]:
     config = load_config({"root": "/srv/shpc-lite", "bind_paths": "/scratch"}, environ={})
-    recipe = RecipeIndex([builtin_registry()]).get(name)
+    recipe = RecipeIndex([registry]).get(name)
     pin = recipe.versions[0]
     digest = "sha256:" + "0123456789abcdef" * 4
     sif = config.layout.containers / f"sha256-{'0123456789abcdef' * 4}.sif"
@@ -40,10 +44,10 @@ def _rendered(name: str) -> dict[str, str]:
     return out
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_golden(name):
+@pytest.mark.parametrize("name, registry", [*((n, builtin_registry()) for n in NAMES), ("hostile", HOSTILE)])
+def test_golden(name, registry):
     assert {"python", "pytorch", "tensorflow", "ngc-pytorch", "ngc-tensorflow"} <= set(NAMES)
-    for rel, text in _rendered(name).items():
+    for rel, text in _rendered(name, registry).items():
         path = GOLDEN / name / rel
         if UPDATE:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,50 +1,113 @@
-"""The quoting helpers against the real interpreters: any string comes back out unchanged."""
+"""The quoting helpers against the real interpreters: any string comes back out unchanged, also
+inside a braced Tcl body, and comment text never ends its comment line."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 
 import pytest
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shpc_lite.quoting import lua_quote, sh_quote, tcl_quote
+from shpc_lite.quoting import FILTERS, UnsafeValueError, comment, lua_quote, sh_name, sh_quote, tcl_quote, word
+from tests.needs import need_program
 
 # Anything a YAML file or argv can carry: no NUL, no lone surrogates.
 TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"), max_size=40)
 NASTY = ["", "'", '"', "\\", "$(id)", "`id`", "${HOME}", "[exec id]", "]]", "{", "}", "a\nb", "\t", "*", "\x7f",
-         "\x01", "]]--", "\\n", "end)", "; rm -rf /", "é€😀"]
+         "\x01", "]]--", "\\n", "end)", "; rm -rf /", "é€😀", "} ; exec id ; list {", "\\\n", "a\\", "\r", "\x1a",
+         "\x85\u2028\u2029", "}\n}\n{", "\\{", "\\}", '\\"', "#", "--[[", "\\u0041"]
 
 
-def _roundtrip(argv: list[str], program: str) -> bytes:
+def _run(argv: list[str], program: str) -> bytes:
     return subprocess.run(argv, input=program.encode(), capture_output=True, check=True, timeout=20).stdout
 
 
+def _sh(value: str) -> bytes:
+    """The value printed by dash, after a comment line holding it."""
+    return _run([need_program("dash"), "-s"], f"# {comment(value)}\nprintf %s {sh_quote(value)}")
+
+
+def _lua(value: str) -> bytes:
+    return _run([need_program("lua5.3"), "-"], f"-- {comment(value)}\nio.write({lua_quote(value)})")
+
+
+TCL_BINARY = "encoding system utf-8\nfconfigure stdout -translation binary -encoding utf-8\n"
+
+
+def _tcl(value: str) -> bytes:
+    """Standalone word, then in a proc body and an if body (braced: braces are counted)."""
+    word_ = tcl_quote(value)
+    program = (f"{TCL_BINARY}## {comment(value)}\nputs -nonewline {word_}\n"
+               f"proc p {{}} {{\n    puts -nonewline {word_}\n}}\np\n"
+               f"if {{1}} {{ puts -nonewline {word_} }}\n")
+    return _run([need_program("tclsh8.6")], program)
+
+
+def _yaml(value: str) -> object:
+    return yaml.safe_load(f"# {comment(value)}\nkey: 1\n")
+
+
+def _check_all(value: str) -> None:
+    assert _sh(value) == value.encode()
+    assert _lua(value) == value.encode()
+    assert _tcl(value) == value.encode() * 3
+    assert _yaml(value) == {"key": 1}
+    assert "\n" not in comment(value) and "\r" not in comment(value)
+
+
 @pytest.mark.parametrize("value", NASTY)
-def test_sh_quote_is_literal(value):
-    assert _roundtrip(["dash", "-s"], f"printf %s {sh_quote(value)}") == value.encode()
-
-
-@pytest.mark.skipif(not shutil.which("lua5.3"), reason="lua5.3 not installed (comes with Debian lmod)")
-@pytest.mark.parametrize("value", NASTY)
-def test_lua_quote_is_literal(value):
-    assert _roundtrip(["lua5.3", "-"], f"io.write({lua_quote(value)})") == value.encode()
-
-
-@pytest.mark.skipif(not shutil.which("tclsh8.6"), reason="tclsh8.6 not installed")
-@pytest.mark.parametrize("value", NASTY)
-def test_tcl_quote_is_literal(value):
-    program = f"fconfigure stdout -translation binary -encoding utf-8\nputs -nonewline {tcl_quote(value)}"
-    assert _roundtrip(["tclsh8.6"], "encoding system utf-8\n" + program) == value.encode()
+def test_quoting_is_literal_in_sh_lua_tcl_and_comments(value):
+    _check_all(value)
 
 
 @settings(max_examples=60, deadline=None)
 @given(TEXT)
-def test_all_three_quotings_roundtrip(value):
-    assert _roundtrip(["dash", "-s"], f"printf %s {sh_quote(value)}") == value.encode()
-    if shutil.which("lua5.3"):
-        assert _roundtrip(["lua5.3", "-"], f"io.write({lua_quote(value)})") == value.encode()
-    if shutil.which("tclsh8.6"):
-        program = f"fconfigure stdout -translation binary -encoding utf-8\nputs -nonewline {tcl_quote(value)}"
-        assert _roundtrip(["tclsh8.6"], "encoding system utf-8\n" + program) == value.encode()
+def test_all_quotings_roundtrip(value):
+    _check_all(value)
+
+
+def test_brace_payload_cannot_close_a_braced_tcl_body(tmp_path):
+    """The issue 9 description: inside ``proc ModulesHelp {} { puts stderr "..." }``."""
+    sentinel = tmp_path / "PWN"
+    value = f"harmless }} ; exec touch {sentinel} ; list {{"
+    program = f"{TCL_BINARY}proc ModulesHelp {{}} {{\n    puts -nonewline {tcl_quote(value)}\n}}\nModulesHelp\n"
+    assert _run([need_program("tclsh8.6")], program) == value.encode()
+    assert not sentinel.exists()
+
+
+def test_comment_backslash_does_not_continue_a_tcl_comment():
+    """A Tcl comment ending in an odd number of backslashes swallows the next line."""
+    out = _run([need_program("tclsh8.6")], f"{TCL_BINARY}## {comment('x' + chr(92))}\nputs -nonewline ok\n")
+    assert out == b"ok"
+
+
+@pytest.mark.parametrize("check, good, bad", [
+    (word, ["--nv", "exec", "0.1.0", "auto"], ["", "a b", "$(id)", "x\n", "a;b", "'"]),
+    (sh_name, ["SINGULARITYENV_FOO", "_x1"], ["", "1A", "FOO\n", "A-B", "A=B", "$A"]),
+])
+def test_bare_words_are_checked_never_quoted(check, good, bad):
+    for value in good:
+        assert check(value) == value
+    for value in bad:
+        with pytest.raises(UnsafeValueError):
+            check(value)
+
+
+@pytest.mark.parametrize("name", ["sh", "lua", "tcl", "comment", "text"])
+def test_nul_cannot_be_written(name):
+    with pytest.raises(UnsafeValueError, match="NUL"):
+        FILTERS[name]("a\0b")
+
+
+def test_templates_refuse_a_value_without_a_quoting_filter():
+    """A new ``{{ value }}`` written raw into a template fails at once (``finalize``)."""
+    from shpc_lite.modules import _environment
+
+    env = _environment()
+    assert env.from_string("x={{ v|sh }} {{ v|tcl }} {{ v|lua }}").render(v="a b") == """x='a b' "a b" "a b\""""
+    with pytest.raises(UnsafeValueError, match="not quoted"):
+        env.from_string("x={{ v }}").render(v="a b")
+    with pytest.raises(UnsafeValueError, match="not quoted"):
+        env.from_string("x={{ v ~ 'y' }}").render(v="a b")

@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from tests.conftest import read_record
-from tests.modsys import have, run_bash
+from tests.modsys import run_bash
+from tests.needs import need_system
 
 HERE = Path(__file__).parent
 SAMPLES = HERE / "data" / "shpc-recipes"
@@ -62,9 +63,9 @@ def test_import_carries_over_what_shpc_offered(site):
     assert yaml.safe_load((amd / "nvidia-pytorch.yaml").read_text())["features"] == {"gpu": "amd"}
 
 
-@pytest.mark.skipif(not have("lmod"), reason="Debian lmod not installed")
 def test_imported_recipe_installs_and_its_aliases_run(site, small_sif):
     """The stand-in runtime records what the wrappers exec (no Apptainer on this OS)."""
+    need_system("lmod")
     out, _ = _import(site, SAMPLES)
     for spec in ("node:18.7", "tensorflow-notebook:latest"):
         site.cli("--registry", str(out), "install", spec, "--sif", str(small_sif), check=True)

@@ -75,7 +75,7 @@ def run(args: argparse.Namespace, config) -> int:
             continue
         written[name] = recipe.source
         if not args.dry_run:
-            atomic_write(target, shpc_import.header(recipe) + yaml.safe_dump(data, sort_keys=False, width=100))
+            atomic_write(target, shpc_import.document(recipe, data))
         if not args.quiet:
             print(f"{'would import' if args.dry_run else 'imported'} {name} ({recipe.image}, "
                   f"{len(data['versions'])} versions) from {recipe.source}")
