@@ -20,6 +20,16 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "requires(ok, reason): a real part the test needs (tests/needs.py)")
+
+
+def pytest_runtest_setup(item):
+    from tests.needs import check_requirements
+
+    check_requirements(item)
+
+
 @dataclass
 class Site:
     """An isolated shpc-lite setup: its own root, config dirs, recipes dir and runtime stand-in."""
@@ -93,7 +103,9 @@ def read_record(site: Site) -> tuple[list[bytes], dict[bytes, bytes]]:
 def small_sif(tmp_path_factory) -> Path:
     """A real, small SIF: a squashfs made by mksquashfs wrapped by shpc-lite's SIF writer."""
     if not shutil.which("mksquashfs"):
-        pytest.skip("mksquashfs (squashfs-tools) is not installed")
+        from tests.needs import missing
+
+        missing("mksquashfs (squashfs-tools) is not installed")
     from shpc_lite.sif import build_container_sif
 
     tmp = tmp_path_factory.mktemp("sif")

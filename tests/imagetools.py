@@ -20,16 +20,15 @@ import gzip
 import hashlib
 import io
 import json
-import os
-import shutil
 import subprocess
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
-import pytest
 import requests
+
+from tests.needs import need_tools
 
 from shpc_lite.oci.client import (
     DOCKER_MANIFEST,
@@ -170,16 +169,6 @@ def make_tar(entries: Entries) -> bytes:
 
 # ------------------------------------------------------------------- layers written by real tar tools
 
-def needs_tools(*names: str) -> None:
-    """Skip the calling test when a tool is missing; under ``CI=true`` fail it instead (CI must have them)."""
-    missing = [name for name in names if shutil.which(name) is None]
-    if missing:
-        message = f"needs {', '.join(missing)} on PATH"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message + " (CI=true: a missing tool is a failure, not a skip)")
-        pytest.skip(message)
-
-
 def make_sparse_file(path: Path, size: int, chunks: Mapping[int, bytes]) -> Path:
     """A file with holes, made as users make them: ``truncate -s SIZE`` then ``dd conv=notrunc``."""
     subprocess.run(["truncate", "-s", str(size), str(path)], check=True)
@@ -213,7 +202,7 @@ def tar_directory(writer: str, src: Path) -> bytes:
         with tarfile.open(fileobj=buf, mode="w", format=fmt, encoding="utf-8") as tar:
             tar.add(str(src), arcname=".")
         return buf.getvalue()
-    needs_tools(argv[0])
+    need_tools(argv[0])
     proc = subprocess.run([*argv, "-cf", "-", "."], cwd=src, capture_output=True, check=False)
     if proc.returncode != 0:
         raise AssertionError(f"{writer} failed: {proc.stderr.decode(errors='replace')}")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import shutil
 
-import pytest
 
 from shpc_lite.layout import Layout
 from shpc_lite.store import digest_lock
@@ -13,11 +12,12 @@ from tests import imagetools as it
 from tests.modsys import have
 from tests.proxy import Proxy
 from tests.test_install_pull import _recipe
+from tests.needs import requires
 
-pytestmark = pytest.mark.skipif(not shutil.which("mksquashfs"), reason="squashfs-tools not installed")
+pytestmark = requires(shutil.which("mksquashfs"), reason="squashfs-tools not installed")
 
 
-@pytest.mark.skipif(not have("lmod"), reason="Debian lmod not installed (its spider cache must survive clean)")
+@requires(have("lmod"), reason="Debian lmod not installed (its spider cache must survive clean)")
 def test_clean_frees_the_blob_cache_and_modules_keep_working(site, registry, unique_repo):
     layer = it.make_layer([it.File("usr/bin/tool", "#!/bin/sh\necho tool\n", 0o755)])
     registry.pusher().push_image(unique_repo, it.make_image([layer]), tags=["1.0"])

@@ -13,20 +13,20 @@ import os
 import shutil
 from pathlib import Path
 
-import pytest
 
 from tests import imagetools as it
 from tests.modsys import have, run_bash
 from tests.test_install_pull import _recipe
+from tests.needs import requires
 
 BUSYBOX = Path("/bin/busybox")
 pytestmark = [
-    pytest.mark.skipif(not (shutil.which("ch-run") and shutil.which("squashfuse")),
+    requires((shutil.which("ch-run") and shutil.which("squashfuse")),
                        reason="Charliecloud (ch-run) or squashfuse not installed (.ci/run installs them)"),
-    pytest.mark.skipif(not BUSYBOX.is_file(), reason="busybox-static not installed (.ci/run installs it)"),
-    pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/fuse"), reason="squashfuse needs root and /dev/fuse"),
-    pytest.mark.skipif(not have("lmod"), reason="Debian lmod not installed"),
-    pytest.mark.skipif(not shutil.which("mksquashfs"), reason="squashfs-tools not installed"),
+    requires(BUSYBOX.is_file(), reason="busybox-static not installed (.ci/run installs it)"),
+    requires(os.geteuid() == 0 and os.path.exists("/dev/fuse"), reason="squashfuse needs root and /dev/fuse"),
+    requires(have("lmod"), reason="Debian lmod not installed"),
+    requires(shutil.which("mksquashfs"), reason="squashfs-tools not installed"),
 ]
 
 

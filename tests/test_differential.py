@@ -28,6 +28,7 @@ from shpc_lite.config import load_config
 from shpc_lite.oci.reference import parse_reference
 from shpc_lite.pull.apptainer_files import apptainer_files
 from tests import imagetools as it
+from tests.needs import need_tools
 from tests.test_install_pull import _sif_tree
 
 MTIME = 1_700_000_000
@@ -108,7 +109,7 @@ def _upper_layer(src: Path) -> None:
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory) -> Tuple[Path, Path]:
-    it.needs_tools("truncate", "dd")
+    need_tools("truncate", "dd")
     base = tmp_path_factory.mktemp("differential-src")
     lower, upper = base / "lower", base / "upper"
     lower.mkdir()
@@ -161,7 +162,7 @@ def apptainer_paths() -> set:
 
 def reference_unpack(registry, ref: str, work: Path) -> Path:
     """``skopeo copy`` the image into an OCI layout, ``umoci unpack --rootless`` it; the rootfs."""
-    it.needs_tools("skopeo", "umoci")
+    need_tools("skopeo", "umoci")
     work.mkdir(parents=True, exist_ok=True)
     policy = work / "policy.json"
     policy.write_text(json.dumps({"default": [{"type": "insecureAcceptAnything"}]}))
@@ -176,7 +177,7 @@ def reference_unpack(registry, ref: str, work: Path) -> Path:
 
 def builtin_pull(registry, repo: str, work: Path) -> Path:
     """Pull with shpc-lite's builtin puller; the SIF's squashfs partition, extracted."""
-    it.needs_tools("mksquashfs", "unsquashfs")
+    need_tools("mksquashfs", "unsquashfs")
     config = load_config({"root": str(work / "shpc"), "puller": "builtin"}, environ={})
     stored = puller.pull(config, parse_reference(f"{registry.host}/{repo}:1"), quiet=True, client=registry.client())
     _, out = _sif_tree(stored.path, work)

@@ -26,8 +26,9 @@ from tests import imagetools as it
 from tests.conftest import read_record
 from tests.modsys import have, run_bash
 from tests.proxy import Proxy
+from tests.needs import requires
 
-pytestmark = pytest.mark.skipif(not shutil.which("mksquashfs"), reason="squashfs-tools not installed")
+pytestmark = requires(shutil.which("mksquashfs"), reason="squashfs-tools not installed")
 
 
 def demo_image():

@@ -13,10 +13,11 @@ import pytest
 
 from tests.conftest import read_record
 from tests.modsys import have, run_bash
+from tests.needs import requires
 
 SYSTEMS = [
-    pytest.param("lmod", marks=pytest.mark.skipif(not have("lmod"), reason="Debian lmod not installed")),
-    pytest.param("tcl", marks=pytest.mark.skipif(not have("tcl"), reason="Environment Modules not unpacked")),
+    pytest.param("lmod", marks=requires(have("lmod"), reason="Debian lmod not installed")),
+    pytest.param("tcl", marks=requires(have("tcl"), reason="Environment Modules not unpacked")),
 ]
 
 
@@ -125,8 +126,8 @@ def test_uninstall_moves_default_and_removes_files(site, system, small_sif):
     assert not list((site.root / "containers").glob("*.sif"))  # last user gone: the SIF goes too
 
 
-@pytest.mark.skipif(not have("lmod"), reason="Debian lmod not installed")
-@pytest.mark.skipif(not shutil.which("mpirun"), reason="mpirun not installed (Debian mpich, installed by .ci/run)")
+@requires(have("lmod"), reason="Debian lmod not installed")
+@requires(shutil.which("mpirun"), reason="mpirun not installed (Debian mpich, installed by .ci/run)")
 def test_wrappers_under_mpirun(site, small_sif):
     """mpirun (real MPICH Hydra) execs the wrapper on every rank; each rank reaches the runtime
     with the exact argv (the stand-in records per rank, from MPICH's PMI_RANK)."""

@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 import yaml
 
 from tests.conftest import read_record
 from tests.modsys import run_bash
-from tests.needs import need_system
+from tests.needs import need_system, requires
 
 HERE = Path(__file__).parent
 SAMPLES = HERE / "data" / "shpc-recipes"
@@ -83,7 +82,7 @@ def test_imported_recipe_installs_and_its_aliases_run(site, small_sif):
         b"run-notebook", b"--debug"]
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data/shpc-recipes is not beside the project")
+@requires(SHARED.is_dir(), reason="../shared/data/shpc-recipes is not beside the project")
 def test_every_shared_shpc_recipe_imports_or_says_why(site):
     sources = sorted(SHARED.rglob("container.yaml"))
     out, proc = _import(site, SHARED)

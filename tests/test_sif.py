@@ -32,6 +32,7 @@ from shpc_lite.sif import (
     sif_arch_code,
     write_sif,
 )
+from tests.needs import missing, requires
 
 DATA = Path(__file__).resolve().parent / "data" / "sif"
 GOLDEN = DATA / "golden-create"
@@ -153,7 +154,7 @@ def _siftool_rows(path: Path) -> list:
     return rows
 
 
-@pytest.mark.skipif(not shutil.which("siftool"), reason="siftool (Debian package siftool) is not on PATH")
+@requires(shutil.which("siftool"), reason="siftool (Debian package siftool) is not on PATH")
 @pytest.mark.parametrize("name", REFERENCE_IMAGES)
 def test_reference_image_matches_siftool_list(name):
     image = read_sif(REFERENCE / name)
@@ -337,7 +338,7 @@ def test_build_container_sif_layout(tmp_path):
 def real_container(tmp_path):
     for tool in ("siftool", "mksquashfs", "unsquashfs"):
         if not shutil.which(tool):
-            pytest.skip(f"{tool} is not on PATH (Debian packages siftool and squashfs-tools)")
+            missing(f"{tool} is not on PATH (Debian packages siftool and squashfs-tools)")
     root = tmp_path / "rootfs"
     (root / "etc").mkdir(parents=True)
     (root / "etc" / "os-release").write_text("NAME=test\n")

@@ -13,8 +13,9 @@ import pytest
 from tests import imagetools as it
 from tests.modsys import have, run_bash
 from tests.proxy import Proxy
+from tests.needs import requires
 
-pytestmark = pytest.mark.skipif(not shutil.which("mksquashfs"), reason="squashfs-tools not installed")
+pytestmark = requires(shutil.which("mksquashfs"), reason="squashfs-tools not installed")
 
 NAMES = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot"]
 
@@ -127,7 +128,7 @@ def test_batch_pulls_each_image_once_through_a_mirror(site, stack, registry):
     assert layer_gets and all(n == 1 for n in layer_gets.values()), layer_gets
 
 
-@pytest.mark.skipif(not have("lmod"), reason="Debian lmod not installed")
+@requires(have("lmod"), reason="Debian lmod not installed")
 def test_spider_cache_after_batch(site, stack):
     manifest = _manifest(site, ["alpha", "bravo"])
     proc = site.cli("--set", "spider_cache=true", "batch", "install", str(manifest))

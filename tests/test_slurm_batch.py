@@ -10,12 +10,12 @@ import json
 import os
 import shutil
 
-import pytest
 
 from tests.modsys import have, run_bash
 from tests.test_site import _manifest, stack  # noqa: F401  (fixture)
+from tests.needs import requires
 
-pytestmark = pytest.mark.skipif(not shutil.which("mksquashfs"), reason="squashfs-tools not installed")
+pytestmark = requires(shutil.which("mksquashfs"), reason="squashfs-tools not installed")
 
 
 def test_batch_on_slurm(site, stack, slurm):  # noqa: F811

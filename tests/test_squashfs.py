@@ -16,13 +16,14 @@ from shpc_lite.errors import LayerError, PullError
 from shpc_lite.pull import apptainer_files, build_squashfs, compression_args
 from shpc_lite.pull.apptainer_files import env_script, runscript
 from tests import imagetools as it
+from tests.needs import missing, need_tools
 from tests.test_layers import E, blob_from_tar, disk_tree, make_layer, snapshot, sparse_sources
 
 
 
 @pytest.fixture(autouse=True)
 def _squashfs_tools():
-    it.needs_tools("mksquashfs", "unsquashfs")  # squashfs-tools: a failure under CI=true, a skip elsewhere
+    need_tools("mksquashfs", "unsquashfs")  # squashfs-tools: a failure under CI=true, a skip elsewhere
 
 CONFIG = {
     "architecture": "amd64",
@@ -250,7 +251,7 @@ def test_apptainer_files_are_pure_and_complete():
 @pytest.mark.parametrize("shell", ["sh", "dash", "bash"])
 def test_env_script_round_trips_in_shells(tmp_path, shell):
     if shutil.which(shell) is None:
-        pytest.skip(f"no {shell}")
+        missing(f"no {shell}")
     values = {"A": "plain", "B": 'q"uo\\te', "C": "`date` $(id) $HOME ${X}", "D": "it's\nmultiline", "E": ""}
     script = tmp_path / "env.sh"
     script.write_text(env_script([f"{k}={v}" for k, v in values.items()] + ["PATH=/x:/y", "A=last wins"]))

@@ -18,13 +18,14 @@ import pytest
 
 from tests import imagetools as it
 from tests.modsys import LMOD_INIT, have
+from tests.needs import requires
 
 USER = "shpcuser"
 
 pytestmark = [
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create an unprivileged user"),
-    pytest.mark.skipif(not shutil.which("useradd") or not shutil.which("runuser"), reason="no useradd/runuser"),
-    pytest.mark.skipif(not have("lmod"), reason="Debian lmod not installed"),
+    requires(os.geteuid() == 0, reason="needs root to create an unprivileged user"),
+    requires(shutil.which("useradd") and shutil.which("runuser"), reason="no useradd/runuser"),
+    requires(have("lmod"), reason="Debian lmod not installed"),
 ]
 
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 
-import pytest
 
 from tests.conftest import read_record
 from tests.modsys import have, run_bash
+from tests.needs import requires
 
 
-@pytest.mark.skipif(not have("lmod"), reason="Debian lmod not installed")
+@requires(have("lmod"), reason="Debian lmod not installed")
 def test_view_lifecycle(site, small_sif):
     for spec in ("pytorch:2.2.1", "pytorch:2.8.0", "python:3.12"):
         site.cli("install", spec, "--sif", str(small_sif), check=True)
