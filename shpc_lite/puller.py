@@ -251,9 +251,9 @@ def _pull_apptainer(config: Config, ref, digest: str, tmp_sif: Path, scratch: Pa
     for prefix in ("APPTAINER_", "SINGULARITY_"):
         env[prefix + "CACHEDIR"] = str(cache)
         env[prefix + "TMPDIR"] = str(scratch)
-    from shpc_lite.oci.credentials import DockerCredentials
+    from shpc_lite.resolve import credentials_from_config
 
-    cred = DockerCredentials().get(ref.registry)
+    cred = credentials_from_config(config).get(ref.registry)
     if cred is not None:  # passed by environment, never on the command line
         for prefix in ("APPTAINER_", "SINGULARITY_"):
             env[prefix + "DOCKER_USERNAME"] = cred.username

@@ -39,6 +39,7 @@ import requests
 import urllib3
 
 from ..errors import ConfigError, DigestMismatchError, ReferenceError_, RegistryError
+from ..scrub import register_secret, register_url, scrub
 from .credentials import Credential, CredentialProvider, DockerCredentials, env_prefix
 from .reference import ImageReference, is_digest, parse_reference
 
@@ -56,7 +57,11 @@ MAX_MANIFEST_BYTES = 4 << 20  # what distribution accepts on push
 MAX_SMALL_BLOB_BYTES = 32 << 20
 MAX_TOKEN_BYTES = 1 << 20
 MAX_REDIRECTS = 10
-MAX_TAG_PAGES = 10000
+# A tag list longer than this is a registry paginating without end (Docker Hub's largest
+# repositories have some 10,000 tags); so are pages that keep linking on without a new tag.
+MAX_TAG_PAGES = 1000
+MAX_TAGS = 200_000
+MAX_STALE_TAG_PAGES = 3
 CHUNK = 1 << 20
 REQUEST_KINDS = ("token", "ping", "tags", "manifest_head", "manifest_get", "blob")
 
@@ -511,6 +516,7 @@ class RegistryClient:
         self.insecure_registries = frozenset(h.lower() for h in insecure_registries)
         self.mirrors: Dict[str, str] = {}
         for host, url in (mirrors or {}).items():
+            register_url(url)
             host = parse_reference(f"{host}/x").registry  # normalises index.docker.io etc.
             url = url.rstrip("/")
             scheme, netloc = _origin(url)
@@ -536,7 +542,6 @@ class RegistryClient:
         self._challenges: Dict[str, Optional[Challenge]] = {}
         self._tokens: Dict[tuple, _Token] = {}
         self._key_locks: Dict[object, threading.Lock] = {}
-        self._secrets: set = set()
 
     def __repr__(self) -> str:
         return (f"RegistryClient(platform={str(self.platform)!r}, mirrors={self.mirrors!r}, "
@@ -559,6 +564,11 @@ class RegistryClient:
         challenge = self._challenge(self._endpoint(ref), ref)
         return challenge.scheme if challenge else None
 
+    def api_url(self, registry: Union[str, ImageReference]) -> str:
+        """The ``/v2/`` URL requests for ``registry`` go to (its mirror, if any), safe to print."""
+        ref = registry if isinstance(registry, ImageReference) else parse_reference(f"{registry}/x")
+        return _strip_query(self._endpoint(ref).base + "/v2/")
+
     def list_tags(self, ref: Union[str, ImageReference]) -> List[str]:
         """All tags of the repository, sorted (registries do not promise an order)."""
         ref = replace(_as_ref(ref), tag=None, digest=None)  # errors name the repository only
@@ -566,6 +576,7 @@ class RegistryClient:
         url = f"{ep.base}/v2/{ref.repository}/tags/list?n={self.tags_page_size}"
         tags: set = set()
         seen_urls: set = set()
+        stale = 0
         for _ in range(MAX_TAG_PAGES):
             seen_urls.add(url)
             resp, body = self._call("tags", ep, ref, "GET", url, what="list tags",
@@ -573,11 +584,14 @@ class RegistryClient:
                                                                     decode=True, what="tag list"))
             try:
                 page = json.loads(body.decode("utf-8")).get("tags") or []
-            except (UnicodeDecodeError, ValueError, AttributeError):
+            except (UnicodeDecodeError, ValueError, AttributeError, RecursionError):
                 raise RegistryError(f"{ep.registry}: tag list of {ref.name} is not JSON") from None
+            if not isinstance(page, list):
+                raise RegistryError(f"{ep.registry}: tag list of {ref.name} has no list of tags")
             page = [t for t in page if isinstance(t, str)]
             before = len(tags)
             tags.update(page)
+            stale = 0 if len(tags) > before else stale + 1
             nxt = resp.links.get("next", {}).get("url")
             if nxt:
                 url = urljoin(url, nxt)
@@ -592,7 +606,17 @@ class RegistryClient:
             if _origin(url) != _origin(ep.base):
                 raise RegistryError(f"{ep.registry}: tag list of {ref.name} links to another "
                                     f"host ({_strip_query(url)})")
+            if len(tags) > MAX_TAGS or stale >= MAX_STALE_TAG_PAGES:
+                raise self._endless_tags(ep, ref, len(tags))
+        else:
+            raise self._endless_tags(ep, ref, len(tags))
         return sorted(tags)
+
+    @staticmethod
+    def _endless_tags(ep: _Endpoint, ref: ImageReference, count: int) -> RegistryError:
+        return RegistryError(
+            f"{ep.registry}: tag list of {ref.name} does not end (stopped after {count} tags; at "
+            f"most {MAX_TAGS} tags in {MAX_TAG_PAGES} pages, and a next page must bring new tags)")
 
     def head_digest(self, ref: Union[str, ImageReference]) -> str:
         """The digest the reference names (an index digest for multi-platform tags).
@@ -846,7 +870,7 @@ class RegistryClient:
             except _TRANSIENT_ERRORS as exc:
                 reason = self._describe_exception(exc)
                 if last:
-                    raise RegistryError(self._scrub(
+                    raise RegistryError(scrub(
                         f"{ep.registry}: {what} for {image} failed after "
                         f"{self.retries + 1} attempt(s): {reason}")) from None
                 delay = self._backoff_delay(attempt)
@@ -913,11 +937,7 @@ class RegistryClient:
     # -- authentication ---------------------------------------------------------------------
 
     def _credential(self, ep: _Endpoint) -> Optional[Credential]:
-        cred = self.credentials.get(ep.cred_host) if self.credentials else None
-        if cred is not None:
-            with self._lock:
-                self._secrets.add(cred.password)
-        return cred
+        return self.credentials.get(ep.cred_host) if self.credentials else None
 
     def _key_lock(self, key) -> threading.Lock:
         with self._lock:
@@ -987,7 +1007,6 @@ class RegistryClient:
             token = self._fetch_token(ep, ref, realm, service, scope, challenge)
             with self._lock:
                 self._tokens[key] = token
-                self._secrets.add(token.value)
             return token.value
 
     def _fetch_token(self, ep, ref, realm, service, scope, challenge) -> _Token:
@@ -1055,17 +1074,11 @@ class RegistryClient:
             value = None
         if not isinstance(value, str) or not value or any(c in value for c in "\r\n "):
             raise RegistryError(f"{ep.registry}: token server {netloc} sent no usable token")
+        register_secret(value)
         margin = min(30.0, expires_in * 0.1)
         return _Token(value, time.monotonic() + max(0.0, expires_in - margin))
 
     # -- errors -----------------------------------------------------------------------------
-
-    def _scrub(self, text: str) -> str:
-        with self._lock:
-            secrets = [s for s in self._secrets if s and len(s) >= 4]
-        for secret in secrets:
-            text = text.replace(secret, "***")
-        return text
 
     def _auth_error(self, ep: _Endpoint, image: str, detail: str, status: int) -> RegistryError:
         cred = self.credentials.get(ep.cred_host) if self.credentials else None
@@ -1076,7 +1089,7 @@ class RegistryClient:
             hint = f"; credentials are not sent over plain http to {ep.cred_host}"
         else:
             hint = f"; credentials from {cred.source}"
-        return _with_status(RegistryError(self._scrub(
+        return _with_status(RegistryError(scrub(
             f"{ep.registry}: authentication failed for {image} ({detail}){hint}")), status)
 
     def _status_error(self, ep: _Endpoint, image: str, what: str,
@@ -1092,7 +1105,7 @@ class RegistryClient:
             text += f" (retry after {resp.headers['Retry-After'].strip()[:40]})"
         if detail:
             text += f" ({detail})"
-        return _with_status(RegistryError(self._scrub(text)), status)
+        return _with_status(RegistryError(scrub(text)), status)
 
 
 def _with_status(err: RegistryError, status: Optional[int]) -> RegistryError:
