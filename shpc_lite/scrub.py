@@ -99,6 +99,19 @@ def scrub_json(value: Any) -> Any:
     return value
 
 
+# C0 and C1 controls, DEL, and the bidirectional overrides that reorder what a terminal shows.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: Any) -> str:
+    """``text`` safe to show on a terminal: control characters become ``\\xNN``/``\\uNNNN`` escapes.
+
+    For text that came from an image or a registry (labels, env, tags): an ``ESC`` sequence in a
+    label must not retitle the window, hide lines or rewrite the screen of whoever inspects it.
+    """
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], str(text))
+
+
 class ScrubbedStream:
     """A text stream whose writes are scrubbed; everything else goes to the stream it wraps.
 

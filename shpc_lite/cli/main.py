@@ -106,8 +106,11 @@ def _terminate_like_interrupt() -> None:
 
 
 def _fail(message: str) -> None:
-    """The one line a failed run prints (through the scrubbed stderr)."""
-    print(f"shpc-lite: error: {' '.join(message.split())}", file=sys.stderr)
+    """The one line a failed run prints (through the scrubbed stderr), with no line breaks or
+    terminal escapes from whatever text (a tag, a label, a registry's message) it quotes."""
+    from shpc_lite.scrub import printable
+
+    print(f"shpc-lite: error: {printable(' '.join(message.split()))}", file=sys.stderr)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

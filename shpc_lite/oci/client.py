@@ -40,6 +40,7 @@ import urllib3
 
 from ..errors import ConfigError, DigestMismatchError, ReferenceError_, RegistryError
 from ..scrub import register_secret, register_url, scrub
+from .document import check_image_config, load_json, load_object
 from .credentials import Credential, CredentialProvider, DockerCredentials, env_prefix
 from .reference import ImageReference, is_digest, parse_reference
 
@@ -153,13 +154,18 @@ class Descriptor:
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise RegistryError(f"{where}: invalid size for {digest}")
         plat = data.get("platform")
+        annotations, urls = data.get("annotations") or {}, data.get("urls") or []
+        if not isinstance(annotations, dict) or not all(isinstance(v, str) for v in annotations.values()):
+            raise RegistryError(f"{where}: annotations of {digest} are not an object of strings")
+        if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
+            raise RegistryError(f"{where}: urls of {digest} are not a list of strings")
         return cls(
             media_type=str(data.get("mediaType", "")),
             digest=digest,
             size=size,
             platform=Platform.from_json(plat) if isinstance(plat, dict) else None,
-            annotations=dict(data.get("annotations") or {}),
-            urls=tuple(data.get("urls") or ()),
+            annotations=dict(annotations),
+            urls=tuple(urls),
         )
 
     @property
@@ -182,13 +188,7 @@ class Manifest:
 
     @cached_property
     def json(self) -> dict:
-        try:
-            value = json.loads(self.data.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            raise RegistryError(f"{self.reference}: manifest {self.digest} is not JSON") from None
-        if not isinstance(value, dict):
-            raise RegistryError(f"{self.reference}: manifest {self.digest} is not a JSON object")
-        return value
+        return load_object(self.data, f"{self.reference}: manifest {self.digest}", RegistryError)
 
     @property
     def is_index(self) -> bool:
@@ -345,8 +345,8 @@ def _media_type(resp: requests.Response, body: Optional[bytes] = None) -> str:
     if value in INDEX_MEDIA_TYPES or value in MANIFEST_MEDIA_TYPES or body is None:
         return value
     try:  # some registries send application/json; the manifest's own field decides
-        doc = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+        doc = load_json(body, "manifest", RegistryError)
+    except RegistryError:  # Manifest.json reports it, naming the image
         return value
     if isinstance(doc, dict):
         if isinstance(doc.get("mediaType"), str):
@@ -582,10 +582,7 @@ class RegistryClient:
             resp, body = self._call("tags", ep, ref, "GET", url, what="list tags",
                                     consume=lambda r: _read_limited(r, MAX_MANIFEST_BYTES * 4,
                                                                     decode=True, what="tag list"))
-            try:
-                page = json.loads(body.decode("utf-8")).get("tags") or []
-            except (UnicodeDecodeError, ValueError, AttributeError, RecursionError):
-                raise RegistryError(f"{ep.registry}: tag list of {ref.name} is not JSON") from None
+            page = load_object(body, f"{ep.registry}: tag list of {ref.name}", RegistryError).get("tags") or []
             if not isinstance(page, list):
                 raise RegistryError(f"{ep.registry}: tag list of {ref.name} has no list of tags")
             page = [t for t in page if isinstance(t, str)]
@@ -696,13 +693,8 @@ class RegistryClient:
     def get_config(self, image: ResolvedImage) -> dict:
         """The image configuration JSON of a resolved image (verified)."""
         data = self.get_blob_bytes(image.reference, image.config.digest)
-        try:
-            value = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            value = None
-        if not isinstance(value, dict):
-            raise RegistryError(f"{image.reference}: config {image.config.digest} is not JSON")
-        return value
+        what = f"{image.reference}: image config {image.config.digest}"
+        return check_image_config(load_json(data, what, RegistryError), what, RegistryError)
 
     def get_blob_bytes(self, ref: Union[str, ImageReference], digest: str,
                        *, max_size: int = MAX_SMALL_BLOB_BYTES) -> bytes:
@@ -1066,11 +1058,10 @@ class RegistryClient:
                 f"{ep.registry}: token request for {image} to {netloc} failed: HTTP "
                 f"{resp.status_code}"), resp.status_code)
         try:
-            doc = json.loads(body.decode("utf-8"))
+            doc = load_object(body, "token", RegistryError)
             value = doc.get("token") or doc.get("access_token")
-            expires_in = doc.get("expires_in") or 60
-            expires_in = float(expires_in)
-        except (UnicodeDecodeError, ValueError, AttributeError, TypeError):
+            expires_in = float(doc.get("expires_in") or 60)
+        except (RegistryError, ValueError, TypeError, OverflowError):
             value = None
         if not isinstance(value, str) or not value or any(c in value for c in "\r\n "):
             raise RegistryError(f"{ep.registry}: token server {netloc} sent no usable token")
