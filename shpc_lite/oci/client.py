@@ -33,7 +33,7 @@ from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
-from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urljoin, urlsplit, urlunsplit
 
 import requests
 import urllib3
@@ -340,6 +340,31 @@ def _strip_query(url: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc.rsplit("@", 1)[-1], parts.path, "", ""))
 
 
+def _split_userinfo(url: str) -> Tuple[str, Optional[Credential]]:
+    """A mirror URL without its ``user:password@`` part, and that part as a Credential (which
+    registers the password with the scrubber); requests would ignore it and messages show it."""
+    register_url(url)
+    parts = urlsplit(url)
+    if parts.username is None:
+        return url, None
+    cred = Credential(unquote(parts.username), unquote(parts.password or ""), source="the mirror URL")
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1])), cred
+
+
+class _UrlCredentials:
+    """Credentials given in mirror URLs first, then the configured provider."""
+
+    def __init__(self, in_urls: Mapping[str, Credential], provider: CredentialProvider):
+        self._in_urls = {host.lower(): cred for host, cred in in_urls.items()}
+        self._provider = provider
+
+    def get(self, host: str) -> Optional[Credential]:
+        return self._in_urls.get(host.lower()) or self._provider.get(host)
+
+    def __repr__(self) -> str:
+        return f"_UrlCredentials(hosts={sorted(self._in_urls)!r}, then={self._provider!r})"
+
+
 def _media_type(resp: requests.Response, body: Optional[bytes] = None) -> str:
     value = resp.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
     if value in INDEX_MEDIA_TYPES or value in MANIFEST_MEDIA_TYPES or body is None:
@@ -512,14 +537,16 @@ class RegistryClient:
         self.max_backoff = max_backoff
         self.max_retry_after = max_retry_after
         self.tags_page_size = tags_page_size
-        self.credentials = credentials if credentials is not None else DockerCredentials()
+        credentials = credentials if credentials is not None else DockerCredentials()
         self.insecure_registries = frozenset(h.lower() for h in insecure_registries)
         self.mirrors: Dict[str, str] = {}
+        in_urls: Dict[str, Credential] = {}
         for host, url in (mirrors or {}).items():
-            register_url(url)
             host = parse_reference(f"{host}/x").registry  # normalises index.docker.io etc.
-            url = url.rstrip("/")
+            url, cred = _split_userinfo(url.rstrip("/"))
             scheme, netloc = _origin(url)
+            if cred is not None:
+                in_urls[netloc] = cred
             if scheme not in ("http", "https") or not netloc:
                 raise ConfigError(f"mirror for {host}: {url!r} is not an http(s) URL")
             if scheme == "http" and not self._plain_http_allowed(netloc):
@@ -528,6 +555,7 @@ class RegistryClient:
                     "(use https, or list it in insecure_registries)"
                 )
             self.mirrors[host] = url
+        self.credentials = _UrlCredentials(in_urls, credentials) if in_urls else credentials
         self.stats = RequestStats()
         self._sleep = time.sleep
         self._session = requests.Session()
