@@ -21,15 +21,16 @@ MAX_JSON_OBJECT = 16 << 20  # an oci-config.json is a few KB; a huge one is not 
 _EXPORT = re.compile(r'^export (?P<name>[A-Za-z_][A-Za-z0-9_]*)="(?:\$\{(?P=name):-")?(?P<value>.*?)"?\}?"?$')
 
 
-def _squashfs_file(image: SifImage, inner: str) -> Optional[str]:
+def _squashfs_file(image: SifImage, inner: str) -> Optional[bytes]:
+    """A file of the SIF's squashfs as bytes (the image decides its encoding), or None."""
     if not shutil.which("unsquashfs"):
         return None
     part = next((d for d in image.descriptors if d.data_type == DataType.PARTITION), None)
     if part is None:
         return None
     proc = subprocess.run(["unsquashfs", "-o", str(part.offset), "-cat", image.path, inner],
-                          capture_output=True, text=True, timeout=60)
-    return proc.stdout if proc.returncode == 0 else None
+                          capture_output=True, timeout=60)
+    return proc.stdout[:MAX_JSON_OBJECT] if proc.returncode == 0 else None
 
 
 def _env_from_script(text: str) -> dict[str, str]:
@@ -52,7 +53,7 @@ def _labels_and_env(path: str, data: bytes) -> tuple[dict, dict]:
 def _squashfs_labels(image: SifImage) -> dict:
     """``/.singularity.d/labels.json`` of a SIF made elsewhere: an object; its values shown as text."""
     what = f"{image.path}: /.singularity.d/labels.json"
-    labels = load_json(_squashfs_file(image, ".singularity.d/labels.json") or "{}", what, SifError)
+    labels = load_json(_squashfs_file(image, ".singularity.d/labels.json") or b"{}", what, SifError)
     if not isinstance(labels, dict):
         raise SifError(f"{what} is not a JSON object")
     return {key: value if isinstance(value, str) else str(value) for key, value in labels.items()}
@@ -82,7 +83,8 @@ def inspect_sif(path: str) -> dict[str, Any]:
             labels, env = _labels_and_env(path, read_data(path, d, max_size=MAX_JSON_OBJECT))
     if not labels and not env:
         labels = _squashfs_labels(image)
-        env = _env_from_script(_squashfs_file(image, ".singularity.d/env/10-docker2singularity.sh") or "")
+        script = _squashfs_file(image, ".singularity.d/env/10-docker2singularity.sh") or b""
+        env = _env_from_script(script.decode("utf-8", "replace"))
     return {
         "sif": path,
         "header": {"launch_script": h.launch_script, "version": h.version, "arch": h.arch, "id": str(h.id),

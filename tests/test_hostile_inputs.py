@@ -426,6 +426,22 @@ def test_inspect_cli_is_one_line_and_shows_escapes_escaped(site, squashfs, tmp_p
     assert_one_line(site.cli("inspect", "app:2.0"), "oci-config.json", "Env")
 
 
+@pytest.mark.parametrize("labels", [b"[1, 2]", b'{"a": "\xff"}', b"{" * 50], ids=["list", "not-utf8", "not-json"])
+def test_inspect_of_a_sif_made_elsewhere_with_broken_labels(tmp_path, labels):
+    """A SIF without oci-config.json (apptainer pull, --sif): labels come from the squashfs."""
+    rootfs = tmp_path / "rootfs" / ".singularity.d"
+    rootfs.mkdir(parents=True)
+    (rootfs / "labels.json").write_bytes(labels)
+    squash = tmp_path / "fs.squashfs"
+    subprocess.run(["mksquashfs", str(rootfs.parent), str(squash), "-noappend", "-quiet", "-all-root"],
+                   check=True, capture_output=True, timeout=60)
+    sif = tmp_path / "other.sif"
+    build_container_sif(sif, squash, deffile=b"bootstrap: docker\nfrom: x\n", json_objects={}, arch="amd64")
+    with pytest.raises(SifError) as info:
+        inspect_sif(str(sif))
+    assert str(sif) in one_line(info.value) and "labels.json" in str(info.value)
+
+
 # --- SIF headers claiming a huge descriptor table ------------------------------------------------
 
 def test_sif_descriptor_table_is_bounded(small_sif, tmp_path):
