@@ -273,6 +273,20 @@ def test_endless_pagination_is_a_clear_error(fake, monkeypatch):
     assert len(server.paths()) <= 23
 
 
+def test_tags_and_registry_messages_carry_no_terminal_escapes(fake):
+    def handle(req):
+        if "/tags/list" in req.path and "other" not in req.path:
+            return 200, {}, json.dumps({"tags": ["1.0", "\x1b[2Jevil", "two words", "2.0"]}).encode()
+        return 404, {}, json.dumps({"errors": [{"code": "NAME_UNKNOWN", "message": "\x1b]0;owned\x07"}]}).encode()
+
+    server = fake(handle)
+    with fast_client() as client:
+        assert client.list_tags(f"{server.host}/team/app") == ["1.0", "2.0"]
+        with pytest.raises(RegistryError) as info:
+            client.list_tags(f"{server.host}/team/other")
+    assert "\x1b" not in str(info.value) and "\\x1b]0;owned\\x07" in str(info.value)
+
+
 def test_pages_without_new_tags_stop_the_walk(fake):
     def handle(req):
         n = len(server.requests)  # a new URL each time, the same tag every time

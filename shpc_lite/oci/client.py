@@ -10,7 +10,8 @@ hosts, and ``Authorization`` only ever goes to the host it was made for (never a
 to a CDN). Content is verified against its digest; blobs stream to a temp file beside their
 destination and are renamed into place only when the digest matched.
 
-Credentials and tokens never appear in messages, logs or reprs.
+Credentials and tokens never appear in messages, logs or reprs: they are registered with
+:mod:`shpc_lite.scrub` when loaded, and every message is scrubbed.
 """
 
 from __future__ import annotations
@@ -39,10 +40,10 @@ import requests
 import urllib3
 
 from ..errors import ConfigError, DigestMismatchError, ReferenceError_, RegistryError
-from ..scrub import register_secret, register_url, scrub
+from ..scrub import printable, register_secret, register_url, scrub
 from .document import check_image_config, load_json, load_object
 from .credentials import Credential, CredentialProvider, DockerCredentials, env_prefix
-from .reference import ImageReference, is_digest, parse_reference
+from .reference import _TAG_RE, ImageReference, is_digest, parse_reference
 
 log = logging.getLogger(__name__)
 
@@ -474,7 +475,7 @@ def _registry_detail(resp: requests.Response) -> str:
         text = f"{first.get('code', '')}: {first.get('message', '')}".strip(": ")
     except Exception:  # any unexpected body: no detail
         return ""
-    return " ".join(text.split())[:160]
+    return printable(" ".join(text.split())[:160])
 
 
 @dataclass
@@ -613,7 +614,8 @@ class RegistryClient:
             page = load_object(body, f"{ep.registry}: tag list of {ref.name}", RegistryError).get("tags") or []
             if not isinstance(page, list):
                 raise RegistryError(f"{ep.registry}: tag list of {ref.name} has no list of tags")
-            page = [t for t in page if isinstance(t, str)]
+            # Only what could be pulled: no control characters or spaces reach a terminal.
+            page = [t for t in page if isinstance(t, str) and _TAG_RE.fullmatch(t)]
             before = len(tags)
             tags.update(page)
             stale = 0 if len(tags) > before else stale + 1
