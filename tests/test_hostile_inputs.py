@@ -534,6 +534,13 @@ def test_cli_config_errors_are_one_line(site):
     assert not any(Path(site.tmp).glob("modules"))
 
 
+def test_a_document_too_deep_for_the_parser_is_one_line(site):
+    """The CLI's last defence: a RecursionError in any reader (here the lock file's) is one line."""
+    site.root.mkdir(parents=True)
+    (site.root / "shpc-lite.lock").write_text("[" * DEEP + "]" * DEEP)
+    assert_one_line(site.cli("check"), "nested too deeply", "shpc_lite/")
+
+
 # --- site manifests ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("content, message", ids=[

@@ -113,6 +113,17 @@ def _fail(message: str) -> None:
     print(f"shpc-lite: error: {printable(' '.join(message.split()))}", file=sys.stderr)
 
 
+def _innermost_frame(err: BaseException) -> str:
+    """``module:line`` of the deepest shpc_lite frame of ``err``'s traceback (where input was read)."""
+    import traceback
+
+    ours = [f for f in traceback.extract_tb(err.__traceback__) if "shpc_lite" in f.filename]
+    if not ours:
+        return "?"
+    path = ours[-1].filename
+    return f"{path[path.rindex('shpc_lite'):]}:{ours[-1].lineno}"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run one command with every line it prints scrubbed of credentials (shpc_lite.scrub)."""
     from shpc_lite.scrub import ScrubbedStream, install_log_scrubbing
@@ -150,6 +161,11 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         os._exit(EXIT_TERMINATED if isinstance(interrupt, Terminated) else EXIT_INTERRUPTED)
     except BrokenPipeError:
         return 141
+    except RecursionError as err:
+        # Known and safe: a document nested deeper than Python's parsers go (a lock file, say).
+        # The readers of untrusted documents say which file; this names where it was read.
+        _fail(f"input nested too deeply to read (while in {_innermost_frame(err)})")
+        return 1
     except OSError as err:
         reason = err.strerror or str(err)
         _fail(f"{err.filename}: {reason}" if getattr(err, "filename", None) else reason)
