@@ -242,4 +242,13 @@ def load_config(
         values["root"] = str(root.resolve())
     if not values["central_root"] and site_root and Path(site_root) != Path(values["root"]):
         values["central_root"], sources["central_root"] = site_root, "the system config's root"
+    _register_secrets(values)
     return Config(values, sources)
+
+
+def _register_secrets(values: Mapping[str, Any]) -> None:
+    """Mirror URLs may carry ``user:password@``: the scrubber knows the password from now on."""
+    from shpc_lite.scrub import register_url
+
+    for url in values["mirrors"].values():
+        register_url(url)
