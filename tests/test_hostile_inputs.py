@@ -383,6 +383,20 @@ def test_any_json_value_in_an_image_config_is_accepted_or_a_typed_error(field, v
     _labels_and_env("x.sif", json.dumps(inner_config(checked)).encode())
 
 
+@settings(max_examples=200, deadline=None)
+@given(field=st.sampled_from(["annotations", "urls", "platform", "mediaType"]), value=JSON)
+def test_any_json_value_in_a_manifest_descriptor_is_accepted_or_a_typed_error(field, value):
+    from shpc_lite.oci.client import Descriptor
+
+    doc = {"digest": "sha256:" + "a" * 64, "size": 1, field: value}
+    try:
+        desc = Descriptor.from_json(doc, "img")
+    except RegistryError as err:
+        assert str(err).startswith("img") and "\n" not in str(err)
+        return
+    assert desc.is_attestation in (True, False)
+
+
 def test_apptainer_files_refuses_unchecked_configs():
     with pytest.raises(PullError, match="img: image config: config Labels"):
         apptainer_files({"config": {"Labels": [1, 2]}}, source_ref="img", source_digest="sha256:00")
@@ -458,9 +472,9 @@ def test_inspect_of_a_sif_made_elsewhere_with_broken_labels(tmp_path, labels):
 
 # --- SIF headers claiming a huge descriptor table ------------------------------------------------
 
-def test_sif_descriptor_table_is_bounded(small_sif, tmp_path):
+def test_sif_descriptor_table_is_bounded(site, small_sif, tmp_path):
     """A header claiming 350,000 descriptors (a 200 MB table in a sparse file) is refused
-    without reading the table."""
+    without reading the table: by the reader, and by ``install --sif`` in one line."""
     data = bytearray(small_sif.read_bytes()[:128])
     count = 350_000
     # header: launch[32] magic[10] version[3] arch[3] uuid[16] created modified free total off size ...
@@ -478,6 +492,9 @@ def test_sif_descriptor_table_is_bounded(small_sif, tmp_path):
         tracemalloc.stop()
     assert str(hostile) in one_line(info.value) and "descriptors" in str(info.value)
     assert peak < 8 << 20
+    site.write_recipe("app", "name: app\nimage: docker.io/library/demo\ndescription: d\nversions:\n  '1.0': '1.0'\n")
+    assert_one_line(site.cli("install", "app:1.0", "--sif", str(hostile)), str(hostile), "descriptors")
+    assert not (site.root / "modules").exists()
 
 
 def test_sif_header_layout_used_above(small_sif):
