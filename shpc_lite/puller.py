@@ -243,7 +243,7 @@ def _loopback(host: str) -> bool:
 def _pull_apptainer(config: Config, ref, digest: str, tmp_sif: Path, scratch: Path, quiet: bool) -> None:
     exe = shutil.which("apptainer") or shutil.which("singularity")
     mirror = config["mirrors"].get(ref.registry, "")
-    host = mirror.split("://", 1)[-1].rstrip("/") if mirror else ref.registry
+    host = mirror.split("://", 1)[-1].rstrip("/").rsplit("@", 1)[-1] if mirror else ref.registry
     uri = f"docker://{host}/{ref.repository}@{digest}"
     cache = config.paths.cache / "apptainer"
     cache.mkdir(parents=True, exist_ok=True)

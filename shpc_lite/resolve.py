@@ -24,11 +24,20 @@ from shpc_lite.versions import version_key
 
 
 def credentials_from_config(config: Any):
-    """The registry credentials every command uses (environment, then Apptainer's and Docker's
-    config files); the one place they are looked up, for the client and for ``apptainer pull``."""
+    """The registry credentials every command uses, for the client and for ``apptainer pull``:
+    a mirror URL's ``user:password@`` for the registry it mirrors, then the environment and
+    Apptainer's and Docker's config files. The one place they are looked up."""
+    from shpc_lite.oci.client import UrlCredentials, split_userinfo
     from shpc_lite.oci.credentials import DockerCredentials
+    from shpc_lite.oci.reference import parse_reference
 
-    return DockerCredentials()
+    in_urls = {}
+    for registry, url in config["mirrors"].items():
+        cred = split_userinfo(url)[1]
+        if cred is not None:
+            in_urls[parse_reference(f"{registry}/x").registry] = cred
+    provider = DockerCredentials()
+    return UrlCredentials(in_urls, provider) if in_urls else provider
 
 
 def client_from_config(config: Any, **overrides: Any):

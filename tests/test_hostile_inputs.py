@@ -204,6 +204,31 @@ def test_mirror_url_with_password_against_a_basic_auth_registry(site, registry_b
     assert_clean(line, forms)
 
 
+@pytest.mark.registry
+def test_apptainer_gets_the_mirror_credentials_by_environment_only(site, registry, small_sif):
+    """The apptainer back end: the mirror URL's ``user:password@`` goes to apptainer as its
+    credential environment, never into its command line (``ps`` shows that to every user)."""
+    from tests.conftest import read_record
+    from tests.imagetools import make_image, make_layer
+
+    repo = "team/viaapptainer-mirror"
+    registry.pusher().push_image(repo, make_image([make_layer({"x": "y"})]), tags=["1.0"])
+    site.write_recipe("app", f"name: app\nimage: docker.io/{repo}\ndescription: d\nversions:\n  '1.0': '1.0'\n")
+    (site.bin / "apptainer").write_text(
+        '#!/bin/sh\nprintf "%s\\0" "$@" > "$SHPC_LITE_TEST_RECORD.argv"\nenv -0 > "$SHPC_LITE_TEST_RECORD.env"\n'
+        'for a; do case "$a" in *.sif) cp "$SIF_SOURCE" "$a";; esac; done\n')
+    mirror = f"http://{USER}:{quote(SECRET)}@{registry.host}"
+    proc = site.cli("--set", "puller=apptainer", "install", "app:1.0",
+                    extra_env={"SIF_SOURCE": str(small_sif), "SHPC_LITE_MIRRORS": f"docker.io={mirror}"})
+    assert proc.returncode == 0, proc.stderr
+    argv, env = read_record(site)
+    assert argv[-1].startswith(f"docker://{registry.host}/{repo}@sha256:".encode())
+    assert not any(SECRET.encode() in a or USER.encode() in a for a in argv)
+    assert env[b"APPTAINER_DOCKER_USERNAME"] == USER.encode()
+    assert env[b"APPTAINER_DOCKER_PASSWORD"] == SECRET.encode()
+    assert_clean(proc.stdout + proc.stderr, secret_forms(USER, SECRET))
+
+
 # ==================================================================================================
 # 3. Ctrl-C and SIGTERM are prompt; endless tag lists are bounded
 # ==================================================================================================

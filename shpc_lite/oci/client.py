@@ -341,7 +341,7 @@ def _strip_query(url: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc.rsplit("@", 1)[-1], parts.path, "", ""))
 
 
-def _split_userinfo(url: str) -> Tuple[str, Optional[Credential]]:
+def split_userinfo(url: str) -> Tuple[str, Optional[Credential]]:
     """A mirror URL without its ``user:password@`` part, and that part as a Credential (which
     registers the password with the scrubber); requests would ignore it and messages show it."""
     register_url(url)
@@ -352,7 +352,7 @@ def _split_userinfo(url: str) -> Tuple[str, Optional[Credential]]:
     return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1])), cred
 
 
-class _UrlCredentials:
+class UrlCredentials:
     """Credentials given in mirror URLs first, then the configured provider."""
 
     def __init__(self, in_urls: Mapping[str, Credential], provider: CredentialProvider):
@@ -363,7 +363,7 @@ class _UrlCredentials:
         return self._in_urls.get(host.lower()) or self._provider.get(host)
 
     def __repr__(self) -> str:
-        return f"_UrlCredentials(hosts={sorted(self._in_urls)!r}, then={self._provider!r})"
+        return f"UrlCredentials(hosts={sorted(self._in_urls)!r}, then={self._provider!r})"
 
 
 def _media_type(resp: requests.Response, body: Optional[bytes] = None) -> str:
@@ -544,7 +544,7 @@ class RegistryClient:
         in_urls: Dict[str, Credential] = {}
         for host, url in (mirrors or {}).items():
             host = parse_reference(f"{host}/x").registry  # normalises index.docker.io etc.
-            url, cred = _split_userinfo(url.rstrip("/"))
+            url, cred = split_userinfo(url.rstrip("/"))
             scheme, netloc = _origin(url)
             if cred is not None:
                 in_urls[netloc] = cred
@@ -556,7 +556,7 @@ class RegistryClient:
                     "(use https, or list it in insecure_registries)"
                 )
             self.mirrors[host] = url
-        self.credentials = _UrlCredentials(in_urls, credentials) if in_urls else credentials
+        self.credentials = UrlCredentials(in_urls, credentials) if in_urls else credentials
         self.stats = RequestStats()
         self._sleep = time.sleep
         self._session = requests.Session()
