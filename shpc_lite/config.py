@@ -55,6 +55,10 @@ KEYS: dict[str, tuple[Any, str, tuple[str, ...]]] = {
     "lock_lease": (120, "int", ()),
 }
 
+# Smallest sensible value of whole-number keys: a lease of 0 s would be lost at once, a timeout
+# of 0 s fails every request.
+_MINIMUM = {"lock_lease": 1, "timeout": 1}
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -67,6 +71,8 @@ def _coerce(key: str, value: Any, where: str) -> Any:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(bad + f"expected a string, got {type(value).__name__}")
         value = str(value)
+        if key == "root" and not value.strip():
+            raise ConfigError(bad + "is empty (set it to a directory; it would be the current one)")
         if choices and value not in choices:
             raise ConfigError(bad + f"{value!r} is not one of {', '.join(choices)}")
         if key == "file_mode":
@@ -79,9 +85,12 @@ def _coerce(key: str, value: Any, where: str) -> Any:
         try:
             if isinstance(value, bool):
                 raise ValueError(value)
-            return int(value)
+            number = int(value)
         except (TypeError, ValueError):
             raise ConfigError(bad + f"{value!r} is not a whole number") from None
+        if key in _MINIMUM and number < _MINIMUM[key]:
+            raise ConfigError(bad + f"{number} is too small: it must be at least {_MINIMUM[key]} (seconds)")
+        return number
     if kind == "bool":
         if isinstance(value, bool):
             return value
@@ -122,6 +131,10 @@ def _read_file(path: Path) -> dict[str, Any]:
         return {}
     except PermissionError:
         raise ConfigError(f"config: {path}: permission denied") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config: {path}: not UTF-8 text (byte {err.start})") from None
+    except RecursionError:
+        raise ConfigError(f"config: {path}: nested too deeply") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark else ""
@@ -215,4 +228,13 @@ def load_config(
         values["root"] = str(root.resolve())
     if not values["central_root"] and site_root and Path(site_root) != Path(values["root"]):
         values["central_root"], sources["central_root"] = site_root, "the system config's root"
+    _register_secrets(values)
     return Config(values, sources)
+
+
+def _register_secrets(values: Mapping[str, Any]) -> None:
+    """Mirror URLs may carry ``user:password@``: the scrubber knows the password from now on."""
+    from shpc_lite.scrub import register_url
+
+    for url in values["mirrors"].values():
+        register_url(url)

@@ -100,18 +100,21 @@ def check_images(config: Config) -> Finding:
 
 
 def check_registry(config: Config) -> Finding:
-    import requests
+    """``GET /v2/`` on Docker Hub (or its configured mirror) with the client every command uses,
+    so that mirrors, insecure hosts and credentials are the ones a pull would get."""
+    from shpc_lite.errors import ShpcLiteError
+    from shpc_lite.resolve import client_from_config
+    from shpc_lite.scrub import scrub
 
-    mirror = config["mirrors"].get("docker.io")
-    url = (mirror.rstrip("/") if mirror else "https://registry-1.docker.io") + "/v2/"
     try:
-        status = requests.get(url, timeout=min(10, config["timeout"])).status_code
-    except requests.RequestException as err:
-        return Finding("warn", "registry", f"{url} is not reachable ({type(err).__name__})",
+        with client_from_config(config, retries=0, timeout=float(min(10, config["timeout"]))) as client:
+            url = client.api_url("docker.io")
+            scheme = client.ping("docker.io")
+    except ShpcLiteError as err:
+        return Finding("warn", "registry", scrub(f"docker.io is not reachable: {err}"),
                        "check the proxy settings (HTTPS_PROXY) or set config mirrors for docker.io")
-    if status in (200, 401):
-        return Finding("ok", "registry", f"{url} answers (HTTP {status})")
-    return Finding("warn", "registry", f"{url} answered HTTP {status}", "check the mirror or proxy")
+    how = f", asks for {scheme} authentication" if scheme else ""
+    return Finding("ok", "registry", scrub(f"{url} answers{how}"))
 
 
 def run_checks(config: Config, network: bool = True) -> list[Finding]:

@@ -278,16 +278,16 @@ def _loopback(host: str) -> bool:
 def _pull_apptainer(config: Config, ref, digest: str, tmp_sif: Path, scratch: Path, quiet: bool) -> None:
     exe = shutil.which("apptainer") or shutil.which("singularity")
     mirror = config["mirrors"].get(ref.registry, "")
-    host = mirror.split("://", 1)[-1].rstrip("/") if mirror else ref.registry
+    host = mirror.split("://", 1)[-1].rstrip("/").rsplit("@", 1)[-1] if mirror else ref.registry
     uri = f"docker://{host}/{ref.repository}@{digest}"
     cache = config.layout.make_dir(config.layout.apptainer_cache)
     env = dict(os.environ)
     for prefix in ("APPTAINER_", "SINGULARITY_"):
         env[prefix + "CACHEDIR"] = str(cache)
         env[prefix + "TMPDIR"] = str(scratch)
-    from shpc_lite.oci.credentials import DockerCredentials
+    from shpc_lite.resolve import credentials_from_config
 
-    cred = DockerCredentials().get(ref.registry)
+    cred = credentials_from_config(config).get(ref.registry)
     if cred is not None:  # passed by environment, never on the command line
         for prefix in ("APPTAINER_", "SINGULARITY_"):
             env[prefix + "DOCKER_USERNAME"] = cred.username

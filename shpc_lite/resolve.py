@@ -11,9 +11,10 @@ reused. A failing recipe never stops the others: it becomes a ``ResolveFailure``
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 from shpc_lite.errors import ResolveError, ShpcLiteError
 from shpc_lite.lock import Lock, LockedRecipe, LockedVersion, now
@@ -22,9 +23,27 @@ from shpc_lite.tags import CompiledRule, Decision, explain
 from shpc_lite.versions import version_key
 
 
+def credentials_from_config(config: Any):
+    """The registry credentials every command uses, for the client and for ``apptainer pull``:
+    a mirror URL's ``user:password@`` for the registry it mirrors, then the environment and
+    Apptainer's and Docker's config files. The one place they are looked up."""
+    from shpc_lite.oci.client import UrlCredentials, split_userinfo
+    from shpc_lite.oci.credentials import DockerCredentials
+    from shpc_lite.oci.reference import parse_reference
+
+    in_urls = {}
+    for registry, url in config["mirrors"].items():
+        cred = split_userinfo(url)[1]
+        if cred is not None:
+            in_urls[parse_reference(f"{registry}/x").registry] = cred
+    provider = DockerCredentials()
+    return UrlCredentials(in_urls, provider) if in_urls else provider
+
+
 def client_from_config(config: Any, **overrides: Any):
     """The RegistryClient every command uses, from config keys mirrors, insecure_registries,
-    platform, timeout, retries (and jobs, for its connection pool)."""
+    platform, timeout, retries (and jobs, for its connection pool), with the credentials of
+    :func:`credentials_from_config`. Nothing else builds a client."""
     from shpc_lite.oci.client import RegistryClient
 
     options: dict[str, Any] = dict(
@@ -34,6 +53,7 @@ def client_from_config(config: Any, **overrides: Any):
         timeout=float(config["timeout"]),
         retries=config["retries"],
         pool_size=max(16, 2 * int(config["jobs"])),
+        credentials=credentials_from_config(config),
     )
     options.update(overrides)
     return RegistryClient(**options)
@@ -148,6 +168,23 @@ class _Requests:
                 on_done(future)
 
 
+@contextmanager
+def request_pool(jobs: int, name: str) -> Iterator[ThreadPoolExecutor]:
+    """A bounded pool for registry requests, waited for when the work is done.
+
+    On Ctrl-C, SIGTERM or an error it is abandoned instead (queued requests cancelled, running
+    ones not waited for), as the puller abandons its downloads: a request stalled on a slow or
+    endlessly paginating registry must not keep the process alive; the CLI then exits at once.
+    """
+    pool = ThreadPoolExecutor(max_workers=max(1, int(jobs)), thread_name_prefix=name)
+    try:
+        yield pool
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+
+
 def _ref(image: str, tag: Optional[str] = None):
     from shpc_lite.oci.reference import parse_reference
 
@@ -188,34 +225,30 @@ def resolve(recipes: Sequence[Recipe], client: Any, *, jobs: int = 4) -> Resolve
             job.wanted[pin.version] = (pin.tag, pin.digest, True)
         work.append(job)
 
-    with ThreadPoolExecutor(max_workers=max(1, int(jobs)), thread_name_prefix="resolve") as pool:
+    with request_pool(jobs, "resolve") as pool:
         asked = _Requests(client, pool)
         by_tags: dict[Future, list[_Job]] = {}
-        try:
-            for job in work:
-                if job.error:
+        for job in work:
+            if job.error:
+                continue
+            if job.rule is not None:
+                by_tags.setdefault(asked.list_tags(job.recipe.image), []).append(job)
+            for tag, _, _ in job.wanted.values():  # pins need no tag list: ask at once
+                asked.head(job.recipe.image, tag)
+
+        def on_done(future: Future) -> None:
+            for job in by_tags.get(future, ()):
+                err = future.exception()
+                if err is not None:
+                    job.error = f"{job.recipe.name}: {_why(err)}"
                     continue
-                if job.rule is not None:
-                    by_tags.setdefault(asked.list_tags(job.recipe.image), []).append(job)
-                for tag, _, _ in job.wanted.values():  # pins need no tag list: ask at once
-                    asked.head(job.recipe.image, tag)
+                job.decisions = tuple(explain(job.rule, future.result()))
+                for d in job.decisions:
+                    if d.chosen and d.version not in job.wanted:
+                        job.wanted[d.version] = (d.tag, None, False)
+                        asked.head(job.recipe.image, d.tag)
 
-            def on_done(future: Future) -> None:
-                for job in by_tags.get(future, ()):
-                    err = future.exception()
-                    if err is not None:
-                        job.error = f"{job.recipe.name}: {_why(err)}"
-                        continue
-                    job.decisions = tuple(explain(job.rule, future.result()))
-                    for d in job.decisions:
-                        if d.chosen and d.version not in job.wanted:
-                            job.wanted[d.version] = (d.tag, None, False)
-                            asked.head(job.recipe.image, d.tag)
-
-            asked.drain(on_done)
-        except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
+        asked.drain(on_done)
 
     resolved, failures = [], []
     for job in sorted(work, key=lambda j: j.recipe.name):
@@ -306,20 +339,16 @@ def check(
         for v in locked.versions:
             records.append((locked.name, v.version, "lock", locked.image, v.tag, v.digest))
     names = sorted({r[0] for r in records})
-    with ThreadPoolExecutor(max_workers=max(1, int(jobs)), thread_name_prefix="check") as pool:
+    with request_pool(jobs, "check") as pool:
         asked = _Requests(client, pool)
-        try:
-            for _, _, _, image, tag, digest in records:
-                if digest and tag:
-                    asked.head(image, tag)
-            for name in names:
-                recipe = recipes.get(name)
-                if recipe is not None and recipe.select is not None:
-                    asked.list_tags(recipe.image)
-            asked.drain(lambda future: None)
-        except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
+        for _, _, _, image, tag, digest in records:
+            if digest and tag:
+                asked.head(image, tag)
+        for name in names:
+            recipe = recipes.get(name)
+            if recipe is not None and recipe.select is not None:
+                asked.list_tags(recipe.image)
+        asked.drain(lambda future: None)
 
     findings: list[Finding] = []
     failures: dict[str, list[str]] = {}

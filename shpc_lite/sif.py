@@ -32,6 +32,9 @@ VERSION = b"01\0"
 APPTAINER_LAUNCH_SCRIPT = "#!/usr/bin/env run-singularity\n"
 DESCRIPTORS_OFFSET = 4096
 DEFAULT_CAPACITY = 48
+# Reading the descriptor table costs its size in memory: a header may claim any count, so bound it
+# (4096 descriptors: 2.4 MB, far more objects than any image has).
+MAX_DESCRIPTORS = 4096
 PARTITION_ALIGNMENT = 4096
 #: Go's zero ``time.Time`` in unix seconds: what deterministic images record as their times.
 ZERO_TIME = -62135596800
@@ -229,6 +232,9 @@ def read_sif(path: PathLike) -> SifImage:
             file_size = os.fstat(f.fileno()).st_size
             raw_header = f.read(_HEADER.size)
             header = _parse_header(name, raw_header)
+            if header.descriptors_total > MAX_DESCRIPTORS:
+                raise SifError(f"{name}: corrupt or hostile SIF header ({header.descriptors_total} descriptors; "
+                               f"at most {MAX_DESCRIPTORS} are read, SIF files have {DEFAULT_CAPACITY})")
             table_size = header.descriptors_total * _DESCRIPTOR.size
             if header.descriptors_size < table_size:
                 raise SifError(f"{name}: corrupt SIF header (descriptor table size {header.descriptors_size} "
@@ -308,8 +314,13 @@ def partition_offset(image: SifImage) -> int:
     return primary_partition(image).offset
 
 
-def read_data(path: PathLike, descriptor: Descriptor) -> bytes:
-    """The bytes of one (small) object, e.g. the deffile or a JSON object. Not for partitions."""
+def read_data(path: PathLike, descriptor: Descriptor, max_size: Optional[int] = None) -> bytes:
+    """The bytes of one (small) object, e.g. the deffile or a JSON object. Not for partitions.
+
+    With ``max_size``, an object larger than that is refused (SifError) rather than read."""
+    if max_size is not None and descriptor.size > max_size:
+        raise SifError(f"{os.fspath(path)}: object {descriptor.id} ({descriptor.name or 'unnamed'}) is "
+                       f"{descriptor.size} bytes, more than the {max_size} expected")
     try:
         with open(path, "rb") as f:
             f.seek(descriptor.offset)
@@ -347,6 +358,8 @@ def write_sif(
     launch = launch_script.encode()
     if len(launch) >= 32:
         raise SifError(f"{name}: launch script too long ({len(launch)} bytes, at most 31)")
+    if descriptor_capacity > MAX_DESCRIPTORS:
+        raise SifError(f"{name}: descriptor capacity {descriptor_capacity} is more than {MAX_DESCRIPTORS}")
     if len(objects) > descriptor_capacity:
         raise SifError(f"{name}: {len(objects)} objects exceed the descriptor capacity {descriptor_capacity}")
     primaries = [obj for obj in objects if obj.is_primary]

@@ -90,6 +90,10 @@ def load_manifest(path: Path) -> list[Entry]:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as err:
         raise SiteError(f"{path}: cannot read manifest: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise SiteError(f"{path}: manifest is not UTF-8 text (byte {err.start})") from None
+    except RecursionError:
+        raise SiteError(f"{path}: manifest is nested too deeply") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         raise SiteError(f"{path}:{f' line {mark.line + 1}:' if mark else ''} malformed YAML") from None
@@ -109,13 +113,10 @@ def load_manifest(path: Path) -> list[Entry]:
         extra = set(item) - ENTRY_KEYS
         if extra:
             raise SiteError(f"{where}: unknown field {sorted(extra)[0]!r}")
-        name = str(item.get("name", ""))
-        if not SAFE_NAME.match(name):
+        name = item.get("name", "")
+        if not isinstance(name, str) or not SAFE_NAME.match(name):
             raise SiteError(f"{where}: invalid module name {name!r}")
-        versions = tuple(str(v) for v in item.get("versions") or ())
-        for v in versions:
-            if not SAFE_VERSION.match(v):
-                raise SiteError(f"{where}: invalid version {v!r}")
+        versions = _versions(item.get("versions"), where)
         newest = item.get("newest")
         if newest is not None and (not isinstance(newest, int) or isinstance(newest, bool) or newest < 1):
             raise SiteError(f"{where}: newest must be a whole number >= 1")
@@ -125,6 +126,24 @@ def load_manifest(path: Path) -> list[Entry]:
         default = item.get("default")
         entries.append(Entry(name, versions, newest, tuple(bind), None if default is None else str(default)))
     return entries
+
+
+def _versions(value: Any, where: str) -> tuple[str, ...]:
+    """An entry's ``versions``: a list of version strings. A bare ``versions: 3.10`` is refused
+    rather than guessed at: YAML reads it as the number 3.1."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise SiteError(f"{where}: versions must be a list of version strings, e.g. versions: ['3.10'], "
+                        f"not {value!r}")
+    versions = []
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+            raise SiteError(f"{where}: invalid version {v!r} (a version is a string)")
+        if not SAFE_VERSION.match(str(v)):
+            raise SiteError(f"{where}: invalid version {str(v)!r}")
+        versions.append(str(v))
+    return tuple(versions)
 
 
 def plan(config: Config, entries: list[Entry]) -> Plan:

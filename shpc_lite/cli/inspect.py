@@ -10,6 +10,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
+def _show(line: str) -> None:
+    """One line of text: labels, env and names come from the image, so escapes are shown, not run."""
+    from shpc_lite.scrub import printable
+
+    print(printable(line))
+
+
 def run(args: argparse.Namespace, config) -> int:
     import json
 
@@ -25,21 +32,21 @@ def run(args: argparse.Namespace, config) -> int:
         print(json.dumps(info, indent=2))
         return 0
     header = info["header"]
-    print(f"{info['module']}  {info['image']}  {info['digest']}")
-    print(f"SIF {info['sif']}")
-    print(f"  version {header['version']}  arch {header['arch']}  id {header['id']}  created {header['created']}")
-    print(f"  launch script {header['launch_script']!r}  size {header['data_size']} bytes of data")
-    print("  objects:")
+    _show(f"{info['module']}  {info['image']}  {info['digest']}")
+    _show(f"SIF {info['sif']}")
+    _show(f"  version {header['version']}  arch {header['arch']}  id {header['id']}  created {header['created']}")
+    _show(f"  launch script {header['launch_script']!r}  size {header['data_size']} bytes of data")
+    _show("  objects:")
     for obj in info["objects"]:
         extra = f" {obj['fs_type']} {obj['partition_type']} {obj['arch']}" if obj["type"] == "Partition" else ""
-        print(f"    {obj['id']:>3} {obj['type']:<12} {obj['name'] or '-':<18} offset {obj['offset']:>10} "
-              f"size {obj['size']:>12}{extra}")
+        _show(f"    {obj['id']:>3} {obj['type']:<12} {obj['name'] or '-':<18} offset {obj['offset']:>10} "
+               f"size {obj['size']:>12}{extra}")
     if info["labels"]:
-        print("  labels:")
+        _show("  labels:")
         for key, value in sorted(info["labels"].items()):
-            print(f"    {key}={value}")
+            _show(f"    {key}={value}")
     if info["env"]:
-        print("  env:")
+        _show("  env:")
         for key, value in info["env"].items():
-            print(f"    {key}={value}")
+            _show(f"    {key}={value}")
     return 0

@@ -83,12 +83,21 @@ def _flags(args: argparse.Namespace) -> dict:
     return flags
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, Slurm's time limit): the same clean-up as Ctrl-C, then exit 143."""
+
+
+# What an interrupted run exits with: 128 + the signal number, as a shell reports it.
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+
+
 def _terminate_like_interrupt() -> None:
-    """SIGTERM (kill, Slurm's time limit) runs the same clean-up as Ctrl-C."""
+    """SIGTERM runs the same clean-up as Ctrl-C (the KeyboardInterrupt unwinding)."""
     import signal
 
     def handler(signum, frame):
-        raise KeyboardInterrupt
+        raise Terminated
 
     try:
         signal.signal(signal.SIGTERM, handler)
@@ -96,7 +105,39 @@ def _terminate_like_interrupt() -> None:
         pass
 
 
+def _fail(message: str) -> None:
+    """The one line a failed run prints (through the scrubbed stderr), with no line breaks or
+    terminal escapes from whatever text (a tag, a label, a registry's message) it quotes."""
+    from shpc_lite.scrub import printable
+
+    print(f"shpc-lite: error: {printable(' '.join(message.split()))}", file=sys.stderr)
+
+
+def _innermost_frame(err: BaseException) -> str:
+    """``module:line`` of the deepest shpc_lite frame of ``err``'s traceback (where input was read)."""
+    import traceback
+
+    ours = [f for f in traceback.extract_tb(err.__traceback__) if "shpc_lite" in f.filename]
+    if not ours:
+        return "?"
+    path = ours[-1].filename
+    return f"{path[path.rindex('shpc_lite'):]}:{ours[-1].lineno}"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run one command with every line it prints scrubbed of credentials (shpc_lite.scrub)."""
+    from shpc_lite.scrub import ScrubbedStream, install_log_scrubbing
+
+    install_log_scrubbing()
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = ScrubbedStream(sys.stdout), ScrubbedStream(sys.stderr)
+    try:
+        return _main(argv)
+    finally:
+        sys.stdout, sys.stderr = saved
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     from shpc_lite.errors import ShpcLiteError
 
     parser = build_parser()
@@ -109,17 +150,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         module = importlib.import_module(f"shpc_lite.cli.{args._module}")
         return int(module.run(args, config) or 0)
     except ShpcLiteError as err:
-        print(f"shpc-lite: error: {err}", file=sys.stderr)
+        _fail(str(err))
         return err.exit_code
-    except KeyboardInterrupt:
-        # Clean-up ran while unwinding; leave now rather than wait for stalled network threads.
+    except KeyboardInterrupt as interrupt:
+        # Clean-up ran while unwinding (worker pools are abandoned, not waited for); leave now
+        # rather than wait for stalled network threads.
         print("shpc-lite: interrupted; nothing half-written was left behind", file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(130)
+        os._exit(EXIT_TERMINATED if isinstance(interrupt, Terminated) else EXIT_INTERRUPTED)
     except BrokenPipeError:
         return 141
+    except RecursionError as err:
+        # Known and safe: a document nested deeper than Python's parsers go (a lock file, say).
+        # The readers of untrusted documents say which file; this names where it was read.
+        _fail(f"input nested too deeply to read (while in {_innermost_frame(err)})")
+        return 1
     except OSError as err:
-        where = f": {err.filename}" if getattr(err, "filename", None) else ""
-        print(f"shpc-lite: error{where}: {err.strerror or err}", file=sys.stderr)
+        reason = err.strerror or str(err)
+        _fail(f"{err.filename}: {reason}" if getattr(err, "filename", None) else reason)
         return 1

@@ -10,7 +10,8 @@ hosts, and ``Authorization`` only ever goes to the host it was made for (never a
 to a CDN). Content is verified against its digest; blobs stream to a temp file beside their
 destination and are renamed into place only when the digest matched.
 
-Credentials and tokens never appear in messages, logs or reprs.
+Credentials and tokens never appear in messages, logs or reprs: they are registered with
+:mod:`shpc_lite.scrub` when loaded, and every message is scrubbed.
 """
 
 from __future__ import annotations
@@ -33,14 +34,16 @@ from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
-from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urljoin, urlsplit, urlunsplit
 
 import requests
 import urllib3
 
 from ..errors import ConfigError, DigestMismatchError, ReferenceError_, RegistryError
+from ..scrub import printable, register_secret, register_url, scrub
+from .document import check_image_config, load_json, load_object
 from .credentials import Credential, CredentialProvider, DockerCredentials, env_prefix
-from .reference import ImageReference, is_digest, parse_reference
+from .reference import _TAG_RE, ImageReference, is_digest, parse_reference
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +59,11 @@ MAX_MANIFEST_BYTES = 4 << 20  # what distribution accepts on push
 MAX_SMALL_BLOB_BYTES = 32 << 20
 MAX_TOKEN_BYTES = 1 << 20
 MAX_REDIRECTS = 10
-MAX_TAG_PAGES = 10000
+# A tag list longer than this is a registry paginating without end (Docker Hub's largest
+# repositories have some 10,000 tags); so are pages that keep linking on without a new tag.
+MAX_TAG_PAGES = 1000
+MAX_TAGS = 200_000
+MAX_STALE_TAG_PAGES = 3
 CHUNK = 1 << 20
 REQUEST_KINDS = ("token", "ping", "tags", "manifest_head", "manifest_get", "blob")
 
@@ -148,13 +155,18 @@ class Descriptor:
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise RegistryError(f"{where}: invalid size for {digest}")
         plat = data.get("platform")
+        annotations, urls = data.get("annotations") or {}, data.get("urls") or []
+        if not isinstance(annotations, dict) or not all(isinstance(v, str) for v in annotations.values()):
+            raise RegistryError(f"{where}: annotations of {digest} are not an object of strings")
+        if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
+            raise RegistryError(f"{where}: urls of {digest} are not a list of strings")
         return cls(
             media_type=str(data.get("mediaType", "")),
             digest=digest,
             size=size,
             platform=Platform.from_json(plat) if isinstance(plat, dict) else None,
-            annotations=dict(data.get("annotations") or {}),
-            urls=tuple(data.get("urls") or ()),
+            annotations=dict(annotations),
+            urls=tuple(urls),
         )
 
     @property
@@ -177,13 +189,7 @@ class Manifest:
 
     @cached_property
     def json(self) -> dict:
-        try:
-            value = json.loads(self.data.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            raise RegistryError(f"{self.reference}: manifest {self.digest} is not JSON") from None
-        if not isinstance(value, dict):
-            raise RegistryError(f"{self.reference}: manifest {self.digest} is not a JSON object")
-        return value
+        return load_object(self.data, f"{self.reference}: manifest {self.digest}", RegistryError)
 
     @property
     def is_index(self) -> bool:
@@ -335,13 +341,38 @@ def _strip_query(url: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc.rsplit("@", 1)[-1], parts.path, "", ""))
 
 
+def split_userinfo(url: str) -> Tuple[str, Optional[Credential]]:
+    """A mirror URL without its ``user:password@`` part, and that part as a Credential (which
+    registers the password with the scrubber); requests would ignore it and messages show it."""
+    register_url(url)
+    parts = urlsplit(url)
+    if parts.username is None:
+        return url, None
+    cred = Credential(unquote(parts.username), unquote(parts.password or ""), source="the mirror URL")
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1])), cred
+
+
+class UrlCredentials:
+    """Credentials given in mirror URLs first, then the configured provider."""
+
+    def __init__(self, in_urls: Mapping[str, Credential], provider: CredentialProvider):
+        self._in_urls = {host.lower(): cred for host, cred in in_urls.items()}
+        self._provider = provider
+
+    def get(self, host: str) -> Optional[Credential]:
+        return self._in_urls.get(host.lower()) or self._provider.get(host)
+
+    def __repr__(self) -> str:
+        return f"UrlCredentials(hosts={sorted(self._in_urls)!r}, then={self._provider!r})"
+
+
 def _media_type(resp: requests.Response, body: Optional[bytes] = None) -> str:
     value = resp.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
     if value in INDEX_MEDIA_TYPES or value in MANIFEST_MEDIA_TYPES or body is None:
         return value
     try:  # some registries send application/json; the manifest's own field decides
-        doc = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+        doc = load_json(body, "manifest", RegistryError)
+    except RegistryError:  # Manifest.json reports it, naming the image
         return value
     if isinstance(doc, dict):
         if isinstance(doc.get("mediaType"), str):
@@ -444,7 +475,7 @@ def _registry_detail(resp: requests.Response) -> str:
         text = f"{first.get('code', '')}: {first.get('message', '')}".strip(": ")
     except Exception:  # any unexpected body: no detail
         return ""
-    return " ".join(text.split())[:160]
+    return printable(" ".join(text.split())[:160])
 
 
 @dataclass
@@ -507,13 +538,16 @@ class RegistryClient:
         self.max_backoff = max_backoff
         self.max_retry_after = max_retry_after
         self.tags_page_size = tags_page_size
-        self.credentials = credentials if credentials is not None else DockerCredentials()
+        credentials = credentials if credentials is not None else DockerCredentials()
         self.insecure_registries = frozenset(h.lower() for h in insecure_registries)
         self.mirrors: Dict[str, str] = {}
+        in_urls: Dict[str, Credential] = {}
         for host, url in (mirrors or {}).items():
             host = parse_reference(f"{host}/x").registry  # normalises index.docker.io etc.
-            url = url.rstrip("/")
+            url, cred = split_userinfo(url.rstrip("/"))
             scheme, netloc = _origin(url)
+            if cred is not None:
+                in_urls[netloc] = cred
             if scheme not in ("http", "https") or not netloc:
                 raise ConfigError(f"mirror for {host}: {url!r} is not an http(s) URL")
             if scheme == "http" and not self._plain_http_allowed(netloc):
@@ -522,6 +556,7 @@ class RegistryClient:
                     "(use https, or list it in insecure_registries)"
                 )
             self.mirrors[host] = url
+        self.credentials = UrlCredentials(in_urls, credentials) if in_urls else credentials
         self.stats = RequestStats()
         self._sleep = time.sleep
         self._session = requests.Session()
@@ -536,7 +571,6 @@ class RegistryClient:
         self._challenges: Dict[str, Optional[Challenge]] = {}
         self._tokens: Dict[tuple, _Token] = {}
         self._key_locks: Dict[object, threading.Lock] = {}
-        self._secrets: set = set()
 
     def __repr__(self) -> str:
         return (f"RegistryClient(platform={str(self.platform)!r}, mirrors={self.mirrors!r}, "
@@ -559,6 +593,11 @@ class RegistryClient:
         challenge = self._challenge(self._endpoint(ref), ref)
         return challenge.scheme if challenge else None
 
+    def api_url(self, registry: Union[str, ImageReference]) -> str:
+        """The ``/v2/`` URL requests for ``registry`` go to (its mirror, if any), safe to print."""
+        ref = registry if isinstance(registry, ImageReference) else parse_reference(f"{registry}/x")
+        return _strip_query(self._endpoint(ref).base + "/v2/")
+
     def list_tags(self, ref: Union[str, ImageReference]) -> List[str]:
         """All tags of the repository, sorted (registries do not promise an order)."""
         ref = replace(_as_ref(ref), tag=None, digest=None)  # errors name the repository only
@@ -566,18 +605,20 @@ class RegistryClient:
         url = f"{ep.base}/v2/{ref.repository}/tags/list?n={self.tags_page_size}"
         tags: set = set()
         seen_urls: set = set()
+        stale = 0
         for _ in range(MAX_TAG_PAGES):
             seen_urls.add(url)
             resp, body = self._call("tags", ep, ref, "GET", url, what="list tags",
                                     consume=lambda r: _read_limited(r, MAX_MANIFEST_BYTES * 4,
                                                                     decode=True, what="tag list"))
-            try:
-                page = json.loads(body.decode("utf-8")).get("tags") or []
-            except (UnicodeDecodeError, ValueError, AttributeError):
-                raise RegistryError(f"{ep.registry}: tag list of {ref.name} is not JSON") from None
-            page = [t for t in page if isinstance(t, str)]
+            page = load_object(body, f"{ep.registry}: tag list of {ref.name}", RegistryError).get("tags") or []
+            if not isinstance(page, list):
+                raise RegistryError(f"{ep.registry}: tag list of {ref.name} has no list of tags")
+            # Only what could be pulled: no control characters or spaces reach a terminal.
+            page = [t for t in page if isinstance(t, str) and _TAG_RE.fullmatch(t)]
             before = len(tags)
             tags.update(page)
+            stale = 0 if len(tags) > before else stale + 1
             nxt = resp.links.get("next", {}).get("url")
             if nxt:
                 url = urljoin(url, nxt)
@@ -592,7 +633,17 @@ class RegistryClient:
             if _origin(url) != _origin(ep.base):
                 raise RegistryError(f"{ep.registry}: tag list of {ref.name} links to another "
                                     f"host ({_strip_query(url)})")
+            if len(tags) > MAX_TAGS or stale >= MAX_STALE_TAG_PAGES:
+                raise self._endless_tags(ep, ref, len(tags))
+        else:
+            raise self._endless_tags(ep, ref, len(tags))
         return sorted(tags)
+
+    @staticmethod
+    def _endless_tags(ep: _Endpoint, ref: ImageReference, count: int) -> RegistryError:
+        return RegistryError(
+            f"{ep.registry}: tag list of {ref.name} does not end (stopped after {count} tags; at "
+            f"most {MAX_TAGS} tags in {MAX_TAG_PAGES} pages, and a next page must bring new tags)")
 
     def head_digest(self, ref: Union[str, ImageReference]) -> str:
         """The digest the reference names (an index digest for multi-platform tags).
@@ -672,13 +723,8 @@ class RegistryClient:
     def get_config(self, image: ResolvedImage) -> dict:
         """The image configuration JSON of a resolved image (verified)."""
         data = self.get_blob_bytes(image.reference, image.config.digest)
-        try:
-            value = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            value = None
-        if not isinstance(value, dict):
-            raise RegistryError(f"{image.reference}: config {image.config.digest} is not JSON")
-        return value
+        what = f"{image.reference}: image config {image.config.digest}"
+        return check_image_config(load_json(data, what, RegistryError), what, RegistryError)
 
     def get_blob_bytes(self, ref: Union[str, ImageReference], digest: str,
                        *, max_size: int = MAX_SMALL_BLOB_BYTES) -> bytes:
@@ -846,7 +892,7 @@ class RegistryClient:
             except _TRANSIENT_ERRORS as exc:
                 reason = self._describe_exception(exc)
                 if last:
-                    raise RegistryError(self._scrub(
+                    raise RegistryError(scrub(
                         f"{ep.registry}: {what} for {image} failed after "
                         f"{self.retries + 1} attempt(s): {reason}")) from None
                 delay = self._backoff_delay(attempt)
@@ -913,11 +959,7 @@ class RegistryClient:
     # -- authentication ---------------------------------------------------------------------
 
     def _credential(self, ep: _Endpoint) -> Optional[Credential]:
-        cred = self.credentials.get(ep.cred_host) if self.credentials else None
-        if cred is not None:
-            with self._lock:
-                self._secrets.add(cred.password)
-        return cred
+        return self.credentials.get(ep.cred_host) if self.credentials else None
 
     def _key_lock(self, key) -> threading.Lock:
         with self._lock:
@@ -987,7 +1029,6 @@ class RegistryClient:
             token = self._fetch_token(ep, ref, realm, service, scope, challenge)
             with self._lock:
                 self._tokens[key] = token
-                self._secrets.add(token.value)
             return token.value
 
     def _fetch_token(self, ep, ref, realm, service, scope, challenge) -> _Token:
@@ -1047,25 +1088,18 @@ class RegistryClient:
                 f"{ep.registry}: token request for {image} to {netloc} failed: HTTP "
                 f"{resp.status_code}"), resp.status_code)
         try:
-            doc = json.loads(body.decode("utf-8"))
+            doc = load_object(body, "token", RegistryError)
             value = doc.get("token") or doc.get("access_token")
-            expires_in = doc.get("expires_in") or 60
-            expires_in = float(expires_in)
-        except (UnicodeDecodeError, ValueError, AttributeError, TypeError):
+            expires_in = float(doc.get("expires_in") or 60)
+        except (RegistryError, ValueError, TypeError, OverflowError):
             value = None
         if not isinstance(value, str) or not value or any(c in value for c in "\r\n "):
             raise RegistryError(f"{ep.registry}: token server {netloc} sent no usable token")
+        register_secret(value)
         margin = min(30.0, expires_in * 0.1)
         return _Token(value, time.monotonic() + max(0.0, expires_in - margin))
 
     # -- errors -----------------------------------------------------------------------------
-
-    def _scrub(self, text: str) -> str:
-        with self._lock:
-            secrets = [s for s in self._secrets if s and len(s) >= 4]
-        for secret in secrets:
-            text = text.replace(secret, "***")
-        return text
 
     def _auth_error(self, ep: _Endpoint, image: str, detail: str, status: int) -> RegistryError:
         cred = self.credentials.get(ep.cred_host) if self.credentials else None
@@ -1076,7 +1110,7 @@ class RegistryClient:
             hint = f"; credentials are not sent over plain http to {ep.cred_host}"
         else:
             hint = f"; credentials from {cred.source}"
-        return _with_status(RegistryError(self._scrub(
+        return _with_status(RegistryError(scrub(
             f"{ep.registry}: authentication failed for {image} ({detail}){hint}")), status)
 
     def _status_error(self, ep: _Endpoint, image: str, what: str,
@@ -1092,7 +1126,7 @@ class RegistryClient:
             text += f" (retry after {resp.headers['Retry-After'].strip()[:40]})"
         if detail:
             text += f" ({detail})"
-        return _with_status(RegistryError(self._scrub(text)), status)
+        return _with_status(RegistryError(scrub(text)), status)
 
 
 def _with_status(err: RegistryError, status: Optional[int]) -> RegistryError:

@@ -10,7 +10,8 @@ Lookup order for a registry host (``docker.io``, ``nvcr.io``, ``localhost:5000``
    else ``auths.<host>.auth`` (base64 ``user:password``). Docker Hub's key is
    ``https://index.docker.io/v1/``.
 
-A :class:`Credential` never shows its password in ``repr``/``str``.
+A :class:`Credential` never shows its password in ``repr``/``str``, and registers it (and its Basic
+base64 forms) with :mod:`shpc_lite.scrub` when it is made.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Dict, Mapping, Optional, Protocol
 
 from ..errors import ConfigError
+from ..scrub import register_credential
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,10 @@ class Credential:
     username: str
     password: str = field(repr=False)
     source: str = ""
+
+    def __post_init__(self) -> None:
+        # Known to the scrubber from the moment it is loaded: no message may show it afterwards.
+        register_credential(self.username, self.password)
 
     def __repr__(self) -> str:
         return f"Credential(username={self.username!r}, password='***', source={self.source!r})"

@@ -25,6 +25,11 @@ import shlex
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional
 
+from ..errors import PullError
+from ..oci.document import check_inner_config, inner_config
+
+__all__ = ["ExtraEntry", "apptainer_files", "env_script", "inner_config", "labels_json", "runscript"]
+
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 ENV_DOCKER = ".singularity.d/env/10-docker2singularity.sh"
@@ -46,16 +51,6 @@ class ExtraEntry:
     mode: int
     data: bytes = b""
     only_if_absent: bool = False
-
-
-def inner_config(image_config: Mapping[str, Any]) -> Mapping[str, Any]:
-    """The ``config`` object of an image config blob (or the object itself if already the inner one)."""
-    cfg = image_config.get("config")
-    if isinstance(cfg, Mapping):
-        return cfg
-    if any(k in image_config for k in ("Env", "Entrypoint", "Cmd", "WorkingDir", "Labels")):
-        return image_config
-    return {}
 
 
 def _sh_double_quoted(value: str) -> str:
@@ -128,8 +123,11 @@ def labels_json(labels: Optional[Mapping[str, Any]], source_ref: str, source_dig
 
 
 def apptainer_files(image_config: Mapping[str, Any], *, source_ref: str, source_digest: str) -> Dict[str, ExtraEntry]:
-    """Everything to add to the rootfs, as ``{relative path: ExtraEntry}`` with parents before children."""
-    cfg = inner_config(image_config)
+    """Everything to add to the rootfs, as ``{relative path: ExtraEntry}`` with parents before children.
+
+    The config's fields are checked first (PullError naming ``source_ref``): the puller's client
+    checked them already, this keeps the public ``build_squashfs`` safe for any other caller."""
+    cfg = check_inner_config(inner_config(image_config), f"{source_ref}: image config", PullError)
     out: Dict[str, ExtraEntry] = {}
     for d in (".singularity.d", ".singularity.d/libs", ".singularity.d/actions", ".singularity.d/env"):
         out[d] = ExtraEntry("dir", 0o755)
