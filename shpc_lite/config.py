@@ -122,23 +122,20 @@ def _coerce(key: str, value: Any, where: str) -> Any:
 
 
 def _read_file(path: Path) -> dict[str, Any]:
-    import yaml
+    from shpc_lite.yamlio import YamlRefused, load
 
     try:
         with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
+            data = load(fh.read())
     except FileNotFoundError:
         return {}
     except PermissionError:
         raise ConfigError(f"config: {path}: permission denied") from None
     except UnicodeDecodeError as err:
         raise ConfigError(f"config: {path}: not UTF-8 text (byte {err.start})") from None
-    except RecursionError:
-        raise ConfigError(f"config: {path}: nested too deeply") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        line = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"config: {path}:{line}: invalid YAML") from None
+    except YamlRefused as err:
+        line = f" line {err.line}" if err.line else ""
+        raise ConfigError(f"config: {path}:{line}: invalid YAML: {err.problem}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

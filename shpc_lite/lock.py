@@ -154,10 +154,9 @@ def _string(data: dict, key: str, pattern: re.Pattern, source: str, where: str) 
 
 def parse_lock(text: str, source: str) -> Lock:
     """Validate a lock file's text; errors name ``source`` and the field."""
-    try:
-        data = json.loads(text)
-    except ValueError as err:
-        raise ResolveError(f"{source}: not a valid lock file (invalid JSON: {err})") from None
+    from shpc_lite.oci.document import load_json
+
+    data = load_json(text, f"{source}: the lock file", ResolveError)
     _check(isinstance(data, dict), source, "", "not a valid lock file (expected a JSON object)")
     fmt = data.get("lockfile_version")
     _check("lockfile_version" in data, source, "", "missing field 'lockfile_version'")

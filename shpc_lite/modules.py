@@ -23,7 +23,6 @@ from shpc_lite.errors import NotFoundError
 from shpc_lite.fsutil import TMP_PREFIX, atomic_write
 from shpc_lite.layout import Layout
 from shpc_lite.module_systems import MODULE_SYSTEMS, ModuleSystem
-from shpc_lite.quoting import lua_quote, sh_quote, tcl_quote
 from shpc_lite.recipe import Alias, Recipe
 from shpc_lite.versions import newest, version_key
 

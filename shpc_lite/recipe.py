@@ -245,16 +245,13 @@ def _env_value(value: Any) -> str:
 
 
 def _yaml_load(text: str, source: str) -> Any:
-    import yaml
+    from shpc_lite.yamlio import YamlRefused, load
 
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     try:
-        return yaml.load(text, Loader=loader)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or "invalid YAML"
-        raise RecipeError(f"{source}:{where}: malformed YAML: {problem}") from None
+        return load(text)
+    except YamlRefused as err:
+        where = f" line {err.line}" if err.line else ""
+        raise RecipeError(f"{source}:{where}: malformed YAML: {err.problem}") from None
 
 
 def load_recipe(path: Path) -> Recipe:

@@ -83,20 +83,17 @@ class Plan:
 
 
 def load_manifest(path: Path) -> list[Entry]:
-    import yaml
+    from shpc_lite.yamlio import YamlRefused, load
 
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load(path.read_text(encoding="utf-8"))
     except OSError as err:
         raise SiteError(f"{path}: cannot read manifest: {err.strerror}") from None
     except UnicodeDecodeError as err:
         raise SiteError(f"{path}: manifest is not UTF-8 text (byte {err.start})") from None
-    except RecursionError:
-        raise SiteError(f"{path}: manifest is nested too deeply") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        raise SiteError(f"{path}:{f' line {mark.line + 1}:' if mark else ''} malformed YAML") from None
+    except YamlRefused as err:
+        raise SiteError(f"{path}:{f' line {err.line}:' if err.line else ''} malformed YAML: {err.problem}") from None
     if not isinstance(data, dict) or not isinstance(data.get("modules"), list):
         raise SiteError(f"{path}: expected a mapping with a 'modules' list")
     unknown = set(data) - {"modules"}

@@ -95,7 +95,8 @@ def test_locked_version():
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("{", "not a valid lock file (invalid JSON"),
+        ("{", "the lock file is not JSON"),
+        ("[" * 100_000 + "]" * 100_000, "the lock file is nested too deeply"),
         ("[]", "not a valid lock file (expected a JSON object)"),
         ("{}", "missing field 'lockfile_version'"),
         ('{"lockfile_version": 2}', "lockfile_version: 2 was written by a newer shpc-lite"),

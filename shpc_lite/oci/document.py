@@ -51,11 +51,11 @@ def load_json(data: bytes | str, what: str, error: Type[ShpcLiteError]) -> Any:
     except UnicodeDecodeError:
         raise error(f"{what} is not UTF-8 text") from None
     except RecursionError:
-        raise error(f"{what} is nested more than {MAX_DEPTH} levels deep") from None
+        raise error(f"{what} is nested too deeply (more than {MAX_DEPTH} levels)") from None
     except ValueError as err:
         raise error(f"{what} is not JSON ({_short(err)})") from None
     if nesting_depth(value) > MAX_DEPTH:
-        raise error(f"{what} is nested more than {MAX_DEPTH} levels deep")
+        raise error(f"{what} is nested too deeply (more than {MAX_DEPTH} levels)")
     return value
 
 

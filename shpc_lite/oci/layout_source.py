@@ -52,6 +52,7 @@ from .client import (
     Platform,
     RegistryClient,
 )
+from .document import check_image_config, load_json, load_object
 from .reference import is_digest
 
 if TYPE_CHECKING:
@@ -247,23 +248,14 @@ def _read_blob(reader: _Reader, where: str, desc: Descriptor, limit: int) -> byt
     return data
 
 
-def _parse_json(where: str, what: str, data: bytes, kind: type, kind_name: str):
-    """A JSON value of ``kind``, or one line: not UTF-8, not JSON, too deeply nested, wrong kind.
-
-    (A minimal local check; a shared checked parse of OCI documents may replace it.)"""
-    try:
-        value = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise PullError(f"{where}: {what} is not valid JSON") from None
-    except RecursionError:
-        raise PullError(f"{where}: {what} is nested too deeply: refused") from None
-    if not isinstance(value, kind):
-        raise PullError(f"{where}: {what} is not {kind_name}")
-    return value
-
-
 def parse_json_object(where: str, what: str, data: bytes) -> dict:
-    return _parse_json(where, what, data, dict, "a JSON object")
+    return load_object(data, f"{where}: {what}", PullError)
+
+
+def _image_config(where: str, what: str, data: bytes) -> dict:
+    """An image config, checked as a registry's is (the same types for the same fields)."""
+    what = f"{where}: {what}"
+    return check_image_config(load_json(data, what, PullError), what, PullError)
 
 
 def blob_member(digest: str) -> str:
@@ -371,8 +363,8 @@ def _oci_image(reader: _Reader, spec: LocalSpec, ref: "ImageReference", want: Pl
     selected = _select_oci(reader, spec, ref, want)
     config_desc = _descriptors(where, {"config": [selected.manifest.get("config")]}, "config")[0]
     layers = _descriptors(f"{where}: manifest", selected.manifest, "layers")
-    image_config = parse_json_object(where, f"config {config_desc.digest}",
-                                      _read_blob(reader, where, config_desc, MAX_SMALL_BLOB_BYTES))
+    image_config = _image_config(where, f"config {config_desc.digest}",
+                                 _read_blob(reader, where, config_desc, MAX_SMALL_BLOB_BYTES))
     refs = tuple(LayerRef(d.digest, d.size, d.media_type, blob_member(d.digest)) for d in layers)
     arch = selected.arch or str(image_config.get("architecture") or "amd64")
     image = SourceImage(where, selected.digest, _deffile(spec), image_config, refs, arch)
@@ -405,7 +397,9 @@ def _docker_entry(where: str, entries: list, selector: str) -> Tuple[dict, str]:
 def _docker_image(reader: _Reader, spec: LocalSpec) -> Tuple[SourceImage, str]:
     where = spec.label
     data = _read_limited(reader, where, "manifest.json", MAX_MANIFEST_BYTES)
-    entries = _parse_json(where, "manifest.json", data, list, "a list (not a docker archive)")
+    entries = load_json(data, f"{where}: manifest.json", PullError)
+    if not isinstance(entries, list):
+        raise PullError(f"{where}: manifest.json is not a list (not a docker archive)")
     entry, tag = _docker_entry(where, entries, spec.selector)
     config_name, layer_names = entry.get("Config"), entry.get("Layers")
     if not isinstance(config_name, str) or not isinstance(layer_names, list) \
@@ -417,7 +411,7 @@ def _docker_image(reader: _Reader, spec: LocalSpec) -> Tuple[SourceImage, str]:
     claimed = _claimed_digest(config_name)
     if claimed and claimed != digest:
         raise PullError(f"{where}: config {config_name} has digest {digest}: the archive lies about it; refused")
-    image_config = parse_json_object(where, f"config {config_name}", config_data)
+    image_config = _image_config(where, f"config {config_name}", config_data)
     rootfs = image_config.get("rootfs")
     diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
     if not isinstance(diff_ids, list) or len(diff_ids) != len(layer_names) \

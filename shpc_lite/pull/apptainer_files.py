@@ -30,7 +30,7 @@ from ..oci.document import check_inner_config, inner_config
 
 __all__ = ["ExtraEntry", "apptainer_files", "env_script", "inner_config", "labels_json", "runscript"]
 
-ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+ENV_NAME_RE = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]*\Z")
 
 ENV_DOCKER = ".singularity.d/env/10-docker2singularity.sh"
 ENV_USER = ".singularity.d/env/90-environment.sh"

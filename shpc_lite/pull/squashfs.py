@@ -89,7 +89,7 @@ def compression_args(compression: str, level: Optional[int], feats: frozenset = 
 
 
 def _created_time(cfg: Mapping[str, Any]) -> Optional[int]:
-    m = re.match(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.\d+)?(Z|[+-]\d\d:\d\d)?$", str(cfg.get("created") or ""))
+    m = re.fullmatch(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.\d+)?(Z|[+-]\d\d:\d\d)?", str(cfg.get("created") or ""))
     if not m:
         return None
     tz = "+00:00" if m.group(2) in (None, "Z") else m.group(2)
