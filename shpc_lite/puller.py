@@ -21,7 +21,7 @@ import shutil
 import subprocess
 import threading
 import time
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Optional
 from shpc_lite.config import Config
 from shpc_lite.errors import PullError, SifError
 from shpc_lite.layout import Layout
+from shpc_lite.pool import request_pool
 from shpc_lite.progress import Progress, elapsed
 from shpc_lite.pull.source import ImageSource, LayerRef, SourceImage
 from shpc_lite.store import clean_stale, digest_lock, group_id, lease, stored_image_ok
@@ -220,20 +221,18 @@ class RegistrySource:
 
         cancel = threading.Event()
         layout = config.layout
-        pool = ThreadPoolExecutor(max_workers=max(1, config["jobs"]))
-        futures = [pool.submit(_fetch_blob, self.client, self.ref, d, layout, progress, cancel, config["lock_lease"])
-                   for d in image.layers]
         try:
-            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-            for future in done:
-                future.result()
+            with request_pool(config["jobs"], "layer") as pool:
+                futures = [pool.submit(_fetch_blob, self.client, self.ref, d, layout, progress, cancel,
+                                       config["lock_lease"]) for d in image.layers]
+                done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+                for future in done:
+                    future.result()
         except BaseException:
-            # Do not wait for stalled downloads (Ctrl-C must be prompt). What they received stays
-            # in the blob cache as <digest>/data.partial: the next pull resumes it.
+            # Stalled downloads are not waited for (Ctrl-C must be prompt). What they received
+            # stays in the blob cache as <digest>/data.partial: the next pull resumes it.
             cancel.set()
-            pool.shutdown(wait=False, cancel_futures=True)
             raise
-        pool.shutdown(wait=True)
         return [LayerBlob(layout.blob_data(d.digest), d.media_type, d.digest) for d in image.layers]
 
 

@@ -11,12 +11,12 @@ reused. A failing recipe never stops the others: it becomes a ``ResolveFailure``
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from shpc_lite.errors import ResolveError, ShpcLiteError
+from shpc_lite.pool import request_pool
 from shpc_lite.lock import Lock, LockedRecipe, LockedVersion, now
 from shpc_lite.recipe import Recipe
 from shpc_lite.tags import CompiledRule, Decision, explain
@@ -166,23 +166,6 @@ class _Requests:
             done, self.running = wait(self.running, return_when=FIRST_COMPLETED)
             for future in done:
                 on_done(future)
-
-
-@contextmanager
-def request_pool(jobs: int, name: str) -> Iterator[ThreadPoolExecutor]:
-    """A bounded pool for registry requests, waited for when the work is done.
-
-    On Ctrl-C, SIGTERM or an error it is abandoned instead (queued requests cancelled, running
-    ones not waited for), as the puller abandons its downloads: a request stalled on a slow or
-    endlessly paginating registry must not keep the process alive; the CLI then exits at once.
-    """
-    pool = ThreadPoolExecutor(max_workers=max(1, int(jobs)), thread_name_prefix=name)
-    try:
-        yield pool
-    except BaseException:
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
-    pool.shutdown(wait=True)
 
 
 def _ref(image: str, tag: Optional[str] = None):
