@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 # command -> (module under shpc_lite.cli, one-line help). Modules are imported only when used,
 # except for their tiny ``add_arguments`` which argparse needs.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "install": ("install", "install a module from a recipe (pulling its image or from --sif)"),
+    "install": ("install", "install a module from a recipe (pulling its image, or from --sif / --from)"),
     "uninstall": ("uninstall", "remove a module version, or all versions of a module"),
     "list": ("listing", "list installed modules"),
     "show": ("show", "show a recipe and what is installed of it"),
