@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 from shpc_lite.errors import ConfigError
 from shpc_lite.module_systems import DEFAULT as DEFAULT_MODULE_SYSTEM, MODULE_SYSTEMS
+from shpc_lite.runtimes import CHOICES as RUNTIME_KIND_CHOICES
 
 if TYPE_CHECKING:
     from shpc_lite.layout import Layout
@@ -34,6 +35,7 @@ KEYS: dict[str, tuple[Any, str, tuple[str, ...]]] = {
     "central_root": ("", "str", ()),
     "module_system": (DEFAULT_MODULE_SYSTEM.name, "str", tuple(MODULE_SYSTEMS)),
     "runtime": ("singularity", "str", ()),
+    "runtime_kind": ("auto", "str", RUNTIME_KIND_CHOICES),
     "runtime_module": ("", "str", ()),
     "bind_paths": ([], "list", ()),
     "gpu": ("auto", "str", ("auto", "always", "never")),

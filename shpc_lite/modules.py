@@ -24,9 +24,9 @@ from shpc_lite.fsutil import TMP_PREFIX, atomic_write
 from shpc_lite.layout import Layout
 from shpc_lite.module_systems import MODULE_SYSTEMS, ModuleSystem
 from shpc_lite.recipe import Alias, Recipe
+from shpc_lite.runtimes import SINGULARITY, RuntimeKind, runtime_kind
 from shpc_lite.versions import newest, version_key
 
-GPU_FLAGS = {"nvidia": "--nv", "amd": "--rocm"}
 # Device files whose presence means "this node has such a GPU" (checked by wrappers at run time).
 GPU_DEVICES = {"nvidia": "/dev/nvidiactl", "amd": "/dev/kfd"}
 
@@ -64,7 +64,12 @@ class ModuleSpec:
     home: bool | str
     x11: bool
     aliases: tuple[Alias, ...]
+    runtime_kind: RuntimeKind = SINGULARITY
     recipe_source: str = ""
+    # What kinds that run the SIF themselves need (charliecloud): the image's own environment
+    # and where its root file system starts in the SIF, both read once at install.
+    image_env: tuple[tuple[str, str], ...] = ()
+    partition_offset: int = 0
 
     @property
     def module(self) -> str:
@@ -77,7 +82,20 @@ class ModuleSpec:
     @property
     def env_prefix(self) -> str:
         """Apptainer reads APPTAINERENV_*, Singularity SINGULARITYENV_* (and warns on the other)."""
-        return "APPTAINERENV_" if "apptainer" in os.path.basename(self.runtime) else "SINGULARITYENV_"
+        return self.runtime_kind.env_prefix
+
+    @property
+    def mount_name(self) -> str:
+        """The SIF's file name without ``.sif``: one shared mount per node, user and image."""
+        return Path(self.sif).name.rsplit(".", 1)[0]
+
+    @property
+    def pinned_image(self) -> str:
+        """The image by digest, fully qualified (what podman and shifter are given)."""
+        from shpc_lite.oci.reference import parse_reference
+
+        ref = parse_reference(self.image)
+        return f"{ref.name}@{self.digest}" if self.digest else str(ref.with_tag(self.tag))
 
     @property
     def runtime_options(self) -> tuple[str, ...]:
@@ -92,8 +110,14 @@ class ModuleSpec:
         return tuple(opts)
 
     @property
-    def gpu_flag(self) -> str:
-        return GPU_FLAGS.get(self.gpu, "")
+    def plain_binds(self) -> tuple[str, ...]:
+        """Binds as ``SRC[:DST]``, without Apptainer's ``:ro``/``:rw`` (runtimes that lack them)."""
+        return tuple(re.sub(r":(?:ro|rw)$", "", path) for path in self.bind)
+
+    @property
+    def gpu_options(self) -> tuple[str, ...]:
+        """What asks this kind of runtime for the recipe's GPU (added at run time, where present)."""
+        return tuple(self.runtime_kind.gpu_options.get(self.gpu, ()))
 
     @property
     def gpu_device(self) -> str:
@@ -113,6 +137,15 @@ class ModuleSpec:
 def make_spec(
     recipe: Recipe, version: str, tag: str, digest: str, sif: Path, layout: Layout, config: Config
 ) -> ModuleSpec:
+    kind = runtime_kind(config)
+    image_env: tuple[tuple[str, str], ...] = ()
+    offset = 0
+    if kind.reads_image:
+        from shpc_lite.inspect import inspect_sif
+        from shpc_lite.sif import partition_offset, read_sif
+
+        offset = partition_offset(read_sif(sif))
+        image_env = tuple(sorted(inspect_sif(str(sif))["env"].items()))
     return ModuleSpec(
         name=recipe.name,
         version=version,
@@ -133,7 +166,10 @@ def make_spec(
         home=recipe.features.home,
         x11=recipe.features.x11,
         aliases=recipe.aliases,
+        runtime_kind=kind,
         recipe_source=recipe.source,
+        image_env=image_env,
+        partition_offset=offset,
     )
 
 
@@ -170,7 +206,7 @@ def render_modulefile(spec: ModuleSpec, system: ModuleSystem) -> str:
 
 
 def render_wrapper(spec: ModuleSpec, wrapper: Wrapper) -> str:
-    return render("wrapper.sh.j2", spec=spec, wrapper=wrapper)
+    return render(spec.runtime_kind.template, spec=spec, wrapper=wrapper)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,7 +31,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
 CONFIG_FLAGS = {
     "root": "the module root (modules/, containers/, wrappers/ go below it)",
     "module_system": "lmod or tcl",
-    "runtime": "container runtime binary the wrappers call (singularity, apptainer or a path)",
+    "runtime": "container runtime binary the wrappers call (singularity, apptainer, ch-run, podman, "
+               "podman-hpc, shifter or a path)",
+    "runtime_kind": "auto (from the runtime's name), apptainer, singularity, charliecloud, podman, "
+                    "podman-hpc or shifter",
     "gpu": "auto, always or never",
     "default_version": "newest or none",
 }

@@ -1,0 +1,69 @@
+"""The container runtimes wrappers can call: one small object per kind.
+
+A kind says how its wrappers look (its template), what form of the image it runs (the stored SIF,
+or an image in the runtime's own storage), how recipe env reaches the container, and how GPUs are
+asked for. ``runtime`` stays the binary to call; ``runtime_kind`` (config key, env
+``SHPC_LITE_RUNTIME_KIND``, flag ``--runtime-kind``) says which kind it is, ``auto`` meaning: from
+the binary's name. Nothing else in the package compares runtime names.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from shpc_lite.errors import ConfigError
+
+AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class RuntimeKind:
+    name: str  # the config value
+    binaries: tuple[str, ...]  # basenames of `runtime` that mean this kind under `auto`
+    template: str  # the wrapper template (modulefiles/)
+    image_form: str  # "sif": runs the stored SIF; "podman": podman's storage; "shifter": its gateway
+    env_prefix: str = ""  # apptainer/singularity read <PREFIX>NAME from the host environment
+    # GPU vendor -> options asking for that GPU (empty: the kind has no such option)
+    gpu_options: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    reads_image: bool = False  # wrappers need the image's env and partition offset (read at install)
+
+    @property
+    def runs_sif(self) -> bool:
+        return self.image_form == "sif"
+
+
+APPTAINER = RuntimeKind("apptainer", ("apptainer",), "wrapper.sh.j2", "sif", "APPTAINERENV_",
+                        {"nvidia": ("--nv",), "amd": ("--rocm",)})
+SINGULARITY = RuntimeKind("singularity", ("singularity",), "wrapper.sh.j2", "sif", "SINGULARITYENV_",
+                          {"nvidia": ("--nv",), "amd": ("--rocm",)})
+CHARLIECLOUD = RuntimeKind("charliecloud", ("ch-run",), "wrapper-charliecloud.sh.j2", "sif", reads_image=True)
+PODMAN = RuntimeKind("podman", ("podman",), "wrapper-podman.sh.j2", "podman",
+                     gpu_options={"nvidia": ("--device", "nvidia.com/gpu=all"),
+                                  "amd": ("--device", "/dev/kfd", "--device", "/dev/dri")})
+PODMAN_HPC = RuntimeKind("podman-hpc", ("podman-hpc",), "wrapper-podman.sh.j2", "podman",
+                         gpu_options={"nvidia": ("--gpu",), "amd": ("--device", "/dev/kfd", "--device", "/dev/dri")})
+SHIFTER = RuntimeKind("shifter", ("shifter",), "wrapper-shifter.sh.j2", "shifter",
+                      gpu_options={"nvidia": ("--module=gpu",)})
+
+RUNTIME_KINDS: dict[str, RuntimeKind] = {
+    kind.name: kind for kind in (APPTAINER, SINGULARITY, CHARLIECLOUD, PODMAN, PODMAN_HPC, SHIFTER)
+}
+CHOICES = (AUTO, *RUNTIME_KINDS)
+
+
+def runtime_kind(config: Mapping[str, str]) -> RuntimeKind:
+    """The kind config ``runtime_kind`` names, or (``auto``) the one ``runtime``'s basename means."""
+    wanted = config["runtime_kind"]
+    if wanted != AUTO:
+        return RUNTIME_KINDS[wanted]
+    binary = os.path.basename(config["runtime"])
+    for kind in RUNTIME_KINDS.values():
+        if binary in kind.binaries:
+            return kind
+    for kind in (APPTAINER, SINGULARITY):  # e.g. singularity-ce, apptainer-1.3
+        if kind.name in binary:
+            return kind
+    raise ConfigError(f"runtime {config['runtime']!r}: cannot tell its kind from its name; "
+                      f"set runtime_kind to one of {', '.join(RUNTIME_KINDS)}")
