@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # Install shpc-lite and its system packages on a fresh Debian 12 machine, then run the main job:
-# check the set-up, list the built-in recipes, and install python 3.12 from Docker Hub as a module
-# (skipped, with a message, where Docker Hub cannot be reached).
+# check the set-up, list the built-in recipes, and install python 3.12 from Docker Hub as a module.
+# Where Docker Hub cannot be reached, the whole path runs offline instead (scripts/offline-demo.sh):
+# a tiny busybox image built on the spot as an OCI archive, installed with --from for the
+# Charliecloud runtime, loaded with Lmod, and commands run inside the container.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/system-packages.sh
+# Charliecloud (ch-run), squashfuse + fuse3 and busybox-static serve the offline demo; the
+# Charliecloud kind needs nothing else (docs/runtimes.md)
+bash scripts/system-packages.sh charliecloud-runtime squashfuse fuse3 busybox-static
 venv="${SHPC_LITE_VENV:-$HOME/.local/shpc-lite-venv}"
 python3 -m venv "$venv"
 "$venv/bin/pip" install -q .
@@ -16,7 +20,9 @@ if "$venv/bin/python" -c 'import requests, sys; sys.exit(requests.get("https://r
     "$exe" install python:3.12
     "$exe" list
     "$exe" use
+    echo "shpc-lite is installed in $venv: add $venv/bin to PATH"
 else
-    echo "Docker Hub is not reachable from this machine: skipping 'shpc-lite install python:3.12'"
+    echo "shpc-lite is installed in $venv: add $venv/bin to PATH"
+    echo "Docker Hub is not reachable from this machine: installing a busybox image built here instead"
+    bash scripts/offline-demo.sh "$exe"
 fi
-echo "shpc-lite is installed in $venv: add $venv/bin to PATH"
