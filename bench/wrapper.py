@@ -9,9 +9,11 @@ per runtime kind. Run by hand, never in CI:
   call (it mounts the SIF's squashfs with squashfuse), its later calls once mounted (a call
   sleeping in the background keeps the mount), and ``ch-run`` called directly on the mounted
   directory, both bare and with the exact argv the wrapper passes (recorded by a stand-in).
-* apptainer, singularity, podman, shifter: the runtime is a no-op stand-in (``#!/bin/sh\\nexit 0``):
-  the wrapper calling it vs calling it directly with the same argv, i.e. the wrapper's own cost.
-  A kind whose install fails on this branch (e.g. its template is not there yet) shows ``n/a``.
+* apptainer, singularity, podman, podman-hpc, shifter: the runtime is a no-op stand-in (``#!/bin/sh\\nexit 0``):
+  the wrapper calling it vs calling it directly with the same argv, i.e. the wrapper's own cost
+  (the install-time ``podman pull`` / ``shifterimg pull`` is the stand-in too). A kind whose
+  install fails (e.g. its template is not in the checkout) shows ``n/a``; ``--repo DIR`` installs
+  with another shpc-lite checkout, read only.
 
 Prints a table (median of the runs, ms) and whether "the wrapper adds at most 5 ms once mounted"
 holds. ``--profile`` (automatic when it does not hold) times the Charliecloud wrapper's steps.
@@ -38,7 +40,7 @@ LIMIT_MS = 5.0
 STANDIN = "#!/bin/sh\nexit 0\n"
 RECORDER = "#!/bin/sh\nprintf '%s\\0' \"$@\" > \"$SHPC_LITE_BENCH_ARGV\"\n"
 KINDS = {"charliecloud": "ch-run", "apptainer": "apptainer", "singularity": "singularity",
-         "podman": "podman", "shifter": "shifter"}
+         "podman": "podman", "podman-hpc": "podman-hpc", "shifter": "shifter"}
 RECIPE = """\
 name: noop
 image: localhost/noop
@@ -83,8 +85,8 @@ def median_ms(argv: list[str], env: dict, cwd: Path, runs: int, before=None) -> 
 
 
 class Bench:
-    def __init__(self, tmp: Path, runs: int):
-        self.tmp, self.runs = tmp, runs
+    def __init__(self, tmp: Path, runs: int, repo: Path = REPO):
+        self.tmp, self.runs, self.repo = tmp, runs, repo
         self.archive = tmp / "noop.tar"
         raw = Path("/bin/busybox").read_bytes()
         busybox_image.write_oci_archive(self.archive, raw, busybox_image.ARCHES.get(os.uname().machine, "amd64"), "1.0")
@@ -103,11 +105,12 @@ class Bench:
 
     def install(self, kind: str, runtime: str) -> Path:
         root = self.tmp / kind
-        env = {**self.base_env, "PYTHONPATH": str(REPO), "SHPC_LITE_ROOT": str(root),
+        env = {**self.base_env, "PYTHONPATH": str(self.repo), "PYTHONDONTWRITEBYTECODE": "1", "SHPC_LITE_ROOT": str(root),
                "SHPC_LITE_REGISTRY": str(self.tmp / "registry"), "SHPC_LITE_RUNTIME": runtime,
                "SHPC_LITE_RUNTIME_KIND": kind}
         proc = subprocess.run([sys.executable, "-m", "shpc_lite", "install", "noop:1.0", "--from",
-                               f"oci-archive:{self.archive}"], env=env, capture_output=True, text=True, timeout=120)
+                               f"oci-archive:{self.archive}"], env=env, cwd=self.tmp, capture_output=True, text=True,
+                              timeout=120)
         if proc.returncode != 0:
             raise RuntimeError((proc.stderr.strip().splitlines() or ["install failed"])[-1])
         return root / "wrappers" / "noop" / "1.0" / "bin"
@@ -128,8 +131,9 @@ class Bench:
     def standin_kind(self, kind: str) -> dict:
         binary = KINDS[kind]
         runtime = self.bin / binary
-        runtime.write_text(STANDIN)
-        runtime.chmod(0o755)
+        for name in (binary, "shifterimg"):  # shifter's install pulls with shifterimg beside it
+            (self.bin / name).write_text(STANDIN)
+            (self.bin / name).chmod(0o755)
         bindir = self.install(kind, str(runtime))
         wrapper = bindir / "true"
         direct = [str(runtime), *self.recorded_argv_abs(wrapper, runtime)]
@@ -220,13 +224,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kinds", default=",".join(KINDS), help="comma-separated: " + ", ".join(KINDS))
     parser.add_argument("--profile", action="store_true", help="time the Charliecloud wrapper's steps")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument("--repo", type=Path, default=REPO,
+                        help="the shpc-lite checkout whose install writes the wrappers (default: this one); "
+                             "nothing is written into it")
     args = parser.parse_args(argv)
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
         parser.error(f"unknown kind(s): {', '.join(unknown)}")
     tmp = Path(tempfile.mkdtemp(prefix="shpc-lite-bench-wrapper.", dir="/tmp"))
-    bench = Bench(tmp, args.runs)
+    bench = Bench(tmp, args.runs, args.repo.resolve())
     results, failures = [], []
     try:
         for kind in kinds:
@@ -249,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
 
     print(f"no-op (/bin/true) through the wrapper vs the runtime called directly: median of {args.runs} runs, ms "
-          f"(first calls: median of {max(5, args.runs // 4)})\n")
+          f"(first calls: median of {max(5, args.runs // 4)}); wrappers written by {args.repo.resolve()}\n")
     print(f"| kind | through the wrapper | ms | called directly | ms | wrapper adds (ms) |")
     print("|---|---|---:|---|---:|---:|")
     worst = 0.0
