@@ -58,3 +58,12 @@ def test_offline_demo_ends_with_output_from_inside_the_image(tmp_path):
     assert not Path(demo_dir).exists()
     assert demo_dir not in Path("/proc/self/mounts").read_text()
     assert not (home / ".local/share/shpc-lite").exists()  # the user's own tree is not touched
+
+
+def test_setup_runs_the_offline_demo_last_where_docker_hub_is_unreachable():
+    """setup.sh's apt and pip steps are not run here; what it does offline is the demo above,
+    as its last step (so its output ends with what the container printed)."""
+    lines = [line.strip() for line in (REPO / "scripts/setup.sh").read_text().splitlines()]
+    assert "bash scripts/system-packages.sh charliecloud-runtime squashfuse fuse3 busybox-static" in lines
+    offline = lines[lines.index("else"):]
+    assert offline[-2:] == ['bash scripts/offline-demo.sh "$exe"', "fi"]
