@@ -1,0 +1,190 @@
+"""The podman, podman-hpc and shifter kinds: the install step puts the image in the runtime's own
+storage by digest, and the wrappers, loaded through real Lmod, exec the runtime with exactly the
+argv the issue asks for (recording stand-ins on PATH: ``tests/runtime_standin.sh``).
+
+Where ``podman run`` works here, a few transparency checks also run through real podman (cwd,
+env, exit status, stdin), with the image podman pulled at install from the test registry. A
+machine whose kernel refuses podman's set-up (rlimits, namespaces) skips that test with podman's
+own error, even under CI: the issue allows it, and the argv tests still cover the wrapper.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.modsys import have, run_bash
+from tests import imagetools as it
+from tests.needs import need_tools, requires
+from tests.test_container_runs import BUSYBOX, busybox_image
+from tests.test_install_pull import _recipe
+
+HERE = Path(__file__).resolve().parent
+
+pytestmark = [
+    requires(have("lmod"), reason="Debian lmod not installed"),
+    requires(shutil.which("mksquashfs"), reason="squashfs-tools not installed"),
+    requires(BUSYBOX.is_file(), reason="busybox-static not installed (scripts/test.sh installs it)"),
+]
+
+ENV_VALUE = 'hi "there" $HOME'
+
+
+def _install(site, registry, unique_repo, runtime: str, *, gpu: str = "none", bind: str = "") -> dict:
+    """Push busybox, write a recipe with aliases and env, put a recording ``runtime`` (and, for
+    shifter, ``shifterimg``) on PATH and install through the CLI; returns the install record."""
+    registry.pusher().push_image(unique_repo, busybox_image(), tags=["1.0"])
+    _recipe(site, "tiny", f"{registry.host}/{unique_repo}", {"1.0": "1.0"}, gpu=gpu)
+    site.write_recipe("tiny", (site.recipes / "tiny.yaml").read_text().replace(
+        "aliases:\n", f"env:\n  GREETING: '{ENV_VALUE}'\naliases:\n  bsh: /bin/sh -e\n"))
+    for name in (runtime, "shifterimg") if runtime == "shifter" else (runtime,):
+        shutil.copy(HERE / "runtime_standin.sh", site.bin / name)
+    if bind:
+        Path(site.env["SHPC_LITE_SYSTEM_CONFIG"]).write_text(f"bind_paths: [{bind}]\n")
+    site.env["SHPC_LITE_RUNTIME"] = runtime
+    site.cli("install", "tiny:1.0", check=True)
+    return json.loads((site.root / "wrappers/tiny/1.0/install.json").read_text())
+
+
+def _argv(site) -> list[str]:
+    record = Path(site.env["SHPC_LITE_TEST_RECORD"] + ".argv")
+    return [a.decode() for a in record.read_bytes().split(b"\0")[:-1]]
+
+
+def _call(site, work: Path, line: str, **env: str) -> list[str]:
+    """Load the module with real Lmod, run ``line`` in ``work``; what the runtime was given."""
+    Path(site.env["SHPC_LITE_TEST_RECORD"] + ".argv").unlink(missing_ok=True)
+    proc = run_bash("lmod", f"module use {site.root / 'modules'}\nmodule load tiny\ncd {str(work)!r}\n{line}\n",
+                    {**site.env, **env})
+    assert proc.returncode == 0, proc.stdout.decode() + proc.stderr.decode()
+    return _argv(site)
+
+
+@pytest.fixture
+def work(tmp_path: Path) -> Path:
+    path = tmp_path / "work dir"
+    path.mkdir()
+    return path
+
+
+@pytest.mark.parametrize("runtime", ["podman", "podman-hpc"])
+def test_podman_install_pulls_by_digest_and_wrappers_exec_podman_run(site, registry, unique_repo, work, runtime):
+    record = _install(site, registry, unique_repo, runtime, gpu="nvidia", bind="/srv, '/opt/a:/data:ro', '/x:/y:rw'")
+    pinned = f"{registry.host}/{unique_repo}@{record['digest']}"
+    assert _argv(site) == ["pull", "--tls-verify=false", pinned]  # loopback registry: no TLS
+    assert (site.root / "containers" / (record["digest"].replace(":", "-") + ".sif")).is_file()
+    home = site.env["HOME"]
+    userns = ["--userns=keep-id"] if runtime == "podman" and os.geteuid() != 0 else []
+    gpu = ["--device", "nvidia.com/gpu=all"] if runtime == "podman" else ["--gpu"]
+    common = ["run", "--rm", "-i", *userns, "--network=host", "--ipc=host", "-v", f"{work}:{work}",
+              f"--workdir={work}", "-v", "/srv:/srv", "-v", "/opt/a:/data:ro", "-v", "/x:/y",
+              f"--env=GREETING={ENV_VALUE}"]
+    mounts = ["-v", f"{home}:{home}", f"--env=HOME={home}"]
+    args = ["two words", "", "$(id)"]
+    assert _call(site, work, "bsh -c 'exit 3' x 'two words' '' '$(id)' </dev/null", SHPC_LITE_GPU="always") == [
+        *common, *gpu, *mounts, "--entrypoint=/bin/sh", pinned, "-e", "-c", "exit 3", "x", *args]
+    assert _call(site, work, "tiny-run 'two words' '' '$(id)'", SHPC_LITE_GPU="never",
+                 SHPC_LITE_RUNTIME_OPTS="--pull=never --quiet") == [
+        *common, "--pull=never", "--quiet", *mounts, pinned, *args]
+    assert _call(site, work, "tiny-shell -c 'echo hi'", SHPC_LITE_GPU="never") == [
+        *common, *mounts, "--entrypoint=/bin/sh", pinned, "-c", "echo hi"]
+    assert _call(site, work, "tiny-exec /bin/cat /etc/motd", SHPC_LITE_GPU="never") == [
+        *common, *mounts, "--entrypoint=/bin/cat", pinned, "/etc/motd"]
+
+
+def test_podman_tty_only_when_both_ends_are_terminals(site, registry, unique_repo, work):
+    need_tools("script")
+    _install(site, registry, unique_repo, "podman")
+    wrapper = site.root / "wrappers/tiny/1.0/bin/tiny-exec"
+    for redirect, tty in (("", True), ("</dev/null", False), ("| cat", False)):
+        Path(site.env["SHPC_LITE_TEST_RECORD"] + ".argv").unlink(missing_ok=True)
+        subprocess.run(["script", "-qec", f"{wrapper} true {redirect}", "/dev/null"], env=site.env, cwd=work,
+                       capture_output=True, timeout=60, stdin=subprocess.DEVNULL, check=True)
+        assert ("-t" in _argv(site)) is tty, redirect
+
+
+def test_exec_without_a_command_is_a_usage_error(site, registry, unique_repo, work):
+    _install(site, registry, unique_repo, "podman")
+    proc = subprocess.run([str(site.root / "wrappers/tiny/1.0/bin/tiny-exec")], env=site.env, cwd=work,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 125 and proc.stderr == "usage: tiny-exec COMMAND [ARG...]\n"
+
+
+def test_podman_pull_failure_leaves_no_module(site, registry, unique_repo):
+    registry.pusher().push_image(unique_repo, busybox_image(), tags=["1.0"])
+    _recipe(site, "tiny", f"{registry.host}/{unique_repo}", {"1.0": "1.0"})
+    (site.bin / "podman").write_text("#!/bin/sh\necho 'Error: storage is broken' >&2\nexit 125\n")
+    (site.bin / "podman").chmod(0o755)
+    proc = site.cli("install", "tiny:1.0", extra_env={"SHPC_LITE_RUNTIME": "podman"})
+    assert proc.returncode == 1
+    assert proc.stderr.strip().endswith("podman pull failed: Error: storage is broken"), proc.stderr
+    assert not (site.root / "modules" / "tiny").exists() or not any((site.root / "modules" / "tiny").iterdir())
+    assert not list((site.root / "containers").glob("*.sif"))
+
+
+def test_shifter_install_pulls_into_the_gateway_and_wrappers_exec_shifter(site, registry, unique_repo, work):
+    record = _install(site, registry, unique_repo, "shifter", gpu="nvidia", bind="'/opt/a:/data:ro', /srv")
+    image = f"--image=docker:{registry.host}/{unique_repo}@{record['digest']}"
+    assert _argv(site) == ["pull", image.removeprefix("--image=")]
+    common = [image, f"--workdir={work}", "--volume=/opt/a:/data:ro", "--volume=/srv:/srv",
+              f"--env=GREETING={ENV_VALUE}"]
+    assert _call(site, work, "bsh -c 'exit 3' x 'two words'", SHPC_LITE_GPU="always") == [
+        *common, "--module=gpu", "/bin/sh", "-e", "-c", "exit 3", "x", "two words"]
+    assert _call(site, work, "tiny-run a 'b c'", SHPC_LITE_GPU="never", SHPC_LITE_RUNTIME_OPTS="--clearenv") == [
+        *common, "--clearenv", "--entrypoint", "a", "b c"]
+    assert _call(site, work, "tiny-shell", SHPC_LITE_GPU="never") == [*common, "/bin/sh"]
+    assert _call(site, work, "tiny-exec /bin/cat '$x'", SHPC_LITE_GPU="never") == [*common, "/bin/cat", "$x"]
+
+
+# ------------------------------------------------------------------------------------ real podman
+
+
+@pytest.fixture
+def podman_site(site, registry, unique_repo):
+    """The module installed with the real podman (pulled from the test registry at install), or
+    a skip with podman's own words where this machine cannot run a container."""
+    need_tools("podman")
+    # podman refuses zstd layers in a Docker v2 manifest (busybox_image's top layer): all OCI here
+    registry.pusher().push_image(unique_repo, it.make_image(
+        [it.make_layer([it.Dir("bin"), it.Dir("etc"), it.Dir("tmp", 0o1777), it.Symlink("bin/sh", "busybox"),
+                        it.Symlink("bin/cat", "busybox"), it.File("bin/busybox", BUSYBOX.read_bytes(), 0o755),
+                        it.File("etc/motd", "hello from inside the image\n")], "zstd")],
+        oci=True, env=["PATH=/bin"]), tags=["1.0"])
+    _recipe(site, "tiny", f"{registry.host}/{unique_repo}", {"1.0": "1.0"})
+    site.write_recipe("tiny", (site.recipes / "tiny.yaml").read_text().replace(
+        "aliases:\n", f"env:\n  GREETING: '{ENV_VALUE}'\naliases:\n  bsh: /bin/sh\n  motd: cat /etc/motd\n"))
+    site.env["SHPC_LITE_RUNTIME"] = "podman"
+    site.env.pop("HOME")  # podman keeps its storage and config under the real user's home
+    site.cli("install", "tiny:1.0", check=True)
+    record = json.loads((site.root / "wrappers/tiny/1.0/install.json").read_text())
+    pinned = f"{registry.host}/{unique_repo}@{record['digest']}"
+    try:
+        assert subprocess.run(["podman", "image", "exists", pinned], timeout=60).returncode == 0
+        probe = subprocess.run(["podman", "run", "--rm", pinned, "true"], capture_output=True, text=True, timeout=120)
+        if probe.returncode != 0:
+            pytest.skip(f"podman run does not work on this machine: {probe.stderr.strip()}")
+        yield site
+    finally:
+        subprocess.run(["podman", "rmi", "--force", pinned], capture_output=True, timeout=120)
+
+
+def test_real_podman_cwd_env_status_and_stdin(podman_site, work):
+    (work / "data.txt").write_text("from the host\n")
+    proc = run_bash("lmod", f"""
+        module use {podman_site.root / 'modules'}
+        module load tiny
+        cd {str(work)!r}
+        motd
+        bsh -c 'pwd; cat data.txt; printf "%s|" "$GREETING" "$#" "$@"; echo' bsh 'two words' '' '$(id)'
+        echo 'from stdin' | bsh -c 'cat'
+        bsh -c 'exit 42'; echo "status $?"
+        """, podman_site.env, timeout=300)
+    out = proc.stdout.decode().splitlines()
+    assert proc.returncode == 0, proc.stdout.decode() + proc.stderr.decode()
+    assert out == ["hello from inside the image", str(work), "from the host",
+                   f"{ENV_VALUE}|3|two words||$(id)|", "from stdin", "status 42"]
