@@ -10,6 +10,7 @@ own error, even under CI: the issue allows it, and the argv tests still cover th
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -139,6 +140,59 @@ def test_shifter_install_pulls_into_the_gateway_and_wrappers_exec_shifter(site, 
         *common, "--clearenv", "--entrypoint", "a", "b c"]
     assert _call(site, work, "tiny-shell", SHPC_LITE_GPU="never") == [*common, "/bin/sh"]
     assert _call(site, work, "tiny-exec /bin/cat '$x'", SHPC_LITE_GPU="never") == [*common, "/bin/cat", "$x"]
+
+
+# A podman that records what its pull was given: argv, and the files named by its environment.
+PULL_RECORDER = """#!/bin/sh
+rec=${SHPC_LITE_TEST_RECORD:?}
+printf '%s\\0' "$@" > "$rec.argv"
+if [ -n "${REGISTRY_AUTH_FILE:-}" ]; then
+    cat "$REGISTRY_AUTH_FILE" > "$rec.auth"; stat -c %a "$REGISTRY_AUTH_FILE" > "$rec.authmode"
+    printf '%s' "$REGISTRY_AUTH_FILE" > "$rec.authpath"
+fi
+if [ -n "${CONTAINERS_REGISTRIES_CONF:-}" ]; then cat "$CONTAINERS_REGISTRIES_CONF" > "$rec.conf"; fi
+"""
+
+
+def _recorded(site, what: str) -> str:
+    path = Path(site.env["SHPC_LITE_TEST_RECORD"] + "." + what)
+    return path.read_text() if path.exists() else ""
+
+
+def _pull_with_recorder(site, image: str, unique_repo: str, registry, **env: str) -> dict:
+    registry.pusher().push_image(unique_repo, busybox_image(), tags=["1.0"])
+    _recipe(site, "tiny", image, {"1.0": "1.0"})
+    (site.bin / "podman").write_text(PULL_RECORDER)
+    (site.bin / "podman").chmod(0o755)
+    site.cli("install", "tiny:1.0", check=True, extra_env={"SHPC_LITE_RUNTIME": "podman", **env})
+    return json.loads((site.root / "wrappers/tiny/1.0/install.json").read_text())
+
+
+def test_podman_pull_credentials_only_in_a_private_auth_file(site, registry_basic, unique_repo):
+    from shpc_lite.oci.credentials import env_prefix
+
+    host = registry_basic.host
+    prefix = env_prefix(host)
+    record = _pull_with_recorder(site, f"{host}/{unique_repo}", unique_repo, registry_basic,
+                                 **{prefix + "USER": registry_basic.username, prefix + "PASSWORD": registry_basic.password})
+    assert _argv(site) == ["pull", "--tls-verify=false", f"{host}/{unique_repo}@{record['digest']}"]
+    auth = json.loads(_recorded(site, "auth"))["auths"][host]["auth"]
+    assert base64.b64decode(auth).decode() == f"{registry_basic.username}:{registry_basic.password}"
+    assert _recorded(site, "authmode").strip() == "600"
+    assert not os.path.exists(_recorded(site, "authpath"))  # removed after the pull
+    assert _recorded(site, "conf") == ""  # no mirror: podman's own registries.conf
+
+
+def test_podman_pull_through_a_mirror_keeps_the_image_name(site, registry, unique_repo):
+    mirror = f"http://mirror-user:mirror-pw@{registry.host}"
+    Path(site.env["SHPC_LITE_SYSTEM_CONFIG"]).write_text(f"mirrors:\n  docker.io: {mirror!r}\n")
+    record = _pull_with_recorder(site, f"docker.io/{unique_repo}", unique_repo, registry)
+    assert _argv(site) == ["pull", f"docker.io/{unique_repo}@{record['digest']}"]
+    assert _recorded(site, "conf") == (
+        '[[registry]]\nprefix = "docker.io"\nlocation = "docker.io"\ninsecure = false\n'
+        f'[[registry.mirror]]\nlocation = "{registry.host}"\ninsecure = true\n')
+    auth = json.loads(_recorded(site, "auth"))["auths"]
+    assert base64.b64decode(auth[registry.host]["auth"]).decode() == "mirror-user:mirror-pw"
 
 
 # ------------------------------------------------------------------------------------ real podman
