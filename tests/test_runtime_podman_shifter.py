@@ -1,6 +1,6 @@
 """The podman, podman-hpc and shifter kinds: the install step puts the image in the runtime's own
 storage by digest, and the wrappers, loaded through real Lmod, exec the runtime with exactly the
-argv the issue asks for (recording stand-ins on PATH: ``tests/runtime_standin.sh``).
+argv the issue asks for (recording stand-ins on PATH, as ``tests/runtime_standin.sh``).
 
 Where ``podman run`` works here, a few transparency checks also run through real podman (cwd,
 env, exit status, stdin), with the image podman pulled at install from the test registry. A
@@ -25,8 +25,6 @@ from tests.needs import need_tools, requires
 from tests.test_container_runs import BUSYBOX, busybox_image
 from tests.test_install_pull import _recipe
 
-HERE = Path(__file__).resolve().parent
-
 pytestmark = [
     requires(have("lmod"), reason="Debian lmod not installed"),
     requires(shutil.which("mksquashfs"), reason="squashfs-tools not installed"),
@@ -34,6 +32,32 @@ pytestmark = [
 ]
 
 ENV_VALUE = 'hi "there" $HOME'
+
+# A runtime (podman, podman-hpc, shifter, shifterimg) that records what it was given: its argv (the
+# last call's, and every call's, one per line), the archive `podman load` got, and the files its
+# environment names.
+RECORDER = """#!/bin/sh
+rec=${SHPC_LITE_TEST_RECORD:?}
+printf '%s\\0' "$@" > "$rec.argv"
+{ printf '%s\\0' "$@"; echo; } >> "$rec.calls"
+if [ "$1" = load ]; then cp "$3" "$rec.tar"; fi
+if [ -n "${REGISTRY_AUTH_FILE:-}" ]; then
+    cat "$REGISTRY_AUTH_FILE" > "$rec.auth"; stat -c %a "$REGISTRY_AUTH_FILE" > "$rec.authmode"
+    printf '%s' "$REGISTRY_AUTH_FILE" > "$rec.authpath"
+fi
+if [ -n "${CONTAINERS_REGISTRIES_CONF:-}" ]; then cat "$CONTAINERS_REGISTRIES_CONF" > "$rec.conf"; fi
+"""
+
+
+def _recorder(site, *names: str) -> None:
+    for name in names:
+        (site.bin / name).write_text(RECORDER)
+        (site.bin / name).chmod(0o755)
+
+
+def _calls(site) -> list[list[str]]:
+    text = _recorded(site, "calls")
+    return [line.split("\0")[:-1] for line in text.splitlines()]
 
 
 def _install(site, registry, unique_repo, runtime: str, *, gpu: str = "none", bind: str = "") -> dict:
@@ -43,13 +67,26 @@ def _install(site, registry, unique_repo, runtime: str, *, gpu: str = "none", bi
     _recipe(site, "tiny", f"{registry.host}/{unique_repo}", {"1.0": "1.0"}, gpu=gpu)
     site.write_recipe("tiny", (site.recipes / "tiny.yaml").read_text().replace(
         "aliases:\n", f"env:\n  GREETING: '{ENV_VALUE}'\naliases:\n  bsh: /bin/sh -e\n"))
-    for name in (runtime, "shifterimg") if runtime == "shifter" else (runtime,):
-        shutil.copy(HERE / "runtime_standin.sh", site.bin / name)
+    _recorder(site, runtime, "shifterimg")
     if bind:
         Path(site.env["SHPC_LITE_SYSTEM_CONFIG"]).write_text(f"bind_paths: [{bind}]\n")
     site.env["SHPC_LITE_RUNTIME"] = runtime
     site.cli("install", "tiny:1.0", check=True)
     return json.loads((site.root / "wrappers/tiny/1.0/install.json").read_text())
+
+
+def _check_archive(archive: Path, name: str, digest: str) -> None:
+    """The OCI archive podman was given: named ``name``, its digest ``digest``, every blob in."""
+    import tarfile
+
+    with tarfile.open(archive) as tar:
+        names = set(tar.getnames())
+        index = json.loads(tar.extractfile("index.json").read())
+        top = index["manifests"][0]
+        assert top["digest"] == digest and top["annotations"] == {"org.opencontainers.image.ref.name": name}
+        manifest = json.loads(tar.extractfile("blobs/" + digest.replace(":", "/")).read())
+    needed = [manifest["config"]["digest"], *(layer["digest"] for layer in manifest["layers"])]
+    assert {"oci-layout", "index.json", *("blobs/" + d.replace(":", "/") for d in needed)} <= names
 
 
 def _argv(site) -> list[str]:
@@ -77,7 +114,12 @@ def work(tmp_path: Path) -> Path:
 def test_podman_install_pulls_by_digest_and_wrappers_exec_podman_run(site, registry, unique_repo, work, runtime):
     record = _install(site, registry, unique_repo, runtime, gpu="nvidia", bind="/srv, '/opt/a:/data:ro', '/x:/y:rw'")
     pinned = f"{registry.host}/{unique_repo}@{record['digest']}"
-    assert _argv(site) == ["pull", "--tls-verify=false", pinned]  # loopback registry: no TLS
+    if runtime == "podman":  # from the blob cache: no second download
+        assert _calls(site) == [["load", "-i", _calls(site)[0][2]]]
+        _check_archive(Path(site.env["SHPC_LITE_TEST_RECORD"] + ".tar"), f"{registry.host}/{unique_repo}:1.0",
+                       record["digest"])
+    else:  # podman-hpc pulls itself (its pull squashes the image for its shared storage)
+        assert _calls(site) == [["pull", "--tls-verify=false", pinned]]  # loopback registry: no TLS
     assert (site.root / "containers" / (record["digest"].replace(":", "-") + ".sif")).is_file()
     home = site.env["HOME"]
     userns = ["--userns=keep-id"] if runtime == "podman" and os.geteuid() != 0 else []
@@ -123,7 +165,7 @@ def test_podman_pull_failure_leaves_no_module(site, registry, unique_repo):
     (site.bin / "podman").chmod(0o755)
     proc = site.cli("install", "tiny:1.0", extra_env={"SHPC_LITE_RUNTIME": "podman"})
     assert proc.returncode == 1
-    assert proc.stderr.strip().endswith("podman pull failed: Error: storage is broken"), proc.stderr
+    assert proc.stderr.strip().endswith("podman load failed: Error: storage is broken"), proc.stderr
     assert not (site.root / "modules" / "tiny").exists() or not any((site.root / "modules" / "tiny").iterdir())
     assert not list((site.root / "containers").glob("*.sif"))
 
@@ -131,7 +173,7 @@ def test_podman_pull_failure_leaves_no_module(site, registry, unique_repo):
 def test_shifter_install_pulls_into_the_gateway_and_wrappers_exec_shifter(site, registry, unique_repo, work):
     record = _install(site, registry, unique_repo, "shifter", gpu="nvidia", bind="'/opt/a:/data:ro', /srv")
     image = f"--image=docker:{registry.host}/{unique_repo}@{record['digest']}"
-    assert _argv(site) == ["pull", image.removeprefix("--image=")]
+    assert _calls(site) == [["pull", image.removeprefix("--image=")]]
     common = [image, f"--workdir={work}", "--volume=/opt/a:/data:ro", "--volume=/srv:/srv",
               f"--env=GREETING={ENV_VALUE}"]
     assert _call(site, work, "bsh -c 'exit 3' x 'two words'", SHPC_LITE_GPU="always") == [
@@ -142,18 +184,6 @@ def test_shifter_install_pulls_into_the_gateway_and_wrappers_exec_shifter(site, 
     assert _call(site, work, "tiny-exec /bin/cat '$x'", SHPC_LITE_GPU="never") == [*common, "/bin/cat", "$x"]
 
 
-# A podman that records what its pull was given: argv, and the files named by its environment.
-PULL_RECORDER = """#!/bin/sh
-rec=${SHPC_LITE_TEST_RECORD:?}
-printf '%s\\0' "$@" > "$rec.argv"
-if [ -n "${REGISTRY_AUTH_FILE:-}" ]; then
-    cat "$REGISTRY_AUTH_FILE" > "$rec.auth"; stat -c %a "$REGISTRY_AUTH_FILE" > "$rec.authmode"
-    printf '%s' "$REGISTRY_AUTH_FILE" > "$rec.authpath"
-fi
-if [ -n "${CONTAINERS_REGISTRIES_CONF:-}" ]; then cat "$CONTAINERS_REGISTRIES_CONF" > "$rec.conf"; fi
-"""
-
-
 def _recorded(site, what: str) -> str:
     path = Path(site.env["SHPC_LITE_TEST_RECORD"] + "." + what)
     return path.read_text() if path.exists() else ""
@@ -162,8 +192,10 @@ def _recorded(site, what: str) -> str:
 def _pull_with_recorder(site, image: str, unique_repo: str, registry, **env: str) -> dict:
     registry.pusher().push_image(unique_repo, busybox_image(), tags=["1.0"])
     _recipe(site, "tiny", image, {"1.0": "1.0"})
-    (site.bin / "podman").write_text(PULL_RECORDER)
-    (site.bin / "podman").chmod(0o755)
+    # Stored first (another kind), its layers then gone from the cache: podman must pull itself.
+    site.cli("install", "tiny:1.0", check=True, extra_env=env)
+    shutil.rmtree(site.root / "cache" / "blobs")
+    _recorder(site, "podman")
     site.cli("install", "tiny:1.0", check=True, extra_env={"SHPC_LITE_RUNTIME": "podman", **env})
     return json.loads((site.root / "wrappers/tiny/1.0/install.json").read_text())
 
@@ -175,7 +207,7 @@ def test_podman_pull_credentials_only_in_a_private_auth_file(site, registry_basi
     prefix = env_prefix(host)
     record = _pull_with_recorder(site, f"{host}/{unique_repo}", unique_repo, registry_basic,
                                  **{prefix + "USER": registry_basic.username, prefix + "PASSWORD": registry_basic.password})
-    assert _argv(site) == ["pull", "--tls-verify=false", f"{host}/{unique_repo}@{record['digest']}"]
+    assert _calls(site) == [["pull", "--tls-verify=false", f"{host}/{unique_repo}@{record['digest']}"]]
     auth = json.loads(_recorded(site, "auth"))["auths"][host]["auth"]
     assert base64.b64decode(auth).decode() == f"{registry_basic.username}:{registry_basic.password}"
     assert _recorded(site, "authmode").strip() == "600"
@@ -187,7 +219,7 @@ def test_podman_pull_through_a_mirror_keeps_the_image_name(site, registry, uniqu
     mirror = f"http://mirror-user:mirror-pw@{registry.host}"
     Path(site.env["SHPC_LITE_SYSTEM_CONFIG"]).write_text(f"mirrors:\n  docker.io: {mirror!r}\n")
     record = _pull_with_recorder(site, f"docker.io/{unique_repo}", unique_repo, registry)
-    assert _argv(site) == ["pull", f"docker.io/{unique_repo}@{record['digest']}"]
+    assert _calls(site) == [["pull", f"docker.io/{unique_repo}@{record['digest']}"]]
     assert _recorded(site, "conf") == (
         '[[registry]]\nprefix = "docker.io"\nlocation = "docker.io"\ninsecure = false\n'
         f'[[registry.mirror]]\nlocation = "{registry.host}"\ninsecure = true\n')
@@ -198,27 +230,62 @@ def test_podman_pull_through_a_mirror_keeps_the_image_name(site, registry, uniqu
 # ------------------------------------------------------------------------------------ real podman
 
 
+def _oci_busybox() -> it.Image:
+    """busybox as an OCI image: podman refuses busybox_image's zstd layer in a Docker v2 manifest."""
+    return it.make_image(
+        [it.make_layer([it.Dir("bin"), it.Dir("etc"), it.Dir("tmp", 0o1777), it.Symlink("bin/sh", "busybox"),
+                        it.Symlink("bin/cat", "busybox"), it.File("bin/busybox", BUSYBOX.read_bytes(), 0o755),
+                        it.File("etc/motd", "hello from inside the image\n")], "zstd")],
+        oci=True, env=["PATH=/bin"])
+
+
+def _install_with_podman(site, registry, unique_repo, aliases: str = "", env: str = "") -> str:
+    """Install the pushed image as tiny:1.0 with the real podman; returns its pinned reference."""
+    _recipe(site, "tiny", f"{registry.host}/{unique_repo}", {"1.0": "1.0"})
+    site.write_recipe("tiny", (site.recipes / "tiny.yaml").read_text().replace("aliases:\n", "aliases:\n" + aliases) + env)
+    site.env["SHPC_LITE_RUNTIME"] = "podman"
+    site.env.pop("HOME")  # podman keeps its storage and config under the real user's home
+    site.cli("install", "tiny:1.0", check=True)
+    record = json.loads((site.root / "wrappers/tiny/1.0/install.json").read_text())
+    return f"{registry.host}/{unique_repo}@{record['digest']}"
+
+
+def _podman_has(pinned: str) -> bool:
+    return subprocess.run(["podman", "image", "exists", pinned], timeout=60).returncode == 0
+
+
+@pytest.mark.parametrize("multi_platform", [False, True])
+def test_real_podman_gets_the_image_from_the_cache_or_the_registry(site, registry, unique_repo, multi_platform):
+    """podman load from the blob cache, then (layers gone) podman pull: either way podman has the
+    image under the pinned digest the wrappers run (an index digest too), named registry/repo:tag."""
+    need_tools("podman")
+    image = _oci_busybox()
+    if multi_platform:
+        registry.pusher().push_index(unique_repo, it.make_index({"linux/amd64": image}, oci=True), tags=["1.0"])
+    else:
+        registry.pusher().push_image(unique_repo, image, tags=["1.0"])
+    pinned = _install_with_podman(site, registry, unique_repo)
+    try:
+        assert _podman_has(pinned) and _podman_has(f"{registry.host}/{unique_repo}:1.0")
+        subprocess.run(["podman", "rmi", "--force", pinned], capture_output=True, timeout=120, check=True)
+        assert not _podman_has(pinned)
+        shutil.rmtree(site.root / "cache" / "blobs")
+        site.cli("install", "tiny:1.0", check=True)
+        assert _podman_has(pinned)
+    finally:
+        subprocess.run(["podman", "rmi", "--force", pinned], capture_output=True, timeout=120)
+
+
 @pytest.fixture
 def podman_site(site, registry, unique_repo):
     """The module installed with the real podman (pulled from the test registry at install), or
     a skip with podman's own words where this machine cannot run a container."""
     need_tools("podman")
-    # podman refuses zstd layers in a Docker v2 manifest (busybox_image's top layer): all OCI here
-    registry.pusher().push_image(unique_repo, it.make_image(
-        [it.make_layer([it.Dir("bin"), it.Dir("etc"), it.Dir("tmp", 0o1777), it.Symlink("bin/sh", "busybox"),
-                        it.Symlink("bin/cat", "busybox"), it.File("bin/busybox", BUSYBOX.read_bytes(), 0o755),
-                        it.File("etc/motd", "hello from inside the image\n")], "zstd")],
-        oci=True, env=["PATH=/bin"]), tags=["1.0"])
-    _recipe(site, "tiny", f"{registry.host}/{unique_repo}", {"1.0": "1.0"})
-    site.write_recipe("tiny", (site.recipes / "tiny.yaml").read_text().replace(
-        "aliases:\n", f"env:\n  GREETING: '{ENV_VALUE}'\naliases:\n  bsh: /bin/sh\n  motd: cat /etc/motd\n"))
-    site.env["SHPC_LITE_RUNTIME"] = "podman"
-    site.env.pop("HOME")  # podman keeps its storage and config under the real user's home
-    site.cli("install", "tiny:1.0", check=True)
-    record = json.loads((site.root / "wrappers/tiny/1.0/install.json").read_text())
-    pinned = f"{registry.host}/{unique_repo}@{record['digest']}"
+    registry.pusher().push_image(unique_repo, _oci_busybox(), tags=["1.0"])
+    pinned = _install_with_podman(site, registry, unique_repo, "  bsh: /bin/sh\n  motd: cat /etc/motd\n",
+                                  f"env:\n  GREETING: '{ENV_VALUE}'\n")
     try:
-        assert subprocess.run(["podman", "image", "exists", pinned], timeout=60).returncode == 0
+        assert _podman_has(pinned)
         probe = subprocess.run(["podman", "run", "--rm", pinned, "true"], capture_output=True, text=True, timeout=120)
         if probe.returncode != 0:
             pytest.skip(f"podman run does not work on this machine: {probe.stderr.strip()}")
