@@ -174,14 +174,14 @@ def podman_pull(config: Config, spec: "ModuleSpec") -> PullCommand:
 
 
 def shifter_pull(config: Config, spec: "ModuleSpec") -> PullCommand:
-    """``shifterimg pull docker:<registry/repo@digest>``: the gateway fetches it (its own
+    """``shifterimg pull docker:<[registry/]repo@digest>``: the gateway fetches it (its own
     credentials: ``shifterimg login``), the same name the wrappers give ``--image``."""
     runtime = config["runtime"]
     beside = Path(runtime).parent / "shifterimg" if os.sep in runtime else None
     exe = str(beside) if beside is not None and os.access(beside, os.X_OK) else shutil.which("shifterimg")
     if exe is None:
         raise PullError(f"{spec.module}: shifterimg is not on PATH: the shifter kind pulls images with it")
-    return PullCommand((exe, "pull", f"docker:{spec.pinned_image}"))
+    return PullCommand((exe, "pull", spec.runtime_kind.shifter_image(spec.pinned_image)))
 
 
 def _run(command: PullCommand, label: str, quiet: bool, verb: str = "pull") -> None:

@@ -39,6 +39,12 @@ class RuntimeKind:
         podman-hpc chooses its own user namespace (and refuses that option)."""
         return self.name == "podman"
 
+    @staticmethod
+    def shifter_image(pinned: str) -> str:
+        """Shifter's name of an image (``docker:`` + reference); Docker Hub's without its host,
+        as the gateway's default location is Docker Hub under its own host name."""
+        return "docker:" + (pinned[len("docker.io/"):] if pinned.startswith("docker.io/") else pinned)
+
     def volume(self, bind: str) -> str:
         """A bind (Apptainer's ``SRC[:DST[:ro|rw]]``) as podman's ``-v``/shifter's ``--volume``
         value. ``SRC`` alone means the same path inside (podman would make an anonymous volume

@@ -151,6 +151,13 @@ def test_podman_tty_only_when_both_ends_are_terminals(site, registry, unique_rep
         assert ("-t" in _argv(site)) is tty, redirect
 
 
+def test_shifter_names_docker_hub_images_without_their_host():
+    from shpc_lite.runtimes import SHIFTER
+
+    assert SHIFTER.shifter_image("docker.io/library/ubuntu@sha256:ab") == "docker:library/ubuntu@sha256:ab"
+    assert SHIFTER.shifter_image("ghcr.io/o/r@sha256:ab") == "docker:ghcr.io/o/r@sha256:ab"
+
+
 def test_exec_without_a_command_is_a_usage_error(site, registry, unique_repo, work):
     _install(site, registry, unique_repo, "podman")
     proc = subprocess.run([str(site.root / "wrappers/tiny/1.0/bin/tiny-exec")], env=site.env, cwd=work,
