@@ -6,6 +6,8 @@ import os
 import shutil
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
 
 from shpc_lite.config import Config
 
@@ -28,13 +30,162 @@ def _version_of(argv: list[str]) -> str:
     return (proc.stdout or proc.stderr).strip().splitlines()[0] if (proc.stdout or proc.stderr).strip() else ""
 
 
+# What installs each kind's runtime (the fix when it is missing).
+RUNTIME_HINTS = {
+    "apptainer": "install Apptainer or SingularityCE, load its module, or set config runtime to its path",
+    "charliecloud": "install Charliecloud (apt-get install charliecloud-runtime) or set config runtime to ch-run's path",
+    "podman": "install podman (apt-get install podman / dnf install podman) or set config runtime to its path",
+    "podman-hpc": "load the podman-hpc module (NERSC) or set config runtime to its path",
+    "shifter": "load the shifter module or set config runtime to its path",
+}
+
+# Files the kinds' checks read: module constants so that tests can point them elsewhere.
+USERNS_MAX = Path("/proc/sys/user/max_user_namespaces")
+USERNS_CLONE = Path("/proc/sys/kernel/unprivileged_userns_clone")  # Debian/Ubuntu kernels only
+FUSE_DEVICE = Path("/dev/fuse")
+SUBID_FILES = (Path("/etc/subuid"), Path("/etc/subgid"))
+
+
 def check_runtime(config: Config) -> Finding:
     runtime = config["runtime"]
     found = shutil.which(runtime)
     if not found:
-        return Finding("error", "runtime", f"{runtime!r} is not on PATH here",
-                       "install Apptainer or SingularityCE, load its module, or set config runtime to its path")
+        hint = RUNTIME_HINTS.get(_kind_name(config), RUNTIME_HINTS["apptainer"])
+        return Finding("error", "runtime", f"{runtime!r} is not on PATH here", hint)
     return Finding("ok", "runtime", f"{found}: {_version_of([found, '--version'])}")
+
+
+def _kind_name(config: Config) -> str:
+    from shpc_lite.errors import ConfigError
+    from shpc_lite.runtimes import runtime_kind
+
+    try:
+        return runtime_kind(config).name
+    except ConfigError:
+        return ""
+
+
+def check_runtime_kind(config: Config) -> list[Finding]:
+    """What the configured kind needs beyond its binary: an install that writes wrappers for a
+    kind this node cannot run would only fail later, at a user's first call."""
+    from shpc_lite.errors import ConfigError
+    from shpc_lite.runtimes import runtime_kind
+
+    try:
+        kind = runtime_kind(config)
+    except ConfigError as err:
+        return [Finding("error", "runtime kind", str(err), "set config runtime_kind (or --runtime-kind)")]
+    found = [Finding("ok", "runtime kind", f"{kind.name} (config runtime_kind: {config['runtime_kind']})")]
+    if kind.name == "charliecloud":
+        found += check_charliecloud()
+    elif kind.image_form == "podman":
+        found += check_podman(config)
+    elif kind.image_form == "shifter":
+        found.append(_tool("shifterimg", "installs pull images into Shifter's gateway with it",
+                           "load the shifter module (shifterimg comes with shifter)"))
+    return found
+
+
+def _tool(name: str, why: str, fix: str, *alternatives: str) -> Finding:
+    """A program on PATH (or the first of its alternatives that is)."""
+    for candidate in (name, *alternatives):
+        path = shutil.which(candidate)
+        if path:
+            return Finding("ok", name, path)
+    names = " or ".join((name, *alternatives))
+    return Finding("error", name, f"{names} not on PATH: {why}", fix)
+
+
+def check_charliecloud() -> list[Finding]:
+    """Wrappers mount the SIF with squashfuse (FUSE), run ch-run in an unprivileged user
+    namespace and share the mount between calls with flock."""
+    found = [
+        _tool("squashfuse", "wrappers mount the SIF's squashfs with it",
+              "apt-get install squashfuse (or dnf install squashfuse)"),
+        _tool("fusermount3", "the last call unmounts the image with it",
+              "apt-get install fuse3 (or dnf install fuse3)", "fusermount"),
+        _tool("flock", "calls share one mount per node under a lock", "install util-linux"),
+    ]
+    if FUSE_DEVICE.exists() and os.access(FUSE_DEVICE, os.R_OK | os.W_OK):
+        found.append(Finding("ok", "fuse device", f"{FUSE_DEVICE} is usable"))
+    else:
+        found.append(Finding("error", "fuse device", f"{FUSE_DEVICE} is missing or not readable and writable",
+                             "modprobe fuse, and make /dev/fuse mode 0666 (or give users access; in a "
+                             "container: --device /dev/fuse)"))
+    found.append(check_userns())
+    return found
+
+
+def _read_int(path: Path) -> Optional[int]:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def check_userns() -> Finding:
+    """ch-run needs unprivileged user namespaces: a non-zero limit, and on kernels with Debian's
+    switch, the switch on."""
+    limit = _read_int(USERNS_MAX)
+    if limit is not None and limit <= 0:
+        return Finding("error", "user namespaces", f"{USERNS_MAX} is {limit}: unprivileged user namespaces are off",
+                       "sysctl -w user.max_user_namespaces=15000 (and in /etc/sysctl.d/)")
+    clone = _read_int(USERNS_CLONE)
+    if clone == 0:
+        return Finding("error", "user namespaces", f"{USERNS_CLONE} is 0: unprivileged user namespaces are off",
+                       "sysctl -w kernel.unprivileged_userns_clone=1 (and in /etc/sysctl.d/)")
+    if limit is None:
+        return Finding("warn", "user namespaces", f"cannot read {USERNS_MAX}: is this kernel older than 4.9?",
+                       "use a kernel with user namespaces (CONFIG_USER_NS)")
+    return Finding("ok", "user namespaces", f"unprivileged user namespaces on (max {limit})")
+
+
+def check_podman(config: Config) -> list[Finding]:
+    """Installs pull into podman's storage and wrappers run from it: ``podman info`` must work
+    (it reads the storage configuration), and rootless podman needs subordinate ids for the user."""
+    found: list[Finding] = []
+    exe = shutil.which(config["runtime"])
+    if exe:
+        try:
+            proc = subprocess.run([exe, "info", "--format", "{{.Store.GraphRoot}}"], capture_output=True,
+                                  text=True, timeout=60, stdin=subprocess.DEVNULL)
+            answer = (proc.stdout.strip() if proc.returncode == 0 else
+                      (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1])
+        except (OSError, subprocess.TimeoutExpired) as err:
+            proc, answer = None, f"did not answer: {err}"
+        if proc is not None and proc.returncode == 0:
+            found.append(Finding("ok", "podman storage", f"podman info: storage at {answer}"))
+        else:
+            found.append(Finding("error", "podman storage", f"podman info failed: {answer}",
+                                 "fix podman's storage.conf (graphroot on a local file system, "
+                                 "podman system migrate / podman system reset for a broken store)"))
+    if os.geteuid() != 0:
+        found += check_subids()
+    return found
+
+
+def check_subids() -> list[Finding]:
+    """Rootless podman maps the user's container ids onto the ranges /etc/subuid and /etc/subgid
+    give them; without an entry only one id exists and most images fail to unpack."""
+    import pwd
+
+    uid = os.geteuid()
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = str(uid)
+    found = []
+    for path in SUBID_FILES:
+        try:
+            lines = path.read_text().splitlines()
+        except OSError:
+            lines = []
+        if any(line.split(":", 1)[0] in (user, str(uid)) for line in lines if ":" in line):
+            found.append(Finding("ok", path.name, f"{path} has an entry for {user}"))
+        else:
+            found.append(Finding("error", path.name, f"{path} has no entry for {user}: rootless podman cannot map ids",
+                                 f"usermod --add-subuids 100000-165535 --add-subgids 100000-165535 {user}"))
+    return found
 
 
 def check_mksquashfs(config: Config) -> Finding:
@@ -118,8 +269,8 @@ def check_registry(config: Config) -> Finding:
 
 
 def run_checks(config: Config, network: bool = True) -> list[Finding]:
-    findings = [check_runtime(config), check_mksquashfs(config), check_module_system(config),
-                check_modulepath(config), *check_store(config), check_images(config)]
+    findings = [check_runtime(config), *check_runtime_kind(config), check_mksquashfs(config),
+                check_module_system(config), check_modulepath(config), *check_store(config), check_images(config)]
     if network:
         findings.append(check_registry(config))
     return findings

@@ -10,6 +10,7 @@ from shpc_lite.config import Config
 from shpc_lite.errors import NotFoundError
 from shpc_lite.modules import Installed, find_installed, installed, make_spec, remove_module, write_module
 from shpc_lite.recipe import Recipe, recipe_index
+from shpc_lite.runtime_images import prepare as prepare_runtime_image
 from shpc_lite.store import digest_lock, import_sif, unreferenced
 
 if TYPE_CHECKING:
@@ -104,6 +105,7 @@ def _install_stored(config: Config, recipe: Recipe, version: str, tag: str,
     stored = store(None)
     try:
         spec = make_spec(recipe, version, tag, stored.digest, stored.path, layout, config)
+        prepare_runtime_image(config, spec)
         record = write_module(spec, layout, config, default=default)
     except BaseException:
         if stored.pulled:

@@ -33,6 +33,27 @@ class RuntimeKind:
     def runs_sif(self) -> bool:
         return self.image_form == "sif"
 
+    @property
+    def keeps_user_ns(self) -> bool:
+        """Plain rootless podman maps the caller to root unless told ``--userns=keep-id``;
+        podman-hpc chooses its own user namespace (and refuses that option)."""
+        return self.name == "podman"
+
+    @staticmethod
+    def shifter_image(pinned: str) -> str:
+        """Shifter's name of an image (``docker:`` + reference); Docker Hub's without its host,
+        as the gateway's default location is Docker Hub under its own host name."""
+        return "docker:" + (pinned[len("docker.io/"):] if pinned.startswith("docker.io/") else pinned)
+
+    def volume(self, bind: str) -> str:
+        """A bind (Apptainer's ``SRC[:DST[:ro|rw]]``) as podman's ``-v``/shifter's ``--volume``
+        value. ``SRC`` alone means the same path inside (podman would make an anonymous volume
+        of it); ``:rw`` is the default and not a flag shifter knows, ``:ro`` both keep."""
+        parts = bind.split(":")
+        flags = [parts.pop()] if len(parts) > 1 and parts[-1] in ("ro", "rw") else []
+        src, dst = parts[0], (parts[1] if len(parts) > 1 else parts[0])
+        return ":".join([src, dst, *(f for f in flags if f == "ro")])
+
 
 APPTAINER = RuntimeKind("apptainer", ("apptainer",), "wrapper.sh.j2", "sif", "APPTAINERENV_",
                         {"nvidia": ("--nv",), "amd": ("--rocm",)})
