@@ -269,12 +269,9 @@ def _build_builtin(config: Config, source: "ImageSource", tmp_sif: Path, scratch
 # ---------------------------------------------------------------------------------------- apptainer
 
 
-def _loopback(host: str) -> bool:
-    name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-    return name in ("localhost", "127.0.0.1", "[::1]") or name.startswith("127.")
-
-
 def _pull_apptainer(config: Config, ref, digest: str, tmp_sif: Path, scratch: Path, quiet: bool) -> None:
+    from shpc_lite.oci.client import plain_http_allowed
+
     exe = shutil.which("apptainer") or shutil.which("singularity")
     mirror = config["mirrors"].get(ref.registry, "")
     host = mirror.split("://", 1)[-1].rstrip("/").rsplit("@", 1)[-1] if mirror else ref.registry
@@ -292,7 +289,7 @@ def _pull_apptainer(config: Config, ref, digest: str, tmp_sif: Path, scratch: Pa
             env[prefix + "DOCKER_USERNAME"] = cred.username
             env[prefix + "DOCKER_PASSWORD"] = cred.password
     argv = [exe, "pull"]
-    if mirror.startswith("http://") or ref.registry in config["insecure_registries"] or _loopback(ref.registry):
+    if mirror.startswith("http://") or plain_http_allowed(ref.registry, config["insecure_registries"]):
         argv.append("--nohttps")
     argv += [str(tmp_sif), uri]
     proc = subprocess.run(argv, env=env, capture_output=quiet, text=True, timeout=24 * 3600)

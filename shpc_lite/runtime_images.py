@@ -139,16 +139,15 @@ def _load_from_cache(config: Config, spec: "ModuleSpec", quiet: bool) -> bool:
 def podman_pull(config: Config, spec: "ModuleSpec") -> PullCommand:
     """``<runtime> pull <registry/repo@digest>``; mirrors as podman mirrors of the registry
     (so the stored name stays the one wrappers run), plain http and loopback hosts without TLS."""
-    from shpc_lite.oci.client import split_userinfo
+    from shpc_lite.oci.client import plain_http_allowed, split_userinfo
     from shpc_lite.oci.reference import parse_reference
-    from shpc_lite.puller import _loopback
     from shpc_lite.resolve import credentials_from_config
 
     if not spec.digest:
         raise PullError(f"{spec.module}: {spec.runtime_kind.name} needs the image's digest (install it from a registry)")
     ref = parse_reference(spec.image)
     argv = [config["runtime"], "pull"]
-    insecure = ref.registry in config["insecure_registries"] or _loopback(ref.registry)
+    insecure = plain_http_allowed(ref.registry, config["insecure_registries"])
     mirror = config["mirrors"].get(ref.registry, "")
     conf = ""
     host = ref.registry

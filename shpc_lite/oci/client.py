@@ -330,6 +330,15 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def plain_http_allowed(netloc: str, insecure_registries: Iterable[str]) -> bool:
+    """Whether a registry host may be spoken to without TLS: loopback, or listed by the site in
+    config ``insecure_registries`` (with or without its port). Every caller asks here (the
+    client, the apptainer back end, podman's install step)."""
+    host = netloc.lower()
+    insecure = set(insecure_registries)
+    return _is_loopback(host) or host in insecure or host.split(":", 1)[0] in insecure
+
+
 def _origin(url: str) -> Tuple[str, str]:
     parts = urlsplit(url)
     return parts.scheme.lower(), parts.netloc.lower()
@@ -833,9 +842,7 @@ class RegistryClient:
     # -- endpoints and URLs ----------------------------------------------------------------
 
     def _plain_http_allowed(self, netloc: str) -> bool:
-        host = netloc.lower()
-        return (_is_loopback(host) or host in self.insecure_registries
-                or host.split(":", 1)[0] in self.insecure_registries)
+        return plain_http_allowed(netloc, self.insecure_registries)
 
     def _endpoint(self, ref: ImageReference) -> _Endpoint:
         mirror = self.mirrors.get(ref.registry)
