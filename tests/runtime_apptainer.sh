@@ -12,7 +12,8 @@
 #   --env NAME=VALUE, and <PREFIX>NAME from the caller's environment, PREFIX by the name this is
 #                  called as (apptainer: APPTAINERENV_, singularity: SINGULARITYENV_)
 #   --nv / --rocm  appended, one a line, to $SHPC_LITE_TEST_GPU_RECORD (when set); nothing else
-#   the image's env: PATH from the image, other variables only where the caller has none
+#   the image's env: PATH from the image, other variables only where the caller has none;
+#                  <PREFIX>NAME overrides the image's, --env overrides both (as in Apptainer)
 #   run: /.singularity.d/runscript; shell: /bin/sh
 # Like Apptainer, the caller's $PWD, $HOME and /tmp are seen at the same paths: a directory the image
 # lacks is reached by binding its top-level directory (e.g. /home) when the image has that.
@@ -66,9 +67,14 @@ for name, value in sorted(inspect_sif(sys.argv[1])["env"].items()):
         print("set -- %s \"$@\"" % shlex.quote("--set-env=%s='%s'" % (name, value)))
 EOF
 ) || fail "cannot read $sif"
+offset=${setup%%"$nl"*}
+offset=${offset#offset=}
+case "$setup" in
+    *"$nl"*) setup=${setup#*"$nl"} ;;
+    *) setup= ;;
+esac
 mnt=$(mktemp -d "${SHPC_LITE_TEST_STANDIN_MNT:-/tmp}/standin.XXXXXX")
 set -- "$mnt" -- "$@"
-eval "$setup"
 # squashfuse stays running: it must not hold the caller's stdin/stdout/stderr open
 squashfuse -o "ro,offset=$offset" "$sif" "$mnt" </dev/null >/dev/null 2>"$mnt.err" || {
     cat "$mnt.err" >&2; rm -f "$mnt.err"; rmdir "$mnt"; fail "cannot mount $sif"; }
@@ -84,15 +90,18 @@ pid=$$
     fusermount3 -u "$mnt" || fusermount3 -u -z "$mnt"
     rmdir "$mnt"
 ) &
-# the caller's env by prefix, then --env (later wins in ch-run)
-for name in $(env | sed -n "s/^$prefix\\([A-Za-z_][A-Za-z0-9_]*\\)=.*/\\1/p"); do
-    eval "value=\${$prefix$name}"
-    set -- "--set-env=$name='$value'" "$@"
-done
+# env, lowest precedence first in ch-run's argv (later wins): image env, <PREFIX>NAME, --env
+# (prepended here in the reverse order)
 IFS=$nl
 for item in $envs; do
     set -- "--set-env=${item%%=*}='${item#*=}'" "$@"
 done
+unset IFS
+for name in $(env | sed -n "s/^$prefix\\([A-Za-z_][A-Za-z0-9_]*\\)=.*/\\1/p"); do
+    eval "value=\${$prefix$name}"
+    set -- "--set-env=$name='$value'" "$@"
+done
+eval "$setup"
 IFS=,
 for spec in $binds; do
     [ -n "$spec" ] || continue

@@ -43,6 +43,8 @@ SYSTEMS = ("lmod", "tcl")
 MOTD = "hello from inside the image"
 GREETING = 'hi "there" $HOME'
 OPTS = {"charliecloud": "--set-env=EXTRA=1", "apptainer": "--env EXTRA=1", "singularity": "--env EXTRA=1"}
+OVERRIDE = {"charliecloud": "--set-env=GREETING=mine", "apptainer": "--env GREETING=mine",
+            "singularity": "--env GREETING=mine"}
 
 pytestmark = [
     requires(shutil.which("ch-run") and shutil.which("squashfuse") and shutil.which("flock")
@@ -180,6 +182,7 @@ printf 'line one\nline two\n' | bsh -c 'while read -r line; do echo "stdin=$line
 bsh -c 'echo to-out; echo to-err >&2' >"$OUT/out" 2>"$OUT/err"; echo "out=$(cat "$OUT/out") err=$(cat "$OUT/err")"
 echo "blob=$(cat "$OUT/blob" | bcat | sha256sum)"
 SHPC_LITE_RUNTIME_OPTS="$OPTS" bsh -c 'echo "extra=${EXTRA-unset}"'
+SHPC_LITE_RUNTIME_OPTS="$OVERRIDE" bsh -c 'echo "greeting=$GREETING"'
 dash -c 'bsh -c "echo dash=\$(pwd) \$(cat /etc/motd)"'
 mpirun -np 2 bsh -c 'echo "rank=$PMI_RANK $(cat /etc/motd) $(pwd)"' | sort
 echo done
@@ -202,7 +205,8 @@ def test_module_alias_is_transparent(world, blob, kind, system, tmp_path):
     need_tools("mpirun", "dash", "sha256sum")
     inst = _install(world, kind, system)
     (tmp_path / "blob").symlink_to(blob[0])
-    env = {**inst.env, "ROOT": str(inst.root), "WORK": str(world.work), "OUT": str(tmp_path), "OPTS": OPTS[kind]}
+    env = {**inst.env, "ROOT": str(inst.root), "WORK": str(world.work), "OUT": str(tmp_path), "OPTS": OPTS[kind],
+           "OVERRIDE": OVERRIDE[kind]}
     proc = run_bash(system, SESSION, env, timeout=120)
     out = proc.stdout.decode().splitlines()
     assert proc.returncode == 0 and out[-1:] == ["done"], proc.stdout.decode() + proc.stderr.decode()
@@ -217,6 +221,7 @@ def test_module_alias_is_transparent(world, blob, kind, system, tmp_path):
         "out=to-out err=to-err",
         f"blob={blob[1]}  -",
         "extra=1",  # SHPC_LITE_RUNTIME_OPTS reached the runtime
+        "greeting=mine",  # and override the recipe's env
         f"dash={world.work} {MOTD}",
         f"rank=0 {MOTD} {world.work}", f"rank=1 {MOTD} {world.work}",
         "done",
@@ -324,3 +329,32 @@ def test_concurrent_calls_share_one_mount(world):
     assert proc.stdout == MOTD.encode() + b"\n" and took < 2, (took, proc.stderr)
     assert len(world.live_mounts()) == 1
     assert world.wait_unmounted(timeout=15) == []
+
+
+def _pids_with(text: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if text.encode() in (proc / "cmdline").read_bytes():
+                    pids.append(int(proc.name))
+            except OSError:
+                pass
+    return pids
+
+
+def test_a_mount_whose_squashfuse_was_killed_is_replaced(world):
+    """squashfuse and the reaper killed (OOM killer, a job's clean-up): the mount is left dead
+    ("Transport endpoint is not connected"); the next call mounts again and runs."""
+    inst = _install(world, "charliecloud", "lmod")
+    env = {**inst.env, "SHPC_LITE_MOUNT_LINGER": "30"}
+    first = subprocess.run([inst.wrapper("motd")], env=env, cwd=world.home, capture_output=True, timeout=30)
+    assert first.stdout == MOTD.encode() + b"\n", first.stderr
+    assert len(world.live_mounts()) == 1
+    for pid in _pids_with(str(world.mounts)) + _pids_with(inst.wrapper("motd")):  # squashfuse, reaper
+        os.kill(pid, signal.SIGKILL)
+    time.sleep(0.2)
+    assert len(world.live_mounts()) == 1  # still in the mount table, dead
+    again = subprocess.run([inst.wrapper("motd")], env=inst.env, cwd=world.home, capture_output=True, timeout=30)
+    assert (again.returncode, again.stdout) == (0, MOTD.encode() + b"\n"), again.stderr
+    assert world.wait_unmounted() == []
