@@ -105,6 +105,7 @@ class World:
             f"name: tiny\nimage: {self.registry.host}/{self.repo}\ndescription: test image\n"
             "versions:\n  '1.0': '1.0'\n"
             "aliases:\n  motd: cat /etc/motd\n  bsh: /bin/sh\n  bcat: /bin/cat\n"
+            "features:\n  gpu: nvidia\n"
             f"env:\n  GREETING: '{GREETING}'\n"
             f"bind:\n  - '{self.recipe_bind}:/srv/recipe'\n")
         env = {
@@ -183,6 +184,9 @@ bsh -c 'echo to-out; echo to-err >&2' >"$OUT/out" 2>"$OUT/err"; echo "out=$(cat 
 echo "blob=$(cat "$OUT/blob" | bcat | sha256sum)"
 SHPC_LITE_RUNTIME_OPTS="$OPTS" bsh -c 'echo "extra=${EXTRA-unset}"'
 SHPC_LITE_RUNTIME_OPTS="$OVERRIDE" bsh -c 'echo "greeting=$GREETING"'
+tiny-shell -c 'echo "shell=$0 $#" "$@"' a 'b c'
+tiny-exec cat /etc/motd
+tiny-run echo 'run=two  spaces'
 dash -c 'bsh -c "echo dash=\$(pwd) \$(cat /etc/motd)"'
 mpirun -np 2 bsh -c 'echo "rank=$PMI_RANK $(cat /etc/motd) $(pwd)"' | sort
 echo done
@@ -222,6 +226,7 @@ def test_module_alias_is_transparent(world, blob, kind, system, tmp_path):
         f"blob={blob[1]}  -",
         "extra=1",  # SHPC_LITE_RUNTIME_OPTS reached the runtime
         "greeting=mine",  # and override the recipe's env
+        "shell=a 1 b c", MOTD, "run=two  spaces",  # the module's shell, exec and run commands
         f"dash={world.work} {MOTD}",
         f"rank=0 {MOTD} {world.work}", f"rank=1 {MOTD} {world.work}",
         "done",
@@ -249,6 +254,25 @@ def test_signal_to_the_wrapper_reaches_the_container(world, kind, system, sig, s
             proc.kill()
             proc.wait(timeout=10)
     assert (out, proc.returncode) == (f"got {sig.name[3:]}\n".encode(), status), err
+    assert world.wait_unmounted() == []
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gpu_always_on_a_gpu_recipe(world, kind):
+    """SHPC_LITE_GPU=always: apptainer/singularity are given --nv (the stand-in records it);
+    Charliecloud has no GPU option and says so instead of running without the GPU."""
+    inst = _install(world, kind, "lmod")
+    record = Path(inst.env["SHPC_LITE_TEST_GPU_RECORD"])
+    record.unlink(missing_ok=True)
+    calls = {mode: subprocess.run([inst.wrapper("motd")], env={**inst.env, "SHPC_LITE_GPU": mode}, cwd=world.home,
+                                  capture_output=True, timeout=30) for mode in ("never", "always")}
+    assert (calls["never"].returncode, calls["never"].stdout) == (0, MOTD.encode() + b"\n")
+    if kind == "charliecloud":
+        assert calls["always"].returncode == 125 and b"Charliecloud has no GPU option" in calls["always"].stderr
+        assert not record.exists()
+    else:
+        assert (calls["always"].returncode, calls["always"].stdout) == (0, MOTD.encode() + b"\n")
+        assert record.read_text() == "--nv\n"  # once: only the call with always
     assert world.wait_unmounted() == []
 
 
