@@ -297,6 +297,39 @@ def test_arguments_arrive_byte_exact(world, kind):
     assert world.wait_unmounted() == []
 
 
+ENV_TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"), max_size=30)
+
+
+def test_recipe_env_arrives_byte_exact_through_ch_run(world, tmp_path):
+    """Recipe env values (through YAML, as a recipe file carries them) reach the command under the
+    real ch-run unchanged: quotes, $, backslashes, newlines, non-ASCII."""
+    import yaml
+
+    from shpc_lite.config import load_config
+    from shpc_lite.modules import make_spec, write_module
+    from shpc_lite.recipe import recipe_from_dict
+
+    inst = _install(world, "charliecloud", "lmod")
+    sif = next((inst.root / "containers").glob("*.sif"))
+    config = load_config({"root": str(tmp_path / "root"), "runtime": "ch-run"}, environ={})
+
+    @settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(value=ENV_TEXT)
+    def check(value):
+        data = {"name": "envy", "image": "example.org/envy", "description": "x", "versions": {"1.0": "1.0"},
+                "aliases": {"show": ["/bin/sh", "-c", 'printf "%s" "$VALUE"']}, "env": {"VALUE": value}}
+        recipe = recipe_from_dict(yaml.safe_load(yaml.safe_dump(data, allow_unicode=True)), "envy.yaml")
+        spec = make_spec(recipe, "1.0", "1.0", "", sif, config.layout, config)
+        write_module(spec, config.layout, config)
+        assert "exec 'ch-run' --env-no-expand" in Path(spec.wrapper_dir, "show").read_text()
+        proc = subprocess.run([f"{spec.wrapper_dir}/show"], env=inst.env, cwd=world.home, capture_output=True,
+                              timeout=30)
+        assert (proc.returncode, proc.stdout) == (0, value.encode()), proc.stderr
+
+    check()
+    assert world.wait_unmounted() == []
+
+
 # ------------------------------------------------------------------------------------- Slurm
 
 def test_under_srun_and_sbatch_wrap(world, slurm, tmp_path):
