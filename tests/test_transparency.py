@@ -176,6 +176,10 @@ cd "$WORK"
 bsh -c 'echo "pwd=$(pwd)"; echo "home=$HOME"; cat "$HOME/home.txt" data.txt /mnt/cfg/seen.txt /srv/recipe/seen.txt
         echo "greeting=$GREETING"; echo "path=$PATH"; echo "extra=${EXTRA-unset}"'
 motd
+echo "in tmp" >"$OUT/here.txt"
+(cd "$OUT" && bsh -c 'echo "tmp=$(pwd)"; cat here.txt')
+(cd / && bsh -c 'echo "root=$(pwd)"')
+HOSTVAR='from  the host' bsh -c 'echo "hostvar=$HOSTVAR"'
 for n in 0 1 42 255; do bsh -c "exit $n"; echo "status=$?"; done
 bsh -c 'kill -TERM $$'; echo "status=$?"
 bsh -c 'kill -KILL $$'; echo "status=$?"
@@ -220,6 +224,9 @@ def test_module_alias_is_transparent(world, blob, kind, system, tmp_path):
         f"greeting={GREETING}", "path=/bin",  # recipe env byte-exact, image env
         "extra=unset",
         MOTD,
+        f"tmp={tmp_path}", "in tmp",  # a cwd under /tmp (the host's /tmp), its files seen
+        "root=/",
+        "hostvar=from  the host",  # the caller's environment passes
         "status=0", "status=1", "status=42", "status=255", "status=143", "status=137",
         "stdin=line one", "stdin=line two",
         "out=to-out err=to-err",
