@@ -337,6 +337,37 @@ def test_recipe_env_arrives_byte_exact_through_ch_run(world, tmp_path):
     assert world.wait_unmounted() == []
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_recipe_home_path_and_no_home(world, kind, tmp_path):
+    """features.home: a path is home inside (Apptainer's --home: seen there, HOME set to it);
+    false: the caller's home is not shown (HOME still names it, as with --no-home)."""
+    import yaml
+
+    from shpc_lite.config import load_config
+    from shpc_lite.modules import make_spec, write_module
+    from shpc_lite.recipe import recipe_from_dict
+
+    inst = _install(world, kind, "lmod")
+    sif = next((inst.root / "containers").glob("*.sif"))
+    (world.outside / "home.txt").write_text("from the recipe's home\n")
+    out = {}
+    for name, home in (("path", str(world.outside)), ("none", False)):
+        config = load_config({"root": str(tmp_path / name), "runtime": inst.env["SHPC_LITE_RUNTIME"]}, environ={})
+        data = {"name": "homy", "image": "example.org/homy", "description": "x", "versions": {"1.0": "1.0"},
+                "aliases": {"show": ["/bin/sh", "-c", 'echo "$HOME"; cat "$HOME/home.txt" 2>&1']},
+                "features": {"home": home}}
+        recipe = recipe_from_dict(yaml.safe_load(yaml.safe_dump(data)), "homy.yaml")
+        spec = make_spec(recipe, "1.0", "1.0", "", sif, config.layout, config)
+        write_module(spec, config.layout, config)
+        out[name] = subprocess.run([f"{spec.wrapper_dir}/show"], env=inst.env, cwd="/", capture_output=True,
+                                   timeout=30)
+    assert (out["path"].returncode, out["path"].stdout.decode()) == (0, f"{world.outside}\nfrom the recipe's home\n"), \
+        out["path"].stderr
+    none = out["none"].stdout.decode().splitlines()
+    assert none[0] == str(world.home) and "from the home dir" not in none[1], out["none"].stderr
+    assert world.wait_unmounted() == []
+
+
 # ------------------------------------------------------------------------------------- Slurm
 
 def test_under_srun_and_sbatch_wrap(world, slurm, tmp_path):
