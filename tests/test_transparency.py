@@ -397,12 +397,14 @@ def test_under_srun_and_sbatch_wrap(world, slurm, tmp_path):
 # ------------------------------------------------------------------------ charliecloud mounts
 
 def test_concurrent_calls_share_one_mount(world):
-    """20 concurrent calls of one wrapper share one squashfuse mount; none is left afterwards; a caller
-    that reads the output to its end is not held up by the mount outliving it."""
+    """20 concurrent calls of one wrapper (and 5 of another of the same image) share one squashfuse
+    mount; none is left afterwards; a caller that reads the output to its end is not held up by the
+    mount outliving it."""
     inst = _install(world, "charliecloud", "lmod")
-    procs = [subprocess.Popen([inst.wrapper(), "-c", "sleep 1; cat /etc/motd"], env=inst.env, cwd=world.home,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-             for _ in range(20)]
+    argvs = [[inst.wrapper(), "-c", "sleep 1; cat /etc/motd"]] * 20
+    argvs += [[inst.wrapper("tiny-exec"), "/bin/sh", "-c", "sleep 1; cat /etc/motd"]] * 5
+    procs = [subprocess.Popen(argv, env=inst.env, cwd=world.home, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for argv in argvs]
     try:
         time.sleep(0.5)
         during = world.live_mounts()
