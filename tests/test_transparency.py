@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -253,7 +254,8 @@ def test_signal_to_the_wrapper_reaches_the_container(world, kind, system, sig, s
     proc = subprocess.Popen(["bash", "--noprofile", "--norc", "-c", script], env=inst.env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        assert proc.stdout.readline() == b"ready\n", proc.stderr.read1() if proc.poll() is not None else b""
+        ready, _, _ = select.select([proc.stdout], [], [], 30)  # bounded: a hung start fails, not hangs
+        assert ready and proc.stdout.readline() == b"ready\n"
         os.kill(proc.pid, sig)
         out, err = proc.communicate(timeout=20)
     finally:
