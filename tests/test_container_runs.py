@@ -31,10 +31,13 @@ pytestmark = [
 
 
 def busybox_image():
+    """A static busybox with the dirs the transparency checks bind to (/home, /mnt/cfg, /srv/recipe)."""
     base = it.make_layer([
-        *(it.Dir(d) for d in ("bin", "dev", "proc", "sys", "home", "etc")), it.Dir("tmp", 0o1777),
+        *(it.Dir(d) for d in ("bin", "dev", "proc", "sys", "home", "etc", "mnt", "mnt/cfg", "srv", "srv/recipe")),
+        it.Dir("tmp", 0o1777),
         it.File("bin/busybox", BUSYBOX.read_bytes(), 0o755),
-        *(it.Symlink(f"bin/{tool}", "busybox") for tool in ("sh", "cat", "echo", "printf", "ls")),
+        *(it.Symlink(f"bin/{tool}", "busybox")
+          for tool in ("sh", "cat", "echo", "printf", "ls", "kill", "sleep", "pwd", "env", "id", "sha256sum")),
         it.File("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n"), it.File("etc/group", "root:x:0:\n"),
         it.File("etc/motd", "old motd\n"),
     ], "gzip")
