@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from shpc_lite.config import Config
-from shpc_lite.errors import NotFoundError
+from shpc_lite.errors import ConfigError, NotFoundError
 from shpc_lite.fsutil import TMP_PREFIX, atomic_write
 from shpc_lite.layout import Layout
 from shpc_lite.module_systems import MODULE_SYSTEMS, ModuleSystem
@@ -111,8 +111,9 @@ class ModuleSpec:
 
     @property
     def plain_binds(self) -> tuple[str, ...]:
-        """Binds as ``SRC[:DST]``, without Apptainer's ``:ro``/``:rw`` (runtimes that lack them)."""
-        return tuple(re.sub(r":(?:ro|rw)$", "", path) for path in self.bind)
+        """Binds as ``SRC[:DST]`` for runtimes without bind options (``make_spec`` refused
+        ``:ro`` for those: it cannot be honoured, and a writable bind is not what was asked)."""
+        return tuple(re.sub(r":rw$", "", path) for path in self.bind)
 
     @property
     def gpu_options(self) -> tuple[str, ...]:
@@ -138,6 +139,12 @@ def make_spec(
     recipe: Recipe, version: str, tag: str, digest: str, sif: Path, layout: Layout, config: Config
 ) -> ModuleSpec:
     kind = runtime_kind(config)
+    binds = tuple(config["bind_paths"]) + recipe.bind
+    if not kind.read_only_binds:
+        for path in binds:
+            if path.endswith(":ro"):
+                raise ConfigError(f"{recipe.name}: bind {path!r} is read-only, which {kind.name} cannot do "
+                                  f"(its binds are always writable): drop ':ro' or use another runtime_kind")
     image_env: tuple[tuple[str, str], ...] = ()
     offset = 0
     if kind.reads_image:
@@ -161,7 +168,7 @@ def make_spec(
         runtime_module=config["runtime_module"],
         gpu=recipe.features.gpu,
         gpu_mode=config["gpu"],
-        bind=tuple(config["bind_paths"]) + recipe.bind,
+        bind=binds,
         env=recipe.env,
         home=recipe.features.home,
         x11=recipe.features.x11,

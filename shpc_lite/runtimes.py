@@ -28,6 +28,7 @@ class RuntimeKind:
     # GPU vendor -> options asking for that GPU (empty: the kind has no such option)
     gpu_options: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     reads_image: bool = False  # wrappers need the image's env and partition offset (read at install)
+    read_only_binds: bool = True  # whether a bind can be made read-only (``src:dst:ro``)
 
     @property
     def runs_sif(self) -> bool:
@@ -59,7 +60,8 @@ APPTAINER = RuntimeKind("apptainer", ("apptainer",), "wrapper.sh.j2", "sif", "AP
                         {"nvidia": ("--nv",), "amd": ("--rocm",)})
 SINGULARITY = RuntimeKind("singularity", ("singularity",), "wrapper.sh.j2", "sif", "SINGULARITYENV_",
                           {"nvidia": ("--nv",), "amd": ("--rocm",)})
-CHARLIECLOUD = RuntimeKind("charliecloud", ("ch-run",), "wrapper-charliecloud.sh.j2", "sif", reads_image=True)
+CHARLIECLOUD = RuntimeKind("charliecloud", ("ch-run",), "wrapper-charliecloud.sh.j2", "sif", reads_image=True,
+                            read_only_binds=False)
 PODMAN = RuntimeKind("podman", ("podman",), "wrapper-podman.sh.j2", "podman",
                      gpu_options={"nvidia": ("--device", "nvidia.com/gpu=all"),
                                   "amd": ("--device", "/dev/kfd", "--device", "/dev/dri")})
