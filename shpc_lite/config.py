@@ -55,11 +55,12 @@ KEYS: dict[str, tuple[Any, str, tuple[str, ...]]] = {
     "retries": (4, "int", ()),
     "spider_cache": (False, "bool", ()),
     "lock_lease": (120, "int", ()),
+    "package_cap": (500, "int", ()),
 }
 
 # Smallest sensible value of whole-number keys: a lease of 0 s would be lost at once, a timeout
-# of 0 s fails every request.
-_MINIMUM = {"lock_lease": 1, "timeout": 1}
+# of 0 s fails every request; a negative package cap means nothing.
+_MINIMUM = {"lock_lease": 1, "timeout": 1, "package_cap": 0}
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -91,7 +92,7 @@ def _coerce(key: str, value: Any, where: str) -> Any:
         except (TypeError, ValueError):
             raise ConfigError(bad + f"{value!r} is not a whole number") from None
         if key in _MINIMUM and number < _MINIMUM[key]:
-            raise ConfigError(bad + f"{number} is too small: it must be at least {_MINIMUM[key]} (seconds)")
+            raise ConfigError(bad + f"{number} is too small: it must be at least {_MINIMUM[key]}")
         return number
     if kind == "bool":
         if isinstance(value, bool):

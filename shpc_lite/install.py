@@ -7,8 +7,9 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 from shpc_lite.choice import ImageChoice, choose
 from shpc_lite.config import Config
-from shpc_lite.errors import NotFoundError
+from shpc_lite.errors import NotFoundError, SifError
 from shpc_lite.modules import Installed, find_installed, installed, make_spec, remove_module, write_module
+from shpc_lite.packages import Package
 from shpc_lite.recipe import Recipe, recipe_index
 from shpc_lite.runtime_images import prepare as prepare_runtime_image
 from shpc_lite.store import digest_lock, import_sif, unreferenced
@@ -25,7 +26,8 @@ def install_sif(config: Config, name: str, version: str, sif: Path) -> Installed
     previous = [r.sif for r in installed(layout, name) if r.version == version]
     stored, created = import_sif(config, sif)
     try:
-        spec = make_spec(recipe, version, pin.tag, pin.digest or "", stored, layout, config)
+        spec = make_spec(recipe, version, pin.tag, pin.digest or "", stored, layout, config,
+                         packages=image_packages(stored))
         record = write_module(spec, layout, config)
     except BaseException:
         if created:
@@ -33,6 +35,18 @@ def install_sif(config: Config, name: str, version: str, sif: Path) -> Installed
         raise
     _drop_unused(config, previous)
     return record
+
+
+def image_packages(sif: Path) -> tuple[Package, ...]:
+    """The packages the stored image holds, for the modulefile and the record. They help users
+    find the module but the module works without them, so an image that cannot be listed
+    (no squashfs-tools on this host) installs with none."""
+    from shpc_lite.packages import scan_sif
+
+    try:
+        return scan_sif(str(sif))
+    except SifError:
+        return ()
 
 
 def choose_version(config: Config, recipe: Recipe, version: Optional[str]) -> ImageChoice:
@@ -104,7 +118,8 @@ def _install_stored(config: Config, recipe: Recipe, version: str, tag: str,
     previous = [r.sif for r in installed(layout, recipe.name) if r.version == version]
     stored = store(None)
     try:
-        spec = make_spec(recipe, version, tag, stored.digest, stored.path, layout, config)
+        spec = make_spec(recipe, version, tag, stored.digest, stored.path, layout, config,
+                         packages=image_packages(stored.path))
         prepare_runtime_image(config, spec)
         record = write_module(spec, layout, config, default=default)
     except BaseException:

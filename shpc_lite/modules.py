@@ -23,6 +23,7 @@ from shpc_lite.errors import ConfigError, NotFoundError
 from shpc_lite.fsutil import TMP_PREFIX, atomic_write
 from shpc_lite.layout import Layout
 from shpc_lite.module_systems import MODULE_SYSTEMS, ModuleSystem
+from shpc_lite.packages import Package
 from shpc_lite.recipe import Alias, Recipe
 from shpc_lite.runtimes import SINGULARITY, RuntimeKind, runtime_kind
 from shpc_lite.versions import newest, version_key
@@ -70,6 +71,11 @@ class ModuleSpec:
     # and where its root file system starts in the SIF, both read once at install.
     image_env: tuple[tuple[str, str], ...] = ()
     partition_offset: int = 0
+    # Found in the image at install (shpc_lite.packages) and the recipe's keywords: static
+    # whatis/extensions text, so ``module spider torch`` and ``module keyword gpu`` find the module.
+    packages: tuple[Package, ...] = ()
+    keywords: tuple[str, ...] = ()
+    package_cap: int = 500
 
     @property
     def module(self) -> str:
@@ -134,9 +140,16 @@ class ModuleSpec:
     def commands(self) -> list[str]:
         return [w.name for w in self.wrappers]
 
+    @property
+    def extensions(self) -> list[str]:
+        """``name/version`` of the packages the modulefile declares: the first ``package_cap``
+        (by name), so a huge conda environment cannot make every spider run slow."""
+        return [p.spec for p in self.packages[: self.package_cap]]
+
 
 def make_spec(
-    recipe: Recipe, version: str, tag: str, digest: str, sif: Path, layout: Layout, config: Config
+    recipe: Recipe, version: str, tag: str, digest: str, sif: Path, layout: Layout, config: Config,
+    packages: tuple[Package, ...] = (),
 ) -> ModuleSpec:
     kind = runtime_kind(config)
     binds = tuple(config["bind_paths"]) + recipe.bind
@@ -177,6 +190,9 @@ def make_spec(
         recipe_source=recipe.source,
         image_env=image_env,
         partition_offset=offset,
+        packages=packages,
+        keywords=recipe.keywords,
+        package_cap=config["package_cap"],
     )
 
 
@@ -236,11 +252,13 @@ class Installed:
     gpu: str = "none"
     description: str = ""
     default: bool = False  # chosen as the default by the site (else the newest is)
+    packages: tuple[str, ...] = ()  # ``name/version`` found in the image (all, not only the capped)
 
     @classmethod
     def from_json(cls, text: str) -> "Installed":
         data = json.loads(text)
         data["commands"] = tuple(data.get("commands", ()))
+        data["packages"] = tuple(str(p) for p in data.get("packages", ()))
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in data.items() if k in known})
 
@@ -286,6 +304,7 @@ def write_module(spec: ModuleSpec, layout: Layout, config: Config, default: bool
         gpu=spec.gpu,
         description=spec.description,
         default=default,
+        packages=tuple(p.spec for p in spec.packages),
     )
     old = None
     try:

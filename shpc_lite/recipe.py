@@ -68,6 +68,7 @@ class Recipe:
     description: str
     url: str = ""
     maintainer: str = ""
+    keywords: tuple[str, ...] = ()  # what users search for besides the name (``module keyword gpu``)
     versions: tuple[VersionPin, ...] = ()
     select: Optional[SelectRule] = None
     aliases: tuple[Alias, ...] = ()
@@ -228,6 +229,7 @@ def recipe_from_dict(data: Any, source: str) -> Recipe:
         description=data["description"],
         url=data.get("url", ""),
         maintainer=data.get("maintainer", ""),
+        keywords=tuple(data.get("keywords") or ()),
         versions=tuple(versions),
         select=select,
         aliases=tuple(aliases),

@@ -17,6 +17,7 @@ import pytest
 from shpc_lite.config import load_config
 from shpc_lite.module_systems import LMOD, TCL
 from shpc_lite.modules import make_spec, render, render_modulefile, render_wrapper
+from shpc_lite.packages import Package
 from shpc_lite.recipe import RecipeIndex
 from shpc_lite.resources import builtin_registry
 
@@ -32,7 +33,9 @@ def _rendered(name: str, registry: Path) -> dict[str, str]:
     pin = recipe.versions[0]
     digest = "sha256:" + "0123456789abcdef" * 4
     sif = config.layout.containers / f"sha256-{'0123456789abcdef' * 4}.sif"
-    spec = make_spec(recipe, pin.version, pin.tag, digest, sif, config.layout, config)
+    # packages are found in the image at install; the golden files show how they are declared
+    packages = (Package("numpy", "1.26.4"), Package("torch", "2.2.1")) if name in ("pytorch", "hostile") else ()
+    spec = make_spec(recipe, pin.version, pin.tag, digest, sif, config.layout, config, packages=packages)
     out = {
         f"{pin.version}.lua": render_modulefile(spec, LMOD),
         f"{pin.version}.tcl": render_modulefile(spec, TCL),

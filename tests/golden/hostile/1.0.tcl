@@ -12,6 +12,8 @@ module-whatis "URL: https://example.org/\}\nexec touch /tmp/PWNED\n\{"
 module-whatis "Image: docker.io/library/hostile:1.0"
 module-whatis "Digest: sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
 module-whatis "Commands: tool opt hostile-shell hostile-exec hostile-run"
+module-whatis "Keywords: c++, x.y_z-1"
+module-whatis "Packages: numpy/1.26.4 torch/2.2.1"
 
 conflict "hostile"
 

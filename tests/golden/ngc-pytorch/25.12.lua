@@ -7,6 +7,7 @@ whatis("URL: https://catalog.ngc.nvidia.com/orgs/nvidia/containers/pytorch")
 whatis("Image: nvcr.io/nvidia/pytorch:25.12-py3")
 whatis("Digest: sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef")
 whatis("Commands: python python3 pip torchrun jupyter tensorboard ngc-pytorch-shell ngc-pytorch-exec ngc-pytorch-run")
+whatis("Keywords: ml, deep-learning, gpu, cuda, nvidia")
 
 conflict("ngc-pytorch")
 add_property("arch", "gpu")

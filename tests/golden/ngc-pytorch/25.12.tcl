@@ -12,6 +12,7 @@ module-whatis "URL: https://catalog.ngc.nvidia.com/orgs/nvidia/containers/pytorc
 module-whatis "Image: nvcr.io/nvidia/pytorch:25.12-py3"
 module-whatis "Digest: sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
 module-whatis "Commands: python python3 pip torchrun jupyter tensorboard ngc-pytorch-shell ngc-pytorch-exec ngc-pytorch-run"
+module-whatis "Keywords: ml, deep-learning, gpu, cuda, nvidia"
 
 conflict "ngc-pytorch"
 

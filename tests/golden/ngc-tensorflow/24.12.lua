@@ -7,6 +7,7 @@ whatis("URL: https://catalog.ngc.nvidia.com/orgs/nvidia/containers/tensorflow")
 whatis("Image: nvcr.io/nvidia/tensorflow:24.12-tf2-py3")
 whatis("Digest: sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef")
 whatis("Commands: python python3 pip jupyter tensorboard ngc-tensorflow-shell ngc-tensorflow-exec ngc-tensorflow-run")
+whatis("Keywords: ml, deep-learning, gpu, cuda, nvidia")
 
 conflict("ngc-tensorflow")
 add_property("arch", "gpu")

@@ -12,6 +12,7 @@ module-whatis "URL: https://catalog.ngc.nvidia.com/orgs/nvidia/containers/tensor
 module-whatis "Image: nvcr.io/nvidia/tensorflow:24.12-tf2-py3"
 module-whatis "Digest: sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
 module-whatis "Commands: python python3 pip jupyter tensorboard ngc-tensorflow-shell ngc-tensorflow-exec ngc-tensorflow-run"
+module-whatis "Keywords: ml, deep-learning, gpu, cuda, nvidia"
 
 conflict "ngc-tensorflow"
 

@@ -7,6 +7,7 @@ whatis("URL: https://hub.docker.com/_/python")
 whatis("Image: docker.io/library/python:3.11-bookworm")
 whatis("Digest: sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef")
 whatis("Commands: python python3 pip pip3 python-shell python-exec python-run")
+whatis("Keywords: language, interpreter")
 
 conflict("python")
 

@@ -12,6 +12,7 @@ module-whatis "URL: https://hub.docker.com/_/python"
 module-whatis "Image: docker.io/library/python:3.11-bookworm"
 module-whatis "Digest: sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
 module-whatis "Commands: python python3 pip pip3 python-shell python-exec python-run"
+module-whatis "Keywords: language, interpreter"
 
 conflict "python"
 

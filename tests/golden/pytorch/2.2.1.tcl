@@ -12,6 +12,8 @@ module-whatis "URL: https://hub.docker.com/r/pytorch/pytorch"
 module-whatis "Image: docker.io/pytorch/pytorch:2.2.1-cuda12.1-cudnn8-runtime"
 module-whatis "Digest: sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
 module-whatis "Commands: python python3 pip torchrun pytorch-shell pytorch-exec pytorch-run"
+module-whatis "Keywords: ml, deep-learning, gpu, cuda"
+module-whatis "Packages: numpy/1.26.4 torch/2.2.1"
 
 conflict "pytorch"
 

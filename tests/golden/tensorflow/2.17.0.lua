@@ -7,6 +7,7 @@ whatis("URL: https://hub.docker.com/r/tensorflow/tensorflow")
 whatis("Image: docker.io/tensorflow/tensorflow:2.17.0-gpu")
 whatis("Digest: sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef")
 whatis("Commands: python python3 pip tensorboard tensorflow-shell tensorflow-exec tensorflow-run")
+whatis("Keywords: ml, deep-learning, gpu, cuda")
 
 conflict("tensorflow")
 add_property("arch", "gpu")

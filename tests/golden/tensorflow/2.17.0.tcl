@@ -12,6 +12,7 @@ module-whatis "URL: https://hub.docker.com/r/tensorflow/tensorflow"
 module-whatis "Image: docker.io/tensorflow/tensorflow:2.17.0-gpu"
 module-whatis "Digest: sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
 module-whatis "Commands: python python3 pip tensorboard tensorflow-shell tensorflow-exec tensorflow-run"
+module-whatis "Keywords: ml, deep-learning, gpu, cuda"
 
 conflict "tensorflow"
 
