@@ -98,6 +98,8 @@ def test_spider_and_keyword_find_installed_packages(site, registry, unique_repo,
     assert res.returncode == 0, out
     assert out.count("mlbox/1.0") >= 4, out  # each search names the module
     assert "torch: torch/2.2.1" in out and "numpy: numpy/1.26.4" in out, out
+    # shpc-lite search finds the module by a package of its image
+    assert "module  mlbox/1.0" in site.cli("search", "NumPy", check=True).stdout
     # the cap: none declared, the record keeps them
     site.cli("--set", "package_cap=0", "install", "mlbox:1.0", check=True)
     assert "extensions(" not in (modules / "mlbox/1.0.lua").read_text()

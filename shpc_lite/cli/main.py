@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "uninstall": ("uninstall", "remove a module version, or all versions of a module"),
     "list": ("listing", "list installed modules"),
     "show": ("show", "show a recipe and what is installed of it"),
+    "search": ("search", "find recipes and installed modules by name, alias, keyword or package"),
     "config": ("configcmd", "show the merged configuration and where each value came from"),
     "inspect": ("inspect", "show an installed module's SIF: header, objects, labels and env"),
     "batch": ("batch", "install, sync or follow a whole site stack from a manifest"),
