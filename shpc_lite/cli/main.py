@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "uninstall": ("uninstall", "remove a module version, or all versions of a module"),
     "list": ("listing", "list installed modules"),
     "show": ("show", "show a recipe and what is installed of it"),
+    "discover": ("discover", "list the commands on an image's PATH (from its file tree) and add them as aliases"),
     "search": ("search", "find recipes and installed modules by name, alias, keyword or package"),
     "config": ("configcmd", "show the merged configuration and where each value came from"),
     "inspect": ("inspect", "show an installed module's SIF: header, objects, labels and env"),

@@ -1,0 +1,185 @@
+"""``shpc-lite discover``: the commands an image offers, proposed as recipe aliases.
+
+Writing aliases by hand is the main cost of adding an image, and generated lists (shpc's) are
+full of junk. The image's own file tree answers it: the executables in the directories of the
+image's ``PATH``, with symlinks resolved inside the image (``python -> python3.11``; ``/bin ->
+usr/bin``), minus the commands of a base image. Only names are read (shpc_lite.imagetree), never
+file contents. Pure functions over the listing; reading the SIF and writing the recipe are at
+the edges.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+from shpc_lite.errors import RecipeError
+from shpc_lite.imagetree import Entry
+
+# The PATH Apptainer gives a container whose image sets none.
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# Where a distribution puts its own tools: commands elsewhere (/usr/local/bin, /opt/...) are the
+# ones an image was made for, so without a base they are listed first.
+SYSTEM_DIRS = ("/usr/bin", "/bin", "/usr/sbin", "/sbin")
+MAX_HOPS = 40  # symlinks followed for one path, as Linux does
+# Alias names the recipe schema accepts; other names in the image (spaces, control bytes) are skipped.
+ALIAS_NAME = re.compile(r"\A[A-Za-z0-9_][A-Za-z0-9._+-]{0,63}\Z")
+
+
+@dataclass(frozen=True)
+class Tree:
+    """What discover needs of an image: its symlinks and its executable files."""
+
+    links: Mapping[str, str]
+    executables: frozenset[str]
+    children: Mapping[str, tuple[str, ...]]  # dir -> names of its links and executables
+
+
+@dataclass(frozen=True)
+class Command:
+    """A command on the image's PATH: ``path`` is where PATH finds it, ``target`` the
+    executable file it resolves to (the same path unless it is a symlink)."""
+
+    name: str
+    path: str
+    target: str
+    system: bool  # in a distribution directory (see SYSTEM_DIRS)
+
+
+def read_tree(entries: Iterable[Entry]) -> Tree:
+    """Keep only symlinks and executable files: a small part of a large image."""
+    links: dict[str, str] = {}
+    executables: set[str] = set()
+    children: dict[str, list[str]] = {}
+    for entry in entries:
+        if entry.kind == "l":
+            links[entry.path] = entry.target
+        elif entry.kind == "f" and entry.executable:
+            executables.add(entry.path)
+        else:
+            continue
+        parent, _, name = entry.path.rpartition("/")
+        children.setdefault(parent or "/", []).append(name)
+    return Tree(links, frozenset(executables), {d: tuple(n) for d, n in children.items()})
+
+
+def resolve(links: Mapping[str, str], path: str) -> str | None:
+    """``path`` with every symlink in it followed inside the image (an absolute target starts
+    again at the image's root, ``..`` stops there); None for a loop or too many hops."""
+    parts = deque(path.split("/"))
+    done: list[str] = []
+    hops = 0
+    while parts:
+        part = parts.popleft()
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if done:
+                done.pop()
+            continue
+        here = "/" + "/".join([*done, part])
+        target = links.get(here)
+        if target is None:
+            done.append(part)
+            continue
+        hops += 1
+        if hops > MAX_HOPS:
+            return None
+        if target.startswith("/"):
+            done = []
+        parts.extendleft(reversed(target.split("/")))
+    return "/" + "/".join(done)
+
+
+def commands(tree: Tree, path_var: str) -> list[Command]:
+    """Commands in PATH order, the first of a name winning (as a shell finds it); a dangling
+    link, a loop or a non-executable target is not a command."""
+    seen: set[str] = set()
+    found: list[Command] = []
+    dirs_done: set[str] = set()
+    for directory in path_var.split(":"):
+        real_dir = resolve(tree.links, directory) if directory.startswith("/") else None
+        if real_dir is None or real_dir in dirs_done:
+            continue
+        dirs_done.add(real_dir)
+        for name in sorted(tree.children.get(real_dir, ())):
+            if name in seen or not ALIAS_NAME.match(name):
+                continue
+            path = f"{directory.rstrip('/')}/{name}"
+            target = resolve(tree.links, f"{real_dir}/{name}")
+            if target is None or target not in tree.executables:
+                continue
+            seen.add(name)
+            found.append(Command(name, path, target, real_dir in SYSTEM_DIRS))
+    return found
+
+
+def propose(own: list[Command], base: list[Command] | None) -> list[Command]:
+    """With a base: only the commands the base does not have. Without: the image's own tools
+    (outside the distribution's directories) first, each group by name."""
+    if base is not None:
+        names = {c.name for c in base}
+        return sorted((c for c in own if c.name not in names), key=lambda c: c.name)
+    return sorted(own, key=lambda c: (c.system, c.name))
+
+
+def image_commands(sif: str) -> list[Command]:
+    """The commands of a SIF: its PATH from the image's environment, its tree from the listing."""
+    from shpc_lite.imagetree import list_sif
+    from shpc_lite.inspect import inspect_sif
+
+    path_var = inspect_sif(sif)["env"].get("PATH") or DEFAULT_PATH
+    return commands(read_tree(list_sif(sif)), path_var)
+
+
+# ----------------------------------------------------------------------------- --write
+
+
+@dataclass(frozen=True)
+class RecipeChange:
+    """A recipe file's text before and after adding aliases, and the names added."""
+
+    path: str
+    before: str
+    after: str
+    added: tuple[str, ...]
+
+    def diff(self) -> str:
+        return "".join(difflib.unified_diff(self.before.splitlines(True), self.after.splitlines(True),
+                                            self.path, self.path))
+
+
+def _leading_comments(text: str) -> str:
+    """The comment block at the top of a recipe (its explanation), kept when it is rewritten."""
+    lines = []
+    for line in text.splitlines(True):
+        if not line.startswith("#"):
+            break
+        lines.append(line)
+    return "".join(lines)
+
+
+def add_aliases(path: str, text: str, data: Any, found: list[Command]) -> RecipeChange:
+    """The recipe with an alias for each command it has no alias of that name for: existing
+    aliases (written by hand) are kept as they are. Written by the YAML serializer, and
+    validated as shpc-lite will load it before anyone writes it."""
+    import yaml
+
+    from shpc_lite.recipe import recipe_from_dict
+
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: expected a mapping of fields")
+    aliases = dict(data.get("aliases") or {})
+    taken = {f"{data.get('name')}-{sub}" for sub in ("shell", "exec", "run")}
+    added = tuple(c.name for c in found if c.name not in aliases and c.name not in taken)
+    if not added:
+        return RecipeChange(path, text, text, ())
+    by_name = {c.name: c for c in found}
+    aliases.update({name: by_name[name].path for name in added})
+    new = {**data, "aliases": aliases}
+    recipe_from_dict(new, path)
+    after = _leading_comments(text) + yaml.safe_dump(new, sort_keys=False, width=100, allow_unicode=True)
+    return RecipeChange(path, text, after, added)
