@@ -11,11 +11,13 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 from shpc_lite.errors import SifError
+from shpc_lite.scrub import printable
 
 ROOT = "squashfs-root"
 
@@ -58,14 +60,17 @@ def list_sif(path: str | Path) -> Iterator[Entry]:
     if exe is None:
         raise SifError(f"{path}: listing the image needs unsquashfs (squashfs-tools)")
     argv = [exe, "-lln", "-no-progress", "-o", str(offset), "-d", ROOT, str(path)]
-    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                          text=True, errors="surrogateescape") as proc:
+    # stderr to a file, not a pipe: a damaged image can make unsquashfs write more errors than a
+    # pipe holds while we are still reading stdout
+    with tempfile.TemporaryFile() as errors, subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=errors, stdin=subprocess.DEVNULL, text=True,
+            errors="surrogateescape") as proc:
         assert proc.stdout is not None
         for line in proc.stdout:
             entry = parse_line(line)
             if entry is not None:
                 yield entry
-        err = proc.stderr.read() if proc.stderr else ""
         if proc.wait() != 0:
-            last = (err.strip().splitlines() or ["failed"])[-1]
-            raise SifError(f"{path}: unsquashfs cannot list the image: {last}")
+            errors.seek(0)
+            last = (errors.read(1 << 16).decode("utf-8", "replace").strip().splitlines() or ["failed"])[-1]
+            raise SifError(f"{path}: unsquashfs cannot list the image: {printable(last)}")

@@ -110,3 +110,20 @@ def test_spider_and_keyword_find_installed_packages(site, registry, unique_repo,
     out = (res.stdout + res.stderr).decode()
     assert "Packages: numpy/1.26.4 torch/2.2.1 zlib/1.2.13" in out, out
     assert "Keywords: deeplearning, gpu" in out, out
+
+
+@requires(shutil.which("unsquashfs"), reason="squashfs-tools not installed")
+def test_listing_a_damaged_sif_is_one_error(small_sif, tmp_path):
+    from shpc_lite.errors import SifError
+    from shpc_lite.imagetree import list_sif
+    from shpc_lite.sif import partition_offset, read_sif
+
+    assert "/hello.txt" in {e.path for e in list_sif(small_sif)}
+    bad = tmp_path / "bad.sif"
+    data = bytearray(small_sif.read_bytes())
+    offset = partition_offset(read_sif(str(small_sif)))
+    data[offset:offset + 96] = b"\xff" * 96  # the squashfs superblock
+    bad.write_bytes(bytes(data))
+    with pytest.raises(SifError, match="unsquashfs cannot list the image") as err:
+        list(list_sif(bad))
+    assert "\n" not in str(err.value)
