@@ -14,7 +14,7 @@ import difflib
 import re
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from shpc_lite.errors import RecipeError
 from shpc_lite.imagetree import Entry
@@ -25,6 +25,7 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # ones an image was made for, so without a base they are listed first.
 SYSTEM_DIRS = ("/usr/bin", "/bin", "/usr/sbin", "/sbin")
 MAX_HOPS = 40  # symlinks followed for one path, as Linux does
+MAX_PATHS = 256  # paths asked of unsquashfs in one round; past this the whole image is listed
 # Alias names the recipe schema accepts; other names in the image (spaces, control bytes) are skipped.
 ALIAS_NAME = re.compile(r"\A[A-Za-z0-9_][A-Za-z0-9._+-]{0,63}\Z")
 
@@ -109,7 +110,8 @@ def commands(tree: Tree, path_var: str) -> list[Command]:
             if name in seen or not ALIAS_NAME.match(name):
                 continue
             path = f"{directory.rstrip('/')}/{name}"
-            target = resolve(tree.links, f"{real_dir}/{name}")
+            found_at = f"{real_dir}/{name}"  # its directory is resolved: only a link needs more
+            target = resolve(tree.links, found_at) if found_at in tree.links else found_at
             if target is None or target not in tree.executables:
                 continue
             seen.add(name)
@@ -126,13 +128,57 @@ def propose(own: list[Command], base: list[Command] | None) -> list[Command]:
     return sorted(own, key=lambda c: (c.system, c.name))
 
 
+def _under(path: str, roots: Iterable[str]) -> bool:
+    return any(path == root or path.startswith(root.rstrip("/") + "/") for root in roots)
+
+
+def wanted(tree: Tree, path_var: str, listed: frozenset[str]) -> list[str]:
+    """Paths to list next: PATH dirs and link targets (as far as the links known so far
+    resolve them) that nothing listed yet covers. Empty when the tree answers everything."""
+    todo: set[str] = set()
+    for directory in path_var.split(":"):
+        real_dir = resolve(tree.links, directory) if directory.startswith("/") else None
+        if real_dir is None:
+            continue
+        if not _under(real_dir, listed):
+            todo.add(real_dir)
+            continue
+        for name in tree.children.get(real_dir, ()):
+            path = f"{real_dir}/{name}"
+            target = resolve(tree.links, path) if path in tree.links else path
+            if target is not None and not _under(target, listed):
+                todo.add(target)
+    return sorted(todo)
+
+
+def explore(list_paths: Callable[[list[str]], Iterable[Entry]], path_var: str,
+            max_paths: int = MAX_PATHS) -> Tree:
+    """The part of an image discover needs: the PATH dirs, then the places their links point
+    to, listed round by round (a few directories, not the whole image). A path is listed at
+    most once, so a dangling link or a loop ends the rounds; with too many paths to ask for,
+    the whole image is listed at once."""
+    entries: list[Entry] = []
+    listed: frozenset[str] = frozenset()
+    todo = wanted(read_tree(()), path_var, listed)
+    for _ in range(MAX_HOPS + 1):
+        todo = [p for p in todo if p not in listed]
+        if not todo:
+            break
+        if len(todo) > max_paths:
+            return read_tree(list_paths([]))
+        entries.extend(list_paths(todo))
+        listed |= frozenset(todo)
+        todo = wanted(read_tree(entries), path_var, listed)
+    return read_tree(entries)
+
+
 def image_commands(sif: str) -> list[Command]:
     """The commands of a SIF: its PATH from the image's environment, its tree from the listing."""
     from shpc_lite.imagetree import list_sif
     from shpc_lite.inspect import inspect_sif
 
     path_var = inspect_sif(sif)["env"].get("PATH") or DEFAULT_PATH
-    return commands(read_tree(list_sif(sif)), path_var)
+    return commands(explore(lambda paths: list_sif(sif, paths), path_var), path_var)
 
 
 # ----------------------------------------------------------------------------- --write

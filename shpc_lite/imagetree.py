@@ -1,29 +1,28 @@
 """An image's file tree from its SIF's squashfs directory table, without reading file contents.
 
-``unsquashfs -lln`` prints the directory table (names, modes, symlink targets) and never
-decompresses a data block, so listing a multi-GB image costs what ``unsquashfs -l`` costs.
-The package scan at install and ``shpc-lite discover`` both read the tree through here; the
-output is streamed line by line so memory does not grow with the image.
+``unsquashfs -l`` prints the names of the directory table and ``-lln`` adds modes and symlink
+targets; neither decompresses a data block, so listing a multi-GB image reads well under a MB.
+The package scan at install (names: ``list_names``) and ``shpc-lite discover`` (modes and
+targets of a few directories: ``list_sif`` with paths) read the tree through here, streamed
+line by line so memory does not grow with the image.
 """
 
 from __future__ import annotations
 
-import re
 import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from shpc_lite.errors import SifError
 from shpc_lite.scrub import printable
 
 ROOT = "squashfs-root"
-
-# mode, owner/group, size (or "major, minor" for devices), date, time, path[ -> target]
-_LINE = re.compile(r"\A(?P<mode>[-dlcbps][-rwxsStT]{9}) +\S+ +\S+(?:, *\S+)? +\d{4}-\d\d-\d\d \d\d:\d\d "
-                   + re.escape(ROOT) + r"(?P<rest>/.*)?\Z")
+_PREFIX = ROOT + "/"
+_MODES = frozenset("-dlcbps")
+_WILDCARDS = str.maketrans({c: "\\" + c for c in "\\*?["})
 
 
 @dataclass(frozen=True)
@@ -37,40 +36,60 @@ class Entry:
 
 
 def parse_line(line: str) -> Entry | None:
-    """One line of ``unsquashfs -lln``; None for the root, or a line that is not an entry
-    (a continuation of a name holding a newline is not an entry)."""
-    m = _LINE.match(line.rstrip("\n"))
-    if m is None or not m.group("rest"):
+    """One line of ``unsquashfs -lln``: mode, owner, size (``major, minor`` for devices), date,
+    time, path[ -> target]. None for the root, or a line that is not an entry (the rest of a
+    name holding a newline). Split, not a regular expression: this runs once per file."""
+    fields = line.rstrip("\n").split(None, 6 if line[:1] in ("c", "b") else 5)
+    if len(fields) < 6 or len(fields[0]) != 10 or fields[0][0] not in _MODES:
         return None
-    mode, rest = m.group("mode"), m.group("rest")
+    mode, rest = fields[0], fields[-1]
+    if not rest.startswith(_PREFIX):
+        return None
+    rest = rest[len(ROOT):]
     if mode[0] == "l":
         path, sep, target = rest.partition(" -> ")
         return Entry(path, "l", target=target) if sep else None
     kind = {"-": "f", "d": "d"}.get(mode[0], "o")
-    return Entry(rest, kind, executable=kind == "f" and any(c in "xs" for c in (mode[3], mode[6], mode[9])))
+    return Entry(rest, kind, executable=kind == "f" and (mode[3] in "xs" or mode[6] in "xs" or mode[9] in "xt"))
 
 
-def list_sif(path: str | Path) -> Iterator[Entry]:
-    """Every entry of a SIF's primary partition, streamed. SifError when the SIF cannot be
-    listed (no squashfs-tools, not a SIF, a damaged partition)."""
+def _lines(sif: str | Path, option: str, paths: Sequence[str] = ()) -> Iterator[str]:
+    """The lines of ``unsquashfs OPTION`` on a SIF's primary partition (of ``paths`` only, each
+    with its ancestors and, for a directory, everything below it), streamed. SifError when
+    the SIF cannot be listed (no squashfs-tools, not a SIF, a damaged partition)."""
     from shpc_lite.sif import partition_offset, read_sif
 
-    offset = partition_offset(read_sif(str(path)))
+    offset = partition_offset(read_sif(str(sif)))
     exe = shutil.which("unsquashfs")
     if exe is None:
-        raise SifError(f"{path}: listing the image needs unsquashfs (squashfs-tools)")
-    argv = [exe, "-lln", "-no-progress", "-o", str(offset), "-d", ROOT, str(path)]
+        raise SifError(f"{sif}: listing the image needs unsquashfs (squashfs-tools)")
+    # unsquashfs takes the paths as wildcards: the image's own names must match only themselves
+    extract = [p.lstrip("/").translate(_WILDCARDS) for p in paths]
+    argv = [exe, option, "-no-progress", "-o", str(offset), "-d", ROOT, str(sif), *extract]
     # stderr to a file, not a pipe: a damaged image can make unsquashfs write more errors than a
     # pipe holds while we are still reading stdout
     with tempfile.TemporaryFile() as errors, subprocess.Popen(
             argv, stdout=subprocess.PIPE, stderr=errors, stdin=subprocess.DEVNULL, text=True,
             errors="surrogateescape") as proc:
         assert proc.stdout is not None
-        for line in proc.stdout:
-            entry = parse_line(line)
-            if entry is not None:
-                yield entry
+        yield from proc.stdout
         if proc.wait() != 0:
             errors.seek(0)
             last = (errors.read(1 << 16).decode("utf-8", "replace").strip().splitlines() or ["failed"])[-1]
-            raise SifError(f"{path}: unsquashfs cannot list the image: {printable(last)}")
+            raise SifError(f"{sif}: unsquashfs cannot list the image: {printable(last)}")
+
+
+def list_names(sif: str | Path) -> Iterator[str]:
+    """Every path in the image (``unsquashfs -l``: names only, the cheapest listing)."""
+    for line in _lines(sif, "-l"):
+        if line.startswith(_PREFIX):
+            yield line[len(ROOT):].rstrip("\n")
+
+
+def list_sif(sif: str | Path, paths: Sequence[str] = ()) -> Iterator[Entry]:
+    """The entries of the image (of ``paths`` and what is below them, when given), with modes
+    and symlink targets (``unsquashfs -lln``)."""
+    for line in _lines(sif, "-lln", paths):
+        entry = parse_line(line)
+        if entry is not None:
+            yield entry

@@ -73,6 +73,8 @@ def find_packages(paths: Iterable[str], limit: int = MAX_PACKAGES) -> tuple[Pack
     """The distinct packages named by ``paths``, sorted; at most ``limit`` are kept."""
     found: set[Package] = set()
     for path in paths:
+        if not path.endswith(("-info", ".json")):
+            continue  # most paths: a suffix test, not a regular expression, per file
         package = package_from_path(path)
         if package is not None:
             found.add(package)
@@ -83,6 +85,6 @@ def find_packages(paths: Iterable[str], limit: int = MAX_PACKAGES) -> tuple[Pack
 
 def scan_sif(sif: str) -> tuple[Package, ...]:
     """The packages in a SIF, read from its squashfs directory table (no file contents)."""
-    from shpc_lite.imagetree import list_sif
+    from shpc_lite.imagetree import list_names
 
-    return find_packages(entry.path for entry in list_sif(sif))
+    return find_packages(list_names(sif))

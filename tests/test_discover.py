@@ -7,7 +7,7 @@ import shutil
 
 import yaml
 
-from shpc_lite.discover import Command, add_aliases, commands, propose, read_tree, resolve
+from shpc_lite.discover import Command, add_aliases, commands, explore, propose, read_tree, resolve
 from shpc_lite.imagetree import Entry
 from tests import imagetools as it
 from tests.needs import requires
@@ -102,3 +102,28 @@ def test_discover_on_installed_images(site, registry, unique_repo):
     # the built-in recipes belong to the package: refused in one line, nothing written
     bad = site.cli("discover", "python", "--sif", base_sif, "--write")
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "writable registry" in bad.stderr, bad.stderr
+
+
+def test_explore_lists_only_what_path_and_its_links_need():
+    image = [Entry("/bin", "l", target="usr/bin"), Entry("/usr/bin/ls", "f", True),
+             Entry("/usr/bin/python", "l", target="/opt/py/bin/python3"), Entry("/opt", "l", target="data/opt"),
+             Entry("/data/opt/py/bin/python3", "f", True), Entry("/usr/bin/loop", "l", target="/l1"),
+             Entry("/l1", "l", target="/l2"), Entry("/l2", "l", target="/l1"),
+             Entry("/usr/bin/gone", "l", target="/nowhere/x"), Entry("/big/file", "f", True)]
+    asked: list[list[str]] = []
+
+    def list_paths(paths):
+        asked.append(paths)
+        if not paths:
+            return image
+        return [e for e in image if any(e.path == p or e.path.startswith(p + "/") or p.startswith(e.path + "/")
+                                        for p in paths)]
+
+    path_var = "/bin:/usr/local/bin"
+    found = commands(explore(list_paths, path_var), path_var)
+    assert [(c.name, c.target) for c in found] == [("ls", "/usr/bin/ls"), ("python", "/data/opt/py/bin/python3")]
+    assert [] not in asked and all("/big" not in p for ps in asked for p in ps)
+    assert len(asked) <= 5, asked
+    # too many paths to ask for: one listing of the whole image, same answer
+    asked.clear()
+    assert commands(explore(list_paths, path_var, max_paths=1), path_var) == found and asked == [[]]
