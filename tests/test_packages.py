@@ -127,3 +127,26 @@ def test_listing_a_damaged_sif_is_one_error(small_sif, tmp_path):
     with pytest.raises(SifError, match="unsquashfs cannot list the image") as err:
         list(list_sif(bad))
     assert "\n" not in str(err.value)
+
+
+def test_hundreds_of_packages_load_and_spider_in_lmod(tmp_path):
+    """Past ~250 arguments a Lua call fails to compile: the cap (500) must still load."""
+    need_system("lmod")
+    from shpc_lite.config import load_config
+    from shpc_lite.module_systems import LMOD
+    from shpc_lite.modules import make_spec, render_modulefile
+    from shpc_lite.recipe import RecipeIndex
+    from shpc_lite.resources import builtin_registry
+
+    config = load_config({"root": str(tmp_path)}, environ={})
+    recipe = RecipeIndex([builtin_registry()]).get("python")
+    packages = tuple(Package(f"pkg{i:03d}", "1.0") for i in range(600))
+    spec = make_spec(recipe, "3.12", "t", "", tmp_path / "a.sif", config.layout, config, packages=packages)
+    (tmp_path / "modules/python").mkdir(parents=True)
+    (tmp_path / "modules/python/3.12.lua").write_text(render_modulefile(spec, LMOD))
+    res = run_bash("lmod", f"module use {tmp_path}/modules\nmodule load python\nmodule spider pkg499\n", {})
+    out = (res.stdout + res.stderr).decode()
+    assert res.returncode == 0 and "error" not in out.lower(), out
+    assert "pkg499: pkg499/1.0" in out and "python/3.12" in out, out
+    res = run_bash("lmod", f"module use {tmp_path}/modules\nmodule spider pkg500\n", {})
+    assert 'Unable to find: "pkg500"' in (res.stdout + res.stderr).decode()  # past the cap

@@ -8,10 +8,7 @@ whatis("Image: docker.io/library/hostile:1.0")
 whatis("Digest: sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef")
 whatis("Commands: tool opt hostile-shell hostile-exec hostile-run")
 whatis("Keywords: c++, x.y_z-1")
-extensions(
-    "numpy/1.26.4",
-    "torch/2.2.1"
-)
+extensions("numpy/1.26.4, torch/2.2.1")
 
 conflict("hostile")
 

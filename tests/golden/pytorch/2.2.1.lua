@@ -8,10 +8,7 @@ whatis("Image: docker.io/pytorch/pytorch:2.2.1-cuda12.1-cudnn8-runtime")
 whatis("Digest: sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef")
 whatis("Commands: python python3 pip torchrun pytorch-shell pytorch-exec pytorch-run")
 whatis("Keywords: ml, deep-learning, gpu, cuda")
-extensions(
-    "numpy/1.26.4",
-    "torch/2.2.1"
-)
+extensions("numpy/1.26.4, torch/2.2.1")
 
 conflict("pytorch")
 add_property("arch", "gpu")
