@@ -214,12 +214,12 @@ def add_aliases(path: str, text: str, data: Any, found: list[Command]) -> Recipe
     validated as shpc-lite will load it before anyone writes it."""
     import yaml
 
-    from shpc_lite.recipe import recipe_from_dict
+    from shpc_lite.recipe import generated_commands, recipe_from_dict
 
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: expected a mapping of fields")
     aliases = dict(data.get("aliases") or {})
-    taken = {f"{data.get('name')}-{sub}" for sub in ("shell", "exec", "run")}
+    taken = set(generated_commands(str(data.get("name"))))
     added = tuple(c.name for c in found if c.name not in aliases and c.name not in taken)
     if not added:
         return RecipeChange(path, text, text, ())

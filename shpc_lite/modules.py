@@ -24,7 +24,7 @@ from shpc_lite.fsutil import TMP_PREFIX, atomic_write
 from shpc_lite.layout import Layout
 from shpc_lite.module_systems import MODULE_SYSTEMS, ModuleSystem
 from shpc_lite.packages import Package
-from shpc_lite.recipe import Alias, Recipe
+from shpc_lite.recipe import GENERATED, Alias, Recipe
 from shpc_lite.runtimes import SINGULARITY, RuntimeKind, runtime_kind
 from shpc_lite.versions import newest, version_key
 
@@ -133,7 +133,7 @@ class ModuleSpec:
     @property
     def wrappers(self) -> tuple[Wrapper, ...]:
         own = [Wrapper(a.name, "exec", a.argv, a.options) for a in self.aliases]
-        own += [Wrapper(f"{self.name}-{sub}", sub) for sub in ("shell", "exec", "run")]
+        own += [Wrapper(f"{self.name}-{sub}", sub) for sub in GENERATED]
         return tuple(own)
 
     @property

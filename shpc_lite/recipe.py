@@ -61,6 +61,15 @@ class SelectRule:
     exclude: tuple[str, ...] = ()
 
 
+# Every module gets <name>-shell, <name>-exec and <name>-run besides its aliases.
+GENERATED = ("shell", "exec", "run")
+
+
+def generated_commands(name: str) -> tuple[str, ...]:
+    """The commands shpc-lite writes for every module: not aliases, never proposed or matched."""
+    return tuple(f"{name}-{sub}" for sub in GENERATED)
+
+
 @dataclass(frozen=True)
 class Recipe:
     name: str
@@ -199,7 +208,7 @@ def recipe_from_dict(data: Any, source: str) -> Recipe:
         if not argv:
             raise RecipeError(f"{source}: aliases.{name}: empty command")
         options = _words(spec.get("options", []), f"aliases.{name}.options", source)
-        if name in {f"{data['name']}-{sub}" for sub in ("shell", "exec", "run")}:
+        if name in generated_commands(data["name"]):
             # the generated wrapper of that name would silently replace the alias
             raise RecipeError(f"{source}: aliases.{name}: the name is taken by the generated {name} command")
         aliases.append(Alias(name, argv, options))

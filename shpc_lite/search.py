@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from shpc_lite.modules import Installed
-from shpc_lite.recipe import Recipe
+from shpc_lite.recipe import Recipe, generated_commands
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,9 @@ def match_recipe(recipe: Recipe, term: str) -> Match | None:
 def match_installed(record: Installed, term: str, keywords: tuple[str, ...] = ()) -> Match | None:
     """An installed version by its name, commands, the packages found in its image, or the
     keywords of its recipe (``keywords``, when the recipe is still known)."""
-    hit = _first(term, [("name", [record.name]), ("alias", record.commands), ("keyword", keywords),
+    generated = generated_commands(record.name)
+    aliases = [c for c in record.commands if c not in generated]
+    hit = _first(term, [("name", [record.name]), ("alias", aliases), ("keyword", keywords),
                         ("package", record.packages)])
     return Match("module", f"{record.name}/{record.version}", *hit) if hit else None
 

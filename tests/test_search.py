@@ -30,6 +30,8 @@ def test_search_says_why_each_matched():
                                                Match("module", "pytorch/2.2.1", "keyword", "GPU")]
     assert [m.why for m in search("pip", RECIPES, RECORDS)] == ["alias", "alias"]
     assert search("tensorflow", RECIPES, RECORDS) == []
+    generated = Installed("box", "1", "i", "t", "", "/s.sif", "lmod", "/m", commands=("box-shell", "box-run"))
+    assert search("shell", [], [generated]) == []  # every module has one: not a reason
 
 
 def test_search_cli(site):
