@@ -14,7 +14,7 @@ import difflib
 import re
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from shpc_lite.errors import RecipeError
 from shpc_lite.imagetree import Entry
@@ -95,17 +95,22 @@ def resolve(links: Mapping[str, str], path: str) -> str | None:
     return "/" + "/".join(done)
 
 
+def _path_dirs(tree: Tree, path_var: str) -> Iterator[tuple[str, str]]:
+    """(PATH dir, where it is in the image) for each absolute PATH dir that resolves, once."""
+    done: set[str] = set()
+    for directory in path_var.split(":"):
+        real_dir = resolve(tree.links, directory) if directory.startswith("/") else None
+        if real_dir is not None and real_dir not in done:
+            done.add(real_dir)
+            yield directory, real_dir
+
+
 def commands(tree: Tree, path_var: str) -> list[Command]:
     """Commands in PATH order, the first of a name winning (as a shell finds it); a dangling
     link, a loop or a non-executable target is not a command."""
     seen: set[str] = set()
     found: list[Command] = []
-    dirs_done: set[str] = set()
-    for directory in path_var.split(":"):
-        real_dir = resolve(tree.links, directory) if directory.startswith("/") else None
-        if real_dir is None or real_dir in dirs_done:
-            continue
-        dirs_done.add(real_dir)
+    for directory, real_dir in _path_dirs(tree, path_var):
         for name in sorted(tree.children.get(real_dir, ())):
             if name in seen or not ALIAS_NAME.match(name):
                 continue
@@ -136,10 +141,7 @@ def wanted(tree: Tree, path_var: str, listed: frozenset[str]) -> list[str]:
     """Paths to list next: PATH dirs and link targets (as far as the links known so far
     resolve them) that nothing listed yet covers. Empty when the tree answers everything."""
     todo: set[str] = set()
-    for directory in path_var.split(":"):
-        real_dir = resolve(tree.links, directory) if directory.startswith("/") else None
-        if real_dir is None:
-            continue
+    for _directory, real_dir in _path_dirs(tree, path_var):
         if not _under(real_dir, listed):
             todo.add(real_dir)
             continue
@@ -164,7 +166,7 @@ def explore(list_paths: Callable[[list[str]], Iterable[Entry]], path_var: str,
         todo = [p for p in todo if p not in listed]
         if not todo:
             break
-        if len(todo) > max_paths:
+        if len(todo) > max_paths or "/" in todo:  # "/" on PATH: the whole image anyway
             return read_tree(list_paths([]))
         entries.extend(list_paths(todo))
         listed |= frozenset(todo)

@@ -127,3 +127,5 @@ def test_explore_lists_only_what_path_and_its_links_need():
     # too many paths to ask for: one listing of the whole image, same answer
     asked.clear()
     assert commands(explore(list_paths, path_var, max_paths=1), path_var) == found and asked == [[]]
+    asked.clear()
+    assert commands(explore(list_paths, "/"), "/") == [] and asked == [[]]  # "/" on PATH: one full listing
