@@ -20,6 +20,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import subprocess
 import tarfile
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Uni
 
 import requests
 
+from shpc_lite.sif import read_sif
 from tests.needs import need_tools
 
 from shpc_lite.oci.client import (
@@ -537,3 +539,31 @@ class Pusher:
         """Put the same manifest bytes under each of ``tags`` (already pushed blobs)."""
         for tag in tags:
             self.push_manifest(repo, tag, manifest.manifest, manifest.media_type)
+
+
+def image_recipe(site, name: str, image: str, versions: dict, gpu: str = "none") -> None:
+    """A recipe for a test image in the site's registry dir, with one alias (``tool``)."""
+    lines = [f"name: {name}", f"image: {image}", "description: test image", "versions:"]
+    lines += [f"  '{v}': '{t}'" for v, t in versions.items()]
+    lines += ["aliases:", "  tool: /usr/bin/tool", "features:", f"  gpu: {gpu}"]
+    site.write_recipe(name, "\n".join(lines) + "\n")
+
+
+def sif_tree(sif: Path, tmp: Path) -> tuple[dict[str, str], Path]:
+    """Extract the squashfs partition at its offset and list it (path -> kind/mode/target)."""
+    image = read_sif(sif)
+    part = next(d for d in image.descriptors if d.data_type == 0x4004)
+    out = tmp / "x"
+    subprocess.run(["unsquashfs", "-o", str(part.offset), "-d", str(out), "-no-xattrs", str(sif)],
+                   check=True, capture_output=True, timeout=120)
+    tree = {}
+    for p in sorted(out.rglob("*")):
+        rel = "/" + str(p.relative_to(out))
+        st = p.lstat()
+        if p.is_symlink():
+            tree[rel] = "link->" + os.readlink(p)
+        elif p.is_dir():
+            tree[rel] = f"dir {st.st_mode & 0o7777:o}"
+        else:
+            tree[rel] = f"file {st.st_mode & 0o7777:o} nlink={st.st_nlink}"
+    return tree, out

@@ -9,9 +9,9 @@ import shutil
 from shpc_lite.layout import Layout
 from shpc_lite.store import digest_lock
 from tests import imagetools as it
+from tests.imagetools import image_recipe
 from tests.modsys import have
 from tests.proxy import Proxy
-from tests.test_install_pull import _recipe
 from tests.needs import requires
 
 pytestmark = requires(shutil.which("mksquashfs"), reason="squashfs-tools not installed")
@@ -23,7 +23,7 @@ def test_clean_frees_the_blob_cache_and_modules_keep_working(site, registry, uni
     registry.pusher().push_image(unique_repo, it.make_image([layer]), tags=["1.0"])
     newer = it.make_image([layer], env=["PATH=/usr/bin:/bin", "NEWER=1"])  # shares the layer
     registry.pusher().push_image(unique_repo, newer, tags=["1.1"])
-    _recipe(site, "cleanme", f"{registry.host}/{unique_repo}", {"1.0": "1.0", "1.1": "1.1"})
+    image_recipe(site, "cleanme", f"{registry.host}/{unique_repo}", {"1.0": "1.0", "1.1": "1.1"})
     site.cli("--set", "spider_cache=true", "install", "cleanme:1.0", check=True)
     blobs = site.root / "cache" / "blobs" / "sha256"
     assert [p.name for p in blobs.iterdir() if p.is_dir()] == [layer.digest.split(":")[1]]
@@ -51,7 +51,7 @@ def test_clean_frees_the_blob_cache_and_modules_keep_working(site, registry, uni
 def test_clean_leaves_everything_while_a_pull_runs(site, registry, unique_repo):
     layer = it.make_layer([it.File("a.txt", "a\n")])
     registry.pusher().push_image(unique_repo, it.make_image([layer]), tags=["1.0"])
-    _recipe(site, "busy", f"{registry.host}/{unique_repo}", {"1.0": "1.0"})
+    image_recipe(site, "busy", f"{registry.host}/{unique_repo}", {"1.0": "1.0"})
     site.cli("install", "busy:1.0", check=True)
     before = sorted(p.name for p in (site.root / "cache" / "blobs" / "sha256").iterdir())
     with digest_lock(Layout(site.root), "sha256:" + "ab" * 32, 120):  # another process's pull, as it looks

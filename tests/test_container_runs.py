@@ -15,8 +15,8 @@ from pathlib import Path
 
 
 from tests import imagetools as it
+from tests.imagetools import image_recipe
 from tests.modsys import have, run_bash
-from tests.test_install_pull import _recipe
 from tests.needs import requires
 
 BUSYBOX = Path("/bin/busybox")
@@ -47,7 +47,7 @@ def busybox_image():
 
 def test_loaded_module_runs_commands_inside_the_image(site, registry, unique_repo):
     registry.pusher().push_image(unique_repo, busybox_image(), tags=["1.0"])
-    _recipe(site, "tiny", f"{registry.host}/{unique_repo}", {"1.0": "1.0"})
+    image_recipe(site, "tiny", f"{registry.host}/{unique_repo}", {"1.0": "1.0"})
     site.write_recipe("tiny", (site.recipes / "tiny.yaml").read_text().replace(
         "aliases:\n", "aliases:\n  motd: cat /etc/motd\n  bsh: /bin/sh\nenv:\n  GREETING: 'hi \"there\" $HOME'\n"))
     for name in ("singularity", "apptainer"):

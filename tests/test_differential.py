@@ -28,8 +28,8 @@ from shpc_lite.config import load_config
 from shpc_lite.oci.reference import parse_reference
 from shpc_lite.pull.apptainer_files import apptainer_files
 from tests import imagetools as it
+from tests.imagetools import sif_tree
 from tests.needs import need_tools
-from tests.test_install_pull import _sif_tree
 
 MTIME = 1_700_000_000
 CERT = "NetLock_Arany_=Class_Gold=_Főtanúsítvány"
@@ -180,7 +180,7 @@ def builtin_pull(registry, repo: str, work: Path) -> Path:
     need_tools("mksquashfs", "unsquashfs")
     config = load_config({"root": str(work / "shpc"), "puller": "builtin"}, environ={})
     stored = puller.pull(config, parse_reference(f"{registry.host}/{repo}:1"), quiet=True, client=registry.client())
-    _, out = _sif_tree(stored.path, work)
+    _, out = sif_tree(stored.path, work)
     return out
 
 

@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 
 from tests import imagetools as it
+from tests.imagetools import image_recipe, sif_tree
 from tests.needs import missing, need_tools
 from tests.conftest import read_record
 from tests.modsys import have, run_bash
 from tests.test_container_runs import busybox_image
-from tests.test_install_pull import _recipe, _sif_tree
 
 REF_NAME = "org.opencontainers.image.ref.name"
 
@@ -107,7 +107,7 @@ def test_oci_layout_archive_and_docker_archive_install_the_same_tree(site, regis
     skopeo_export(registry, unique_repo, f"oci:{layout_dir}:1.0")
     skopeo_export(registry, unique_repo, f"oci-archive:{oci_tar}:1.0")
     skopeo_export(registry, unique_repo, f"docker-archive:{docker_tar}:example/from:1.0")
-    _recipe(site, "demo", "example.org/demo", {"1.0": "1.0"})
+    image_recipe(site, "demo", "example.org/demo", {"1.0": "1.0"})
     manifest_digest = json.loads((layout_dir / "index.json").read_text())["manifests"][0]["digest"]
 
     trees = {}
@@ -121,7 +121,7 @@ def test_oci_layout_archive_and_docker_archive_install_the_same_tree(site, regis
         listing = subprocess.run(["siftool", "list", str(sif)], capture_output=True, text=True, check=True).stdout
         assert "FS (Squashfs/*System/amd64)" in listing and "JSON.Generic" in listing and "Def.FILE" in listing
         (tmp_path / version).mkdir()
-        tree, out = _sif_tree(sif, tmp_path / version)
+        tree, out = sif_tree(sif, tmp_path / version)
         env = (out / ".singularity.d/env/10-docker2singularity.sh").read_text()
         assert 'export PATH="/usr/bin:/bin"' in env and "hello archive" in env
         assert "/usr/bin/tool" in (out / ".singularity.d/runscript").read_text()
@@ -160,7 +160,7 @@ def test_from_a_docker_archive_and_an_oci_archive_made_by_the_tests_install_and_
     docker_save(docker_tar, image, "example/tiny:1.0")
     with tarfile.open(oci_tar, "w") as tar:
         tar.add(write_layout(tmp_path / "layout", image), arcname=".")
-    _recipe(site, "tiny", "example.org/tiny", {"1.0": "1.0"})
+    image_recipe(site, "tiny", "example.org/tiny", {"1.0": "1.0"})
     site.write_recipe("tiny", (site.recipes / "tiny.yaml").read_text().replace(
         "aliases:\n", "aliases:\n  motd: cat /etc/motd\n"))
     for name in ("singularity", "apptainer"):
@@ -179,7 +179,7 @@ def test_a_multi_platform_layout_is_narrowed_like_a_registry_pull(site, tmp_path
     arm = it.make_image([it.make_layer([it.File("arch", "arm64\n")])], oci=True, architecture="arm64")
     index = it.make_index({"linux/amd64": amd, "linux/arm64": arm}, oci=True)
     layout = write_layout(tmp_path / "layout", index)
-    _recipe(site, "demo", "example.org/demo", {"1.0": "1.0"})
+    image_recipe(site, "demo", "example.org/demo", {"1.0": "1.0"})
     site.cli("--set", "platform=linux/arm64", "install", "demo:1.0", "--from", f"oci:{layout}:1.0", check=True)
     record = json.loads((site.root / "wrappers/demo/1.0/install.json").read_text())
     assert record["digest"] == index.digest  # stored under what the tag names, as a pull stores it
@@ -196,7 +196,7 @@ def test_a_layout_that_lies_about_a_digest_is_refused(site, tmp_path):
     data = bytearray(victim.read_bytes())
     data[-1] ^= 0xFF
     victim.write_bytes(bytes(data))
-    _recipe(site, "demo", "example.org/demo", {"1.0": "1.0"})
+    image_recipe(site, "demo", "example.org/demo", {"1.0": "1.0"})
     line = one_error(site.cli("install", "demo:1.0", "--from", f"oci:{layout}"))
     assert str(layout) in line and image.layers[1].digest in line and "lies" in line
     assert_nothing_stored(site)
@@ -207,7 +207,7 @@ def test_a_missing_blob_is_one_line(site, tmp_path):
     image = from_image()
     layout = write_layout(tmp_path / "layout", image)
     (layout / "blobs/sha256" / image.layers[0].digest[7:]).unlink()
-    _recipe(site, "demo", "example.org/demo", {"1.0": "1.0"})
+    image_recipe(site, "demo", "example.org/demo", {"1.0": "1.0"})
     line = one_error(site.cli("install", "demo:1.0", "--from", f"oci:{layout}:1.0"))
     assert str(layout) in line and image.layers[0].digest[7:] in line and "missing" in line
     assert_nothing_stored(site)
@@ -229,7 +229,7 @@ def test_hostile_docker_archives_are_refused(site, tmp_path):
     image = from_image()
     layer = image.layers[0].data
     config = image.config.data
-    _recipe(site, "demo", "example.org/demo", {"1.0": "1.0"})
+    image_recipe(site, "demo", "example.org/demo", {"1.0": "1.0"})
     outside = tmp_path / "secret.json"
     outside.write_bytes(config)
     link = tarfile.TarInfo("cfg.json")
@@ -268,14 +268,14 @@ def test_a_docker_archive_with_a_layer_linked_inside_it_installs(site, tmp_path)
     archive = _docker_archive(tmp_path / "linked.tar", {"c.json": image.config.data, "0/layer.tar": layer.data,
                                                         "1/layer.tar": link},
                               [{"Config": "c.json", "RepoTags": None, "Layers": ["0/layer.tar", "1/layer.tar"]}])
-    _recipe(site, "demo", "example.org/demo", {"1.0": "1.0"})
+    image_recipe(site, "demo", "example.org/demo", {"1.0": "1.0"})
     site.cli("install", "demo:2.0", "--from", f"docker-archive:{archive}", check=True)
     record = json.loads((site.root / "wrappers/demo/2.0/install.json").read_text())
     assert record["tag"] == "2.0" and record["digest"] == image.config.digest  # no RepoTags: the version
 
 
 def test_from_needs_a_known_recipe_and_a_version_and_excludes_sif(site, tmp_path):
-    _recipe(site, "demo", "example.org/demo", {"1.0": "1.0"})
+    image_recipe(site, "demo", "example.org/demo", {"1.0": "1.0"})
     layout = write_layout(tmp_path / "layout", from_image())
     assert "unknown recipe" in one_error(site.cli("install", "nosuch:1.0", "--from", f"oci:{layout}"))
     assert "needs a version" in one_error(site.cli("install", "demo", "--from", f"oci:{layout}"))

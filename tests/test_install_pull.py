@@ -21,8 +21,8 @@ from shpc_lite import puller
 from shpc_lite.config import load_config
 from shpc_lite.oci.reference import parse_reference
 from shpc_lite.puller import mount_type
-from shpc_lite.sif import read_sif
 from tests import imagetools as it
+from tests.imagetools import image_recipe, sif_tree
 from tests.conftest import read_record
 from tests.modsys import have, run_bash
 from tests.proxy import Proxy
@@ -45,37 +45,10 @@ def demo_image():
                          entrypoint=["/usr/bin/tool"], cmd=["--flag"], labels={"org.example": "demo"})
 
 
-def _recipe(site, name: str, image: str, versions: dict, gpu: str = "none") -> None:
-    lines = [f"name: {name}", f"image: {image}", "description: test image", "versions:"]
-    lines += [f"  '{v}': '{t}'" for v, t in versions.items()]
-    lines += ["aliases:", "  tool: /usr/bin/tool", "features:", f"  gpu: {gpu}"]
-    site.write_recipe(name, "\n".join(lines) + "\n")
-
-
-def _sif_tree(sif: Path, tmp: Path) -> dict[str, str]:
-    """Extract the squashfs partition at its offset and list it (path -> kind/mode/target)."""
-    image = read_sif(sif)
-    part = next(d for d in image.descriptors if d.data_type == 0x4004)
-    out = tmp / "x"
-    subprocess.run(["unsquashfs", "-o", str(part.offset), "-d", str(out), "-no-xattrs", str(sif)],
-                   check=True, capture_output=True, timeout=120)
-    tree = {}
-    for p in sorted(out.rglob("*")):
-        rel = "/" + str(p.relative_to(out))
-        st = p.lstat()
-        if p.is_symlink():
-            tree[rel] = "link->" + os.readlink(p)
-        elif p.is_dir():
-            tree[rel] = f"dir {st.st_mode & 0o7777:o}"
-        else:
-            tree[rel] = f"file {st.st_mode & 0o7777:o} nlink={st.st_nlink}"
-    return tree, out
-
-
 def test_install_from_registry_end_to_end(site, registry, unique_repo, tmp_path):
     image = demo_image()
     registry.pusher().push_image(unique_repo, image, tags=["1.0"])
-    _recipe(site, "demo", f"{registry.host}/{unique_repo}", {"1.0": "1.0"})
+    image_recipe(site, "demo", f"{registry.host}/{unique_repo}", {"1.0": "1.0"})
     proc = site.cli("--set", "puller=builtin", "install", "demo:1.0")
     assert proc.returncode == 0, proc.stderr
     sif = site.root / "containers" / f"sha256-{image.digest.split(':')[1]}.sif"
@@ -85,7 +58,7 @@ def test_install_from_registry_end_to_end(site, registry, unique_repo, tmp_path)
     assert "FS (Squashfs/*System/amd64)" in listing and "JSON.Generic" in listing and "Def.FILE" in listing
     info = subprocess.run(["siftool", "info", "1", str(sif)], capture_output=True, text=True, check=True).stdout
     assert "Def.FILE" in info or "Definition" in info or "Deffile" in info
-    tree, out = _sif_tree(sif, tmp_path)
+    tree, out = sif_tree(sif, tmp_path)
     assert "/data/old.txt" not in tree and "/opaque/a.txt" not in tree  # whiteout, opaque dir
     assert tree["/opaque/b.txt"].startswith("file 644")
     assert tree["/usr/bin/tool"].startswith("file 755")
@@ -120,7 +93,7 @@ def test_registry_that_lies_about_a_blob(site, registry, unique_repo):
     def corrupt(path: str, body: bytes) -> bytes:
         return body[:-1] + bytes([body[-1] ^ 0xFF]) if path.endswith(layer) else body
 
-    _recipe(site, "liar", f"{registry.host}/{unique_repo}", {"1.0": "1.0"})
+    image_recipe(site, "liar", f"{registry.host}/{unique_repo}", {"1.0": "1.0"})
     with Proxy(registry.url, mutate=corrupt) as proxy:
         proc = site.cli("--set", "puller=builtin", "--set", "retries=0",
                         "--set", f"mirrors={registry.host}={proxy.url}", "install", "liar:1.0", timeout=120)
@@ -149,7 +122,7 @@ def test_apptainer_backend_pulls_by_digest(site, registry, unique_repo, small_si
     """
     image = demo_image()
     registry.pusher().push_image(unique_repo, image, tags=["1.0"])
-    _recipe(site, "viaapptainer", f"{registry.host}/{unique_repo}", {"1.0": "1.0"})
+    image_recipe(site, "viaapptainer", f"{registry.host}/{unique_repo}", {"1.0": "1.0"})
     standin = site.bin / "apptainer"
     standin.write_text('#!/bin/sh\nprintf "%s\\0" "$@" > "$SHPC_LITE_TEST_RECORD.argv"\n'
                        'env -0 > "$SHPC_LITE_TEST_RECORD.env"\n'
@@ -171,7 +144,7 @@ def test_four_processes_share_one_download(site, registry, unique_repo):
     registry.pusher().push_image(unique_repo, image, tags=["1.0"])
     names = [f"conc{i}" for i in range(4)]
     for name in names:
-        _recipe(site, name, f"{registry.host}/{unique_repo}", {"1.0": "1.0"})
+        image_recipe(site, name, f"{registry.host}/{unique_repo}", {"1.0": "1.0"})
     with Proxy(registry.url, delay=0.3) as proxy:
         env = {**site.env, "SHPC_LITE_MIRRORS": f"{registry.host}={proxy.url}"}
         procs = [subprocess.Popen([sys.executable, "-m", "shpc_lite", "-q", "install", f"{n}:1.0"], env=env,
@@ -195,7 +168,7 @@ def test_kill_mid_pull_then_rerun_resumes(site, registry, unique_repo, how):
     big = it.make_layer([it.File("blob.bin", os.urandom(3 << 20))], "gzip")
     image = it.make_image([big], env=["PATH=/bin"])
     registry.pusher().push_image(unique_repo, image, tags=["1.0"])
-    _recipe(site, "killme", f"{registry.host}/{unique_repo}", {"1.0": "1.0"})
+    image_recipe(site, "killme", f"{registry.host}/{unique_repo}", {"1.0": "1.0"})
     blob_dir = site.root / "cache" / "blobs" / "sha256" / big.digest.split(":")[1]
     partial = blob_dir / "data.partial"
     stall = Proxy(registry.url, delay=30, delay_if=lambda path: path.endswith(big.digest))
@@ -237,7 +210,7 @@ def test_a_frozen_pull_is_taken_over_after_its_lease(site, registry, unique_repo
     wakes up it finds it lost its locks and fails; the store stays correct."""
     big = it.make_layer([it.File("blob.bin", os.urandom(3 << 20))], "gzip")
     registry.pusher().push_image(unique_repo, it.make_image([big], env=["PATH=/bin"]), tags=["1.0"])
-    _recipe(site, "frozen", f"{registry.host}/{unique_repo}", {"1.0": "1.0"})
+    image_recipe(site, "frozen", f"{registry.host}/{unique_repo}", {"1.0": "1.0"})
     blob_dir = site.root / "cache" / "blobs" / "sha256" / big.digest.split(":")[1]
     lease = {"SHPC_LITE_LOCK_LEASE": "2"}
     with Proxy(registry.url, delay=8, delay_if=lambda path: path.endswith(big.digest)) as proxy:
@@ -302,7 +275,7 @@ def test_lustre_stripes_the_sif_before_it_is_written(site, registry, unique_repo
 
 def test_check_sees_a_repushed_tag_of_an_installed_module(site, registry, unique_repo):
     registry.pusher().push_image(unique_repo, demo_image(), tags=["1.0"])
-    _recipe(site, "moving", f"{registry.host}/{unique_repo}", {"1.0": "1.0"})
+    image_recipe(site, "moving", f"{registry.host}/{unique_repo}", {"1.0": "1.0"})
     assert site.cli("install", "moving:1.0").returncode == 0
     assert site.cli("check", "moving").returncode == 0
     newer = it.make_image([it.make_layer([it.File("new.txt", "new\n")])])

@@ -21,9 +21,9 @@ import pytest
 
 from tests.modsys import have, run_bash
 from tests import imagetools as it
+from tests.imagetools import image_recipe
 from tests.needs import need_tools, requires
 from tests.test_container_runs import BUSYBOX, busybox_image
-from tests.test_install_pull import _recipe
 
 pytestmark = [
     requires(have("lmod"), reason="Debian lmod not installed"),
@@ -64,7 +64,7 @@ def _install(site, registry, unique_repo, runtime: str, *, gpu: str = "none", bi
     """Push busybox, write a recipe with aliases and env, put a recording ``runtime`` (and, for
     shifter, ``shifterimg``) on PATH and install through the CLI; returns the install record."""
     registry.pusher().push_image(unique_repo, busybox_image(), tags=["1.0"])
-    _recipe(site, "tiny", f"{registry.host}/{unique_repo}", {"1.0": "1.0"}, gpu=gpu)
+    image_recipe(site, "tiny", f"{registry.host}/{unique_repo}", {"1.0": "1.0"}, gpu=gpu)
     site.write_recipe("tiny", (site.recipes / "tiny.yaml").read_text().replace(
         "aliases:\n", f"env:\n  GREETING: '{ENV_VALUE}'\naliases:\n  bsh: /bin/sh -e\n"))
     _recorder(site, runtime, "shifterimg")
@@ -167,7 +167,7 @@ def test_exec_without_a_command_is_a_usage_error(site, registry, unique_repo, wo
 
 def test_podman_pull_failure_leaves_no_module(site, registry, unique_repo):
     registry.pusher().push_image(unique_repo, busybox_image(), tags=["1.0"])
-    _recipe(site, "tiny", f"{registry.host}/{unique_repo}", {"1.0": "1.0"})
+    image_recipe(site, "tiny", f"{registry.host}/{unique_repo}", {"1.0": "1.0"})
     (site.bin / "podman").write_text("#!/bin/sh\necho 'Error: storage is broken' >&2\nexit 125\n")
     (site.bin / "podman").chmod(0o755)
     proc = site.cli("install", "tiny:1.0", extra_env={"SHPC_LITE_RUNTIME": "podman"})
@@ -198,7 +198,7 @@ def _recorded(site, what: str) -> str:
 
 def _pull_with_recorder(site, image: str, unique_repo: str, registry, **env: str) -> dict:
     registry.pusher().push_image(unique_repo, busybox_image(), tags=["1.0"])
-    _recipe(site, "tiny", image, {"1.0": "1.0"})
+    image_recipe(site, "tiny", image, {"1.0": "1.0"})
     # Stored first (another kind), its layers then gone from the cache: podman must pull itself.
     site.cli("install", "tiny:1.0", check=True, extra_env=env)
     shutil.rmtree(site.root / "cache" / "blobs")
@@ -248,7 +248,7 @@ def _oci_busybox() -> it.Image:
 
 def _install_with_podman(site, registry, unique_repo, aliases: str = "", env: str = "") -> str:
     """Install the pushed image as tiny:1.0 with the real podman; returns its pinned reference."""
-    _recipe(site, "tiny", f"{registry.host}/{unique_repo}", {"1.0": "1.0"})
+    image_recipe(site, "tiny", f"{registry.host}/{unique_repo}", {"1.0": "1.0"})
     site.write_recipe("tiny", (site.recipes / "tiny.yaml").read_text().replace("aliases:\n", "aliases:\n" + aliases) + env)
     site.env["SHPC_LITE_RUNTIME"] = "podman"
     site.env.pop("HOME")  # podman keeps its storage and config under the real user's home
