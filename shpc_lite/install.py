@@ -119,7 +119,7 @@ def _install_stored(config: Config, recipe: Recipe, version: str, tag: str,
     stored = store(None)
     try:
         spec = make_spec(recipe, version, tag, stored.digest, stored.path, layout, config,
-                         packages=image_packages(stored.path))
+                         packages=image_packages(stored.path), layers=_layers_of(layout, stored))
         prepare_runtime_image(config, spec)
         record = write_module(spec, layout, config, default=default)
     except BaseException:
@@ -130,6 +130,14 @@ def _install_stored(config: Config, recipe: Recipe, version: str, tag: str,
         store(stored.digest)
     _drop_unused(config, previous)
     return record
+
+
+def _layers_of(layout, stored: StoredImage) -> tuple[str, ...]:
+    """The layer digests of a stored image: from this pull, else from a record of another module
+    made from the same image (an image already stored was not opened again)."""
+    if stored.layers:
+        return stored.layers
+    return next((r.layers for r in installed(layout) if r.digest == stored.digest and r.layers), ())
 
 
 def uninstall(config: Config, name: str, version: Optional[str] = None) -> list[Installed]:

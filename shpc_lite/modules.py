@@ -76,6 +76,9 @@ class ModuleSpec:
     packages: tuple[Package, ...] = ()
     keywords: tuple[str, ...] = ()
     package_cap: int = 500
+    # The image's layer digests, lowest first (when the pull knew them): discover finds a
+    # module's base among the installed modules by this prefix.
+    layers: tuple[str, ...] = ()
 
     @property
     def module(self) -> str:
@@ -149,7 +152,7 @@ class ModuleSpec:
 
 def make_spec(
     recipe: Recipe, version: str, tag: str, digest: str, sif: Path, layout: Layout, config: Config,
-    packages: tuple[Package, ...] = (),
+    packages: tuple[Package, ...] = (), layers: tuple[str, ...] = (),
 ) -> ModuleSpec:
     kind = runtime_kind(config)
     binds = tuple(config["bind_paths"]) + recipe.bind
@@ -193,6 +196,7 @@ def make_spec(
         packages=packages,
         keywords=recipe.keywords,
         package_cap=config["package_cap"],
+        layers=layers,
     )
 
 
@@ -253,12 +257,14 @@ class Installed:
     description: str = ""
     default: bool = False  # chosen as the default by the site (else the newest is)
     packages: tuple[str, ...] = ()  # ``name/version`` found in the image (all, not only the capped)
+    layers: tuple[str, ...] = ()  # layer digests, lowest first (empty when the pull did not know them)
 
     @classmethod
     def from_json(cls, text: str) -> "Installed":
         data = json.loads(text)
         data["commands"] = tuple(data.get("commands", ()))
         data["packages"] = tuple(str(p) for p in data.get("packages", ()))
+        data["layers"] = tuple(str(d) for d in data.get("layers", ()))
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in data.items() if k in known})
 
@@ -305,6 +311,7 @@ def write_module(spec: ModuleSpec, layout: Layout, config: Config, default: bool
         description=spec.description,
         default=default,
         packages=tuple(p.spec for p in spec.packages),
+        layers=spec.layers,
     )
     old = None
     try:

@@ -44,6 +44,7 @@ class StoredImage:
     digest: str
     pulled: bool  # False: it was in a store already
     shared_from: str = ""  # the central root it is used from by reference, if any
+    layers: tuple[str, ...] = ()  # layer digests, lowest first, when this pull built it from them
 
 
 class Cancelled(PullError):
@@ -104,13 +105,14 @@ def store_image(config: Config, source: "ImageSource", *, quiet: bool = False) -
         scratch = layout.new_scratch(digest)
         scratch.mkdir()
         dest = layout.inside(layout.image(digest))
+        layers: tuple[str, ...] = ()
         try:
             tmp_sif = scratch / "image.sif"
             _prepare_striping(tmp_sif, config)
             if isinstance(source, RegistrySource) and choose_backend(config) == "apptainer":
                 _pull_apptainer(config, source.ref, digest, tmp_sif, scratch, quiet)
             else:
-                _build_builtin(config, source, tmp_sif, scratch, quiet)
+                layers = _build_builtin(config, source, tmp_sif, scratch, quiet)
             _verify_sif(tmp_sif, source.label)
             os.chmod(tmp_sif, config.file_mode)
             if gid is not None:
@@ -118,7 +120,7 @@ def store_image(config: Config, source: "ImageSource", *, quiet: bool = False) -
             os.replace(tmp_sif, dest)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-    return StoredImage(dest, digest, True)
+    return StoredImage(dest, digest, True, layers=layers)
 
 
 def _verify_sif(path: Path, label: str) -> None:
@@ -236,8 +238,10 @@ class RegistrySource:
         return [LayerBlob(layout.blob_data(d.digest), d.media_type, d.digest) for d in image.layers]
 
 
-def _build_builtin(config: Config, source: "ImageSource", tmp_sif: Path, scratch: Path, quiet: bool) -> None:
-    """Any source's image -> squashfs -> SIF at ``tmp_sif``: the one build every install uses."""
+def _build_builtin(config: Config, source: "ImageSource", tmp_sif: Path, scratch: Path,
+                   quiet: bool) -> tuple[str, ...]:
+    """Any source's image -> squashfs -> SIF at ``tmp_sif``: the one build every install uses.
+    Returns the layer digests (the install record keeps them: discover's base by shared layers)."""
     from shpc_lite.pull import build_squashfs
     from shpc_lite.sif import build_container_sif
 
@@ -264,6 +268,7 @@ def _build_builtin(config: Config, source: "ImageSource", tmp_sif: Path, scratch
         progress.close(f"{image.label}: stored in {elapsed(start)}")
     finally:
         progress.close()
+    return tuple(blob.digest for blob in layers)
 
 
 # ---------------------------------------------------------------------------------------- apptainer
