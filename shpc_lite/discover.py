@@ -183,6 +183,94 @@ def image_commands(sif: str) -> list[Command]:
     return commands(explore(lambda paths: list_sif(sif, paths), path_var), path_var)
 
 
+# ------------------------------------------------------------------ images and their bases
+
+
+@dataclass(frozen=True)
+class Image:
+    """An image discover read: what it is (a SIF path or an image reference), its commands, and
+    its layer digests, lowest first (empty when unknown: a SIF not installed by a pull)."""
+
+    label: str
+    commands: tuple[Command, ...]
+    layers: tuple[str, ...] = ()
+    sif: str = ""
+
+
+@dataclass(frozen=True)
+class LayerBase:
+    """An installed module whose image's layers are the first layers of the image discovered."""
+
+    name: str
+    version: str
+    sif: str
+    shared: int  # how many layers
+
+
+def config_path(image_config: Mapping[str, Any]) -> str:
+    """The PATH of an image config's ``Env`` (``config.Env``: ``["PATH=...", ...]``), or the one
+    Apptainer gives an image that sets none."""
+    env = (image_config.get("config") or {}).get("Env") or []
+    found = [e[len("PATH="):] for e in env if isinstance(e, str) and e.startswith("PATH=")]
+    return (found[-1] if found else "") or DEFAULT_PATH
+
+
+def as_reference(spec: str) -> Any:
+    """``spec`` as an image reference when it names one explicitly, with a tag or a digest
+    (``python:3.12``, ``host:5000/team/tool@sha256:...``), else None: a bare name is never
+    looked up in a registry (it is an installed module or nothing)."""
+    from shpc_lite.errors import ReferenceError_
+    from shpc_lite.oci.reference import parse_reference
+
+    last = spec.rpartition("/")[2]
+    if ":" not in last and "@" not in last:
+        return None
+    try:
+        return parse_reference(spec)
+    except ReferenceError_:
+        return None
+
+
+def layer_base(layers: tuple[str, ...], records: Iterable[Any]) -> LayerBase | None:
+    """The installed module whose layers are the longest proper prefix of ``layers`` (records
+    come sorted by name and version, so the first of equal length wins: deterministic). The
+    same image (all layers equal) is not its own base."""
+    best: LayerBase | None = None
+    for record in records:
+        n = len(record.layers)
+        if 0 < n < len(layers) and tuple(layers[:n]) == tuple(record.layers) and (best is None or n > best.shared):
+            best = LayerBase(record.name, record.version, record.sif, n)
+    return best
+
+
+def registry_image(config: Any, ref: Any) -> Image:
+    """An image in its registry, read from its layers' tar headers (never installed): each
+    layer is fetched into the blob cache as a pull would (verified, locked, reused by a later
+    install and taken from there when present: nothing is downloaded twice), then only its
+    headers are read, whiteouts and opaque dirs applied in order (shpc_lite.pull.layers).
+    The merged tree holds headers only, so memory grows with the number of files, not their
+    size."""
+    from shpc_lite.errors import LayerError
+    from shpc_lite.imagetree import rootfs_entries
+    from shpc_lite.progress import Progress
+    from shpc_lite.pull.layers import build_tree
+    from shpc_lite.puller import RegistrySource
+    from shpc_lite.resolve import client_from_config
+
+    client = client_from_config(config)
+    source = RegistrySource(client, ref, ref.digest or client.head_digest(ref))
+    image = source.open()
+    progress = Progress(image.label, image.size, len(image.layers), quiet=True)
+    blobs = source.fetch_layers(image, config, progress, None)
+    try:
+        tree = build_tree(blobs)
+    except LayerError as err:
+        raise LayerError(f"{ref}: {err}") from None
+    path_var = config_path(image.config)
+    found = commands(read_tree(rootfs_entries(tree)), path_var)
+    return Image(str(ref), tuple(found), tuple(layer.digest for layer in image.layers))
+
+
 # ----------------------------------------------------------------------------- --write
 
 

@@ -14,10 +14,13 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 from shpc_lite.errors import SifError
 from shpc_lite.scrub import printable
+
+if TYPE_CHECKING:
+    from shpc_lite.pull.layers import RootfsTree
 
 ROOT = "squashfs-root"
 _PREFIX = ROOT + "/"
@@ -93,3 +96,20 @@ def list_sif(sif: str | Path, paths: Sequence[str] = ()) -> Iterator[Entry]:
         entry = parse_line(line)
         if entry is not None:
             yield entry
+
+
+def rootfs_entries(tree: "RootfsTree") -> Iterator[Entry]:
+    """The entries of an image merged from its layers' tar headers (shpc_lite.pull.layers, which
+    settles whiteouts, opaque dirs and hard links), in the model the SIF listing gives, so
+    discover reads a registry image and a SIF alike."""
+    plan = tree.plan()
+    for path, _directory in plan.dirs:
+        yield Entry("/" + path, "d")
+    for path, link in plan.symlinks:
+        yield Entry("/" + path, "l", target=link.target)
+    for path, _fifo in plan.fifos:
+        yield Entry("/" + path, "o")
+    inodes = [*(item for by_ordinal in plan.by_layer.values() for item in by_ordinal.values()), *plan.generated]
+    for node, names in inodes:
+        for path in names:
+            yield Entry("/" + path, "f", executable=bool(node.mode & 0o111))

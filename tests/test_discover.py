@@ -80,13 +80,17 @@ def test_discover_on_installed_images(site, registry, unique_repo):
     site.write_recipe("base", f"name: base\nimage: {image}\ndescription: d\nversions:\n  '1': base\n")
     recipe = site.write_recipe("top", f"# the top image\nname: top\nimage: {image}\ndescription: d\n"
                                "versions:\n  '1': top\naliases:\n  python: [python3.11, -I]\n")
-    site.cli("install", "base:1", check=True)
     site.cli("install", "top:1", check=True)
-    # without a base: the image's own tools first; loops and dangling links skipped
+    # without a base (none installed yet): the image's own tools first; loops and dangling links skipped
     data = json.loads(site.cli("discover", "top", "--json", check=True).stdout)
     names = [c["name"] for c in data["commands"]]
     assert names[0] == "mytool" and set(names) == {"mytool", "up", *COREUTILS, "python", "python3.11"}, names
     assert {"name": "python", "path": "/usr/bin/python", "target": "/usr/bin/python3.11", "system": True} in data["commands"]
+    site.cli("install", "base:1", check=True)
+    # base installed: found by its layers, which top starts with
+    data = json.loads(site.cli("discover", "top", "--json", check=True).stdout)
+    assert data["base"]["label"] == "base/1" and [c["name"] for c in data["commands"]] == [
+        "mytool", "python", "python3.11", "up"]
     # with --base (an installed module, or its SIF): only the new tools
     base_sif = json.loads(site.cli("inspect", "base", "--json", check=True).stdout)["sif"]
     for base in ("base:1", base_sif):

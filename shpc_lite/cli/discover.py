@@ -1,56 +1,103 @@
-"""``shpc-lite discover NAME[:VERSION] | --sif PATH [--base NAME[:VERSION]|SIF] [--json] [--write]``."""
+"""``shpc-lite discover NAME[:VERSION] | IMAGE_REF | --sif PATH [--base NAME[:VERSION]|SIF|IMAGE_REF] [--json] [--write]``."""
 
 from __future__ import annotations
 
 import argparse
 
 
+FORMS = """\
+IMAGE is read as: a path ending in .sif, or any existing file -> that SIF file;
+else an installed module NAME[:VERSION]; else, when it has a tag or a digest (python:3.12,
+host:5000/team/tool:1.0, repo@sha256:...), that image in its registry, read from its layers'
+tar headers without installing it. Without --base, an installed module whose layers are the
+first layers of the image (the longest such prefix) is the base, and is named."""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("spec", nargs="?", metavar="NAME[:VERSION]",
-                        help="an installed module (its newest version by default); with --sif, the recipe --write edits")
+    parser.description = FORMS
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("spec", nargs="?", metavar="NAME[:VERSION]|IMAGE_REF",
+                        help="an installed module (its newest version by default) or an image reference "
+                             "with a tag or digest; with --sif, the recipe --write edits")
     parser.add_argument("--sif", metavar="PATH", help="a SIF file instead of an installed module")
-    parser.add_argument("--base", metavar="NAME[:VERSION]|SIF",
-                        help="leave out the commands of this image (an installed module or a SIF file)")
+    parser.add_argument("--base", metavar="NAME[:VERSION]|SIF|IMAGE_REF",
+                        help="leave out the commands of this image (an installed module, a SIF file or an "
+                             "image reference); default: the installed module sharing the most leading layers")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--write", action="store_true",
                         help="add the commands as aliases to the recipe NAME (aliases it already has are kept)")
 
 
-def _sif_of(config, spec: str) -> str:
-    """A SIF path given as such, or the SIF of an installed module."""
+def _is_sif_path(spec: str) -> bool:
     import os
 
+    return spec.endswith(".sif") or os.path.isfile(spec)
+
+
+def _read(config, spec: str):
+    """The image ``spec`` names, by the rule of FORMS: a SIF file, an installed module, or an
+    image in its registry."""
+    from shpc_lite.discover import Image, as_reference, image_commands, registry_image
+    from shpc_lite.errors import NotFoundError
     from shpc_lite.modules import find_installed
     from shpc_lite.recipe import split_spec
 
-    if os.sep in spec or spec.endswith(".sif"):
-        return spec
-    name, version = split_spec(spec)
-    return find_installed(config.layout, name, version)[-1].sif
+    if _is_sif_path(spec):
+        return Image(spec, tuple(image_commands(spec)), sif=spec)
+    ref = as_reference(spec)
+    try:
+        name, version = split_spec(spec)
+        record = find_installed(config.layout, name, version)[-1]
+    except NotFoundError:
+        if ref is None:
+            raise
+        return registry_image(config, ref)
+    return Image(f"{record.name}/{record.version}", tuple(image_commands(record.sif)), record.layers, record.sif)
+
+
+def _base(config, args, image):
+    """The base's commands and how it was chosen: --base, else the installed module sharing the
+    most leading layers with the image, else none."""
+    from shpc_lite.discover import image_commands, layer_base
+    from shpc_lite.modules import installed
+
+    if args.base:
+        base = _read(config, args.base)
+        return list(base.commands), {"label": base.label, "how": "--base"}
+    found = layer_base(image.layers, installed(config.layout))
+    if found is None:
+        return None, None
+    return image_commands(found.sif), {"label": f"{found.name}/{found.version}", "how": "shared layers",
+                                       "shared_layers": found.shared}
 
 
 def run(args: argparse.Namespace, config) -> int:
     import json
+    import sys
     from dataclasses import asdict
 
-    from shpc_lite.discover import image_commands, propose
+    from shpc_lite.discover import Image, image_commands, propose
     from shpc_lite.errors import NotFoundError
     from shpc_lite.scrub import printable
 
     if not args.spec and not args.sif:
-        raise NotFoundError("discover: name an installed module (NAME[:VERSION]) or a SIF file (--sif PATH)")
+        raise NotFoundError("discover: name an installed module (NAME[:VERSION]), an image (IMAGE_REF) "
+                            "or a SIF file (--sif PATH)")
     if args.write and not args.spec:
         raise NotFoundError("discover --write: name the recipe to add aliases to (NAME)")
-    sif = args.sif or _sif_of(config, args.spec)
-    base = image_commands(_sif_of(config, args.base)) if args.base else None
-    found = propose(image_commands(sif), base)
+    image = Image(args.sif, tuple(image_commands(args.sif)), sif=args.sif) if args.sif else _read(config, args.spec)
+    base_commands, base = _base(config, args, image)
+    found = propose(list(image.commands), base_commands)
     change = _write(config, args.spec, found) if args.write else None
     if args.json:
-        out = {"sif": sif, "commands": [asdict(c) for c in found]}
+        out = {"image": image.label, "sif": image.sif, "base": base, "commands": [asdict(c) for c in found]}
         if change is not None:
             out.update(recipe=change.path, added=list(change.added))
         print(json.dumps(out, indent=2))
         return 0
+    if base is not None and base["how"] == "shared layers":
+        print(printable(f"discover: without the commands of {base['label']}, whose {base['shared_layers']} "
+                        f"layer(s) {image.label} starts with"), file=sys.stderr)
     for command in found:
         arrow = f" -> {command.target}" if command.target != command.path else ""
         print(printable(f"{command.name:<24} {command.path}{arrow}"))
