@@ -100,3 +100,13 @@ def test_registry_that_lies_about_a_layer(site, registry, unique_repo):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
     errors = proc.stderr.strip().splitlines()
     assert len(errors) == 1 and top_layer.digest in errors[0] and unique_repo in errors[0], proc.stderr
+
+
+def test_a_layer_that_is_not_a_tar_is_one_line(site, registry, unique_repo):
+    bad = it.layer_from_tar(b"not a tar archive\n" * 64)
+    registry.pusher().push_image(unique_repo, it.make_image([it.make_layer(BASE), bad], env=ENV), tags=["bad"])
+    image = f"{registry.host}/{unique_repo}:bad"
+    proc = site.cli("discover", image)
+    errors = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert image in errors[0] and bad.digest in errors[0] and "tar" in errors[0], errors

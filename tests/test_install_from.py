@@ -118,6 +118,9 @@ def test_oci_layout_archive_and_docker_archive_install_the_same_tree(site, regis
         record = json.loads((site.root / "wrappers/demo" / version / "install.json").read_text())
         sif = Path(record["sif"])
         assert record["image"] == "example.org/demo" and record["tag"] == "1.0"
+        # the layer digests, for discover's base by shared layers (skopeo may recompress them)
+        layers = [layer.digest for layer in image.layers]
+        assert len(record["layers"]) == len(layers) and all(d.startswith("sha256:") for d in record["layers"]), record
         listing = subprocess.run(["siftool", "list", str(sif)], capture_output=True, text=True, check=True).stdout
         assert "FS (Squashfs/*System/amd64)" in listing and "JSON.Generic" in listing and "Def.FILE" in listing
         (tmp_path / version).mkdir()
