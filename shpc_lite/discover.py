@@ -197,6 +197,11 @@ class Image:
     sif: str = ""
 
 
+def sif_image(sif: str, label: str = "", layers: tuple[str, ...] = ()) -> Image:
+    """A SIF's commands (an installed module's: its label and recorded layers)."""
+    return Image(label or sif, tuple(image_commands(sif)), layers, sif)
+
+
 @dataclass(frozen=True)
 class LayerBase:
     """An installed module whose image's layers are the first layers of the image discovered."""
@@ -205,6 +210,20 @@ class LayerBase:
     version: str
     sif: str
     shared: int  # how many layers
+
+
+@dataclass(frozen=True)
+class BaseUsed:
+    """The base whose commands were left out, and how it was chosen (``--base`` or ``shared
+    layers``, then how many), so the output can say which."""
+
+    label: str
+    how: str
+    commands: tuple[Command, ...]
+    shared_layers: int = 0
+
+    def summary(self) -> dict[str, Any]:
+        return {"label": self.label, "how": self.how, "shared_layers": self.shared_layers}
 
 
 def config_path(image_config: Mapping[str, Any]) -> str:
@@ -243,13 +262,13 @@ def layer_base(layers: tuple[str, ...], records: Iterable[Any]) -> LayerBase | N
     return best
 
 
-def registry_image(config: Any, ref: Any) -> Image:
+def registry_image(config: Any, ref: Any, *, quiet: bool = True) -> Image:
     """An image in its registry, read from its layers' tar headers (never installed): each
     layer is fetched into the blob cache as a pull would (verified, locked, reused by a later
     install and taken from there when present: nothing is downloaded twice), then only its
     headers are read, whiteouts and opaque dirs applied in order (shpc_lite.pull.layers).
     The merged tree holds headers only, so memory grows with the number of files, not their
-    size."""
+    size. ``quiet=False`` shows the download as a pull does (a bar on a terminal)."""
     from shpc_lite.errors import LayerError
     from shpc_lite.imagetree import rootfs_entries
     from shpc_lite.progress import Progress
@@ -260,8 +279,11 @@ def registry_image(config: Any, ref: Any) -> Image:
     client = client_from_config(config)
     source = RegistrySource(client, ref, ref.digest or client.head_digest(ref))
     image = source.open()
-    progress = Progress(image.label, image.size, len(image.layers), quiet=True)
-    blobs = source.fetch_layers(image, config, progress, None)
+    progress = Progress(image.label, image.size, len(image.layers), quiet=quiet)
+    try:
+        blobs = source.fetch_layers(image, config, progress, None)
+    finally:
+        progress.close()
     try:
         tree = build_tree(blobs)
     except LayerError as err:

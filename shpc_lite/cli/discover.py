@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from shpc_lite.discover import BaseUsed, Image
 
 
 FORMS = """\
@@ -36,14 +40,16 @@ def _is_sif_path(spec: str) -> bool:
 
 def _read(config, spec: str):
     """The image ``spec`` names, by the rule of FORMS: a SIF file, an installed module, or an
-    image in its registry."""
-    from shpc_lite.discover import Image, as_reference, image_commands, registry_image
+    image in its registry (its download shown on a terminal only: scripts get one line or none)."""
+    import sys
+
+    from shpc_lite.discover import as_reference, registry_image, sif_image
     from shpc_lite.errors import NotFoundError
     from shpc_lite.modules import find_installed
     from shpc_lite.recipe import split_spec
 
     if _is_sif_path(spec):
-        return Image(spec, tuple(image_commands(spec)), sif=spec)
+        return sif_image(spec)
     ref = as_reference(spec)
     try:
         name, version = split_spec(spec)
@@ -51,24 +57,22 @@ def _read(config, spec: str):
     except NotFoundError:
         if ref is None:
             raise
-        return registry_image(config, ref)
-    return Image(f"{record.name}/{record.version}", tuple(image_commands(record.sif)), record.layers, record.sif)
+        return registry_image(config, ref, quiet=not sys.stderr.isatty())
+    return sif_image(record.sif, f"{record.name}/{record.version}", record.layers)
 
 
-def _base(config, args, image):
-    """The base's commands and how it was chosen: --base, else the installed module sharing the
-    most leading layers with the image, else none."""
-    from shpc_lite.discover import image_commands, layer_base
+def _base(config, args: argparse.Namespace, image: "Image") -> "BaseUsed | None":
+    """--base, else the installed module sharing the most leading layers with the image, else none."""
+    from shpc_lite.discover import BaseUsed, layer_base, sif_image
     from shpc_lite.modules import installed
 
     if args.base:
         base = _read(config, args.base)
-        return list(base.commands), {"label": base.label, "how": "--base"}
+        return BaseUsed(base.label, "--base", base.commands)
     found = layer_base(image.layers, installed(config.layout))
     if found is None:
-        return None, None
-    return image_commands(found.sif), {"label": f"{found.name}/{found.version}", "how": "shared layers",
-                                       "shared_layers": found.shared}
+        return None
+    return BaseUsed(f"{found.name}/{found.version}", "shared layers", sif_image(found.sif).commands, found.shared)
 
 
 def run(args: argparse.Namespace, config) -> int:
@@ -76,7 +80,7 @@ def run(args: argparse.Namespace, config) -> int:
     import sys
     from dataclasses import asdict
 
-    from shpc_lite.discover import Image, image_commands, propose
+    from shpc_lite.discover import propose, sif_image
     from shpc_lite.errors import NotFoundError
     from shpc_lite.scrub import printable
 
@@ -85,18 +89,18 @@ def run(args: argparse.Namespace, config) -> int:
                             "or a SIF file (--sif PATH)")
     if args.write and not args.spec:
         raise NotFoundError("discover --write: name the recipe to add aliases to (NAME)")
-    image = Image(args.sif, tuple(image_commands(args.sif)), sif=args.sif) if args.sif else _read(config, args.spec)
-    base_commands, base = _base(config, args, image)
-    found = propose(list(image.commands), base_commands)
+    image = sif_image(args.sif) if args.sif else _read(config, args.spec)
+    base = _base(config, args, image)
+    found = propose(list(image.commands), list(base.commands) if base else None)
     change = _write(config, args.spec, found) if args.write else None
     if args.json:
-        out = {"image": image.label, "sif": image.sif, "base": base, "commands": [asdict(c) for c in found]}
+        out = {"image": image.label, "sif": image.sif, "base": base.summary() if base else None, "commands": [asdict(c) for c in found]}
         if change is not None:
             out.update(recipe=change.path, added=list(change.added))
         print(json.dumps(out, indent=2))
         return 0
-    if base is not None and base["how"] == "shared layers":
-        print(printable(f"discover: without the commands of {base['label']}, whose {base['shared_layers']} "
+    if base is not None and base.how == "shared layers":
+        print(printable(f"discover: without the commands of {base.label}, whose {base.shared_layers} "
                         f"layer(s) {image.label} starts with"), file=sys.stderr)
     for command in found:
         arrow = f" -> {command.target}" if command.target != command.path else ""
