@@ -111,3 +111,13 @@ def test_a_layer_that_is_not_a_tar_is_one_line(site, registry, unique_repo):
     errors = proc.stderr.strip().splitlines()
     assert proc.returncode != 0 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert image in errors[0] and bad.digest in errors[0] and "tar" in errors[0], errors
+
+
+def test_a_name_with_a_tag_not_installed_says_both_what_was_tried(site):
+    proc = site.cli("--set", "retries=0", "--set", "mirrors=docker.io=http://127.0.0.1:9",
+                    "discover", "nosuchmod:1", timeout=60)
+    errors = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(errors) == 1, proc.stderr
+    assert "nosuchmod:1 is not installed" in errors[0] and "docker.io/library/nosuchmod:1" in errors[0], errors
+    bare = site.cli("discover", "nosuchmod")  # a bare name is never looked up in a registry
+    assert bare.returncode == 1 and "registry" not in bare.stderr and "not installed" in bare.stderr, bare.stderr

@@ -44,7 +44,7 @@ def _read(config, spec: str):
     import sys
 
     from shpc_lite.discover import as_reference, registry_image, sif_image
-    from shpc_lite.errors import NotFoundError
+    from shpc_lite.errors import NotFoundError, RegistryError
     from shpc_lite.modules import find_installed
     from shpc_lite.recipe import split_spec
 
@@ -54,10 +54,16 @@ def _read(config, spec: str):
     try:
         name, version = split_spec(spec)
         record = find_installed(config.layout, name, version)[-1]
-    except NotFoundError:
+    except NotFoundError as missing:
         if ref is None:
             raise
-        return registry_image(config, ref, quiet=not sys.stderr.isatty())
+        try:
+            return registry_image(config, ref, quiet=not sys.stderr.isatty())
+        except RegistryError as err:
+            if "/" in spec:  # only an image reference: the registry's answer says it all
+                raise
+            # NAME:TAG may be a module name mistyped: say both what was tried
+            raise type(err)(f"{missing}; as an image: {err}") from None
     return sif_image(record.sif, f"{record.name}/{record.version}", record.layers)
 
 
