@@ -18,7 +18,7 @@ BASE = [it.Dir("bin"), it.Dir("usr"), it.Dir("usr/bin"), it.File("bin/ls", "#!\n
 TOP = [it.Dir("usr/local"), it.Dir("usr/local/bin"), it.File("usr/local/bin/mytool", "#!\n", 0o755),
        it.File("usr/bin/python3.11", "#!\n", 0o755), it.Symlink("usr/bin/python", "python3.11"),
        it.Symlink("usr/local/bin/loop-a", "loop-b"), it.Symlink("usr/local/bin/loop-b", "loop-a"),
-       it.Symlink("usr/local/bin/dangling", "/nowhere/x"), it.Whiteout("bin/cat")]
+       it.Symlink("usr/local/bin/dangling", "/nowhere/x"), it.Whiteout("bin/cat"), it.Opaque("usr/bin")]
 NEW = ["mytool", "python", "python3.11"]  # python3.11 is on PATH too: a command of its own
 
 
@@ -60,11 +60,12 @@ def test_argument_forms_and_base_rule():
 
 def test_discover_image_ref_with_base_ref(site, registry, unique_repo):
     image, _ = _push(registry, unique_repo)
-    # no base: the whiteout removed cat; the loop and the dangling link are no commands
+    # no base: the whiteout removed cat, the opaque /usr/bin env (not python, of the same layer);
+    # the loop and the dangling link are no commands
     proc = site.cli("discover", f"{image}:top", "--json", check=True)
     data = json.loads(proc.stdout)
     assert data["image"] == f"{image}:top" and data["base"] is None
-    assert _names(proc) == ["mytool", "env", "ls", "python", "python3.11"], proc.stdout
+    assert _names(proc) == ["mytool", "ls", "python", "python3.11"], proc.stdout
     proc = site.cli("discover", f"{image}:top", "--base", f"{image}:base", "--json", check=True)
     assert _names(proc) == NEW
     assert json.loads(proc.stdout)["base"] == {"label": f"{image}:base", "how": "--base", "shared_layers": 0}
