@@ -51,7 +51,9 @@ def test_argument_forms_and_base_rule():
     assert as_reference("127.0.0.1:5000/team/tool") is None  # the port is not a tag
     assert config_path({"config": {"Env": ["A=1", "PATH=/x:/y"]}}) == "/x:/y"
     assert config_path({}).startswith("/usr/local/sbin")
-    rec = lambda name, layers: SimpleNamespace(name=name, version="1", sif=f"/{name}.sif", layers=tuple(layers))
+    def rec(name: str, layers: str) -> SimpleNamespace:
+        return SimpleNamespace(name=name, version="1", sif=f"/{name}.sif", layers=tuple(layers))
+
     records = [rec("a", "1"), rec("ab", "12"), rec("ab2", "12"), rec("other", "9"), rec("same", "123"), rec("none", "")]
     found = layer_base(tuple("123"), records)
     assert (found.name, found.shared) == ("ab", 2)  # longest prefix, first of equal length; not the image itself

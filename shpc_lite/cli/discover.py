@@ -38,7 +38,7 @@ def _is_sif_path(spec: str) -> bool:
     return spec.endswith(".sif") or os.path.isfile(spec)
 
 
-def _read(config, spec: str):
+def _read(config, spec: str) -> "Image":
     """The image ``spec`` names, by the rule of FORMS: a SIF file, an installed module, or an
     image in its registry (its download shown on a terminal only: scripts get one line or none)."""
     import sys
