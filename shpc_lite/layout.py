@@ -8,6 +8,8 @@ The tree::
     <root>/containers/<algo>-<hex>.sif               pulled images, by manifest digest
     <root>/containers/file-<algo>-<hex>.sif          images imported with --sif, by file digest
     <root>/containers/.locks/<algo>-<hex>.lock       per-digest pull locks
+    <root>/containers/.refs/<image stem>/<name>@<version>  which modules use a stored image
+    <root>/containers/.refs/.complete                  every record of the tree has its ref
     <root>/containers/.shpc-lite-tmp-<algo>-<hex>.*  scratch dirs of running (or killed) pulls
     <root>/cache/blobs/<algo>/<hex>/data             verified layer blobs (+ <hex>.lock)
     <root>/cache/apptainer, <root>/cache/lmod        Apptainer's cache, Lmod's spider cache
@@ -180,6 +182,30 @@ class Layout:
             return None
         stem = path.name[: -len(SIF_SUFFIX)]
         return _stem_digest(stem[len(IMPORTED_PREFIX):] if stem.startswith(IMPORTED_PREFIX) else stem)
+
+    @property
+    def refs(self) -> Path:
+        return self.containers / ".refs"
+
+    @property
+    def refs_complete(self) -> Path:
+        """Marker: every install record of the tree has its ref (a tree written before refs
+        existed gets them from one scan, after which no decision needs to list the tree)."""
+        return self.refs / ".complete"
+
+    def image_refs(self, image: Path) -> Optional[Path]:
+        """The directory of refs to an image of this store; None for a path that is not one
+        (an image of the central store, a foreign path): only our own images are collected."""
+        if self.image_digest(image) is None:
+            return None
+        return self.refs / Path(image).name[: -len(SIF_SUFFIX)]
+
+    def image_ref(self, image: Path, name: str, version: str) -> Optional[Path]:
+        """The entry saying module ``name/version`` uses ``image`` ('@' is never in a component)."""
+        directory = self.image_refs(image)
+        if directory is None:
+            return None
+        return directory / f"{component(name, 'module name')}@{component(version, 'version')}"
 
     def digest_lock(self, digest: str) -> Path:
         return self.digest_locks / f"{_digest_stem(digest)}.lock"
