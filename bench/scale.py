@@ -13,7 +13,9 @@ install writes); what is timed at each size is what a user or admin waits for:
 * ``shpc-lite list`` (the CLI, start-up included): O(n), with a small constant;
 * Lmod ``module -t avail``, ``module spider X`` and ``module load X`` walking the tree, then the
   spider cache refresh (``config spider_cache``, shpc_lite.index) and the same three commands
-  reading the cache (``LMOD_RC``). Lmod's per-user cache is kept out (``LMOD_SHORT_TIME``).
+  reading the cache (``LMOD_RC``), avail and load also with ``LMOD_CACHED_LOADS=yes`` (without
+  it this Lmod walks the tree for them cache or not). Lmod's per-user cache is kept out
+  (``LMOD_SHORT_TIME``).
 """
 
 from __future__ import annotations
@@ -137,9 +139,10 @@ def measure(size: int, config: Config, env: dict[str, str], sif: Path, samples: 
         rows.append(Row(size, f"module -t avail ({label})", lmod(root, "module -t avail", rc)))
         rows.append(Row(size, f"module spider {PROBE} ({label})", lmod(root, f"module spider {PROBE}", rc)))
         rows.append(Row(size, f"module load {PROBE} ({label})", lmod(root, f"module load {PROBE}", rc)))
-    # Lmod reads the cache for a load only when the site says so (its cached_loads setting)
-    rows.append(Row(size, f"module load {PROBE} (spider cache, LMOD_CACHED_LOADS=yes)",
-                    lmod(root, f"module load {PROBE}", root / "lmodrc.lua", LMOD_CACHED_LOADS="yes")))
+    # This Lmod reads the cache for avail and load only when the site says so (cached_loads)
+    for command in ("module -t avail", f"module load {PROBE}"):
+        rows.append(Row(size, f"{command} (spider cache, LMOD_CACHED_LOADS=yes)",
+                        lmod(root, command, root / "lmodrc.lua", LMOD_CACHED_LOADS="yes")))
     shutil.rmtree(root / "cache" / "lmod", ignore_errors=True)  # the next size starts without
     (root / "lmodrc.lua").unlink(missing_ok=True)
     return rows
