@@ -111,3 +111,39 @@ def test_a_reinstall_onto_another_image_moves_the_ref(tmp_path, small_sif):
     second = Path(install_sif(config, "python", "3.11", other).sif)
     assert second != first and not first.exists()
     assert list(refs.users(layout, second)) == [("python", "3.11")]
+
+
+def test_a_symlinked_refs_dir_is_refused_and_nothing_outside_is_touched(tmp_path, small_sif):
+    """A planted ``.refs/<stem>`` link to elsewhere: the ref is not removed through it (one
+    line, StoreError), the outside file survives and the image, whose users are unknown, stays."""
+    from shpc_lite.errors import StoreError
+
+    config = _config(tmp_path / "root")
+    layout = config.layout
+    image = Path(install_sif(config, "python", "3.11", small_sif).sif)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "python@3.11").write_text("keep me")
+    refs_dir = layout.image_refs(image)
+    for entry in refs_dir.iterdir():
+        entry.unlink()
+    refs_dir.rmdir()
+    refs_dir.symlink_to(outside)
+    with pytest.raises(StoreError, match="symlink"):
+        uninstall(config, "python", "3.11")
+    assert (outside / "python@3.11").read_text() == "keep me" and image.is_file()
+
+
+def test_uninstall_prunes_every_view_in_one_pass(tmp_path, small_sif):
+    from shpc_lite import views
+
+    config = _config(tmp_path / "root")
+    layout = config.layout
+    for version in ("3.11", "3.12"):
+        install_sif(config, "python", version, small_sif)
+    for view in ("course", "project"):
+        views.create(layout, view)
+        views.add(layout, config, view, "python", None, "py")
+    uninstall(config, "python", None)
+    for view in ("course", "project"):
+        assert views.entries(layout, view) == [] and not (layout.view_dir(view) / "py").exists()
