@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
@@ -12,7 +13,8 @@ from shpc_lite.modules import Installed, find_installed, installed, make_spec, r
 from shpc_lite.packages import Package
 from shpc_lite.recipe import Recipe, recipe_index
 from shpc_lite.runtime_images import prepare as prepare_runtime_image
-from shpc_lite.store import digest_lock, import_sif, unreferenced
+from shpc_lite import refs
+from shpc_lite.store import digest_lock, import_sif
 
 if TYPE_CHECKING:
     from shpc_lite.puller import StoredImage
@@ -26,14 +28,15 @@ def install_sif(config: Config, name: str, version: str, sif: Path) -> Installed
     previous = [r.sif for r in installed(layout, name) if r.version == version]
     stored, created = import_sif(config, sif)
     try:
+        if not _hold(config, stored, name, version):
+            stored, _ = import_sif(config, sif)  # a concurrent uninstall dropped it: store it again
         spec = make_spec(recipe, version, pin.tag, pin.digest or "", stored, layout, config,
                          packages=image_packages(stored))
         record = write_module(spec, layout, config)
     except BaseException:
-        if created:
-            _drop_unused(config, [str(stored)])
+        _release(config, stored, name, version, previous, created)
         raise
-    _drop_unused(config, previous)
+    _replaced(config, name, version, previous, stored)
     return record
 
 
@@ -118,26 +121,62 @@ def _install_stored(config: Config, recipe: Recipe, version: str, tag: str,
     previous = [r.sif for r in installed(layout, recipe.name) if r.version == version]
     stored = store(None)
     try:
+        if not _hold(config, stored.path, recipe.name, version):
+            store(stored.digest)  # a concurrent uninstall dropped it before our module used it
         spec = make_spec(recipe, version, tag, stored.digest, stored.path, layout, config,
                          packages=image_packages(stored.path), layers=_layers_of(layout, stored))
         prepare_runtime_image(config, spec)
         record = write_module(spec, layout, config, default=default)
     except BaseException:
-        if stored.pulled:
-            _drop_unused(config, [str(stored.path)])
+        _release(config, stored.path, recipe.name, version, previous, stored.pulled)
         raise
-    if not stored.path.exists():  # a concurrent uninstall dropped it before our module used it
-        store(stored.digest)
-    _drop_unused(config, previous)
+    _replaced(config, recipe.name, version, previous, stored.path)
     return record
 
 
+def _hold(config: Config, image: Path, name: str, version: str) -> bool:
+    """Add the ref name/version -> image before the module is written, under the image's digest
+    lock (what a deleter holds while it decides): returns whether the image is still there, so
+    a concurrent uninstall either sees our ref or has already dropped the image, never neither."""
+    layout = config.layout
+    digest = layout.image_digest(image)
+    if digest is None:
+        return True  # the central store's image: not ours to drop
+    with digest_lock(layout, digest, config["lock_lease"]):
+        refs.add(layout, image, name, version)
+        return image.exists()
+
+
+def _release(config: Config, image: Path, name: str, version: str, previous: list[str], created: bool) -> None:
+    """Undo ``_hold`` after a failed install: the ref goes unless the version's old module,
+    still in place, uses the same image; the image goes if this install created it and no
+    module uses it."""
+    if str(image) not in previous:
+        refs.drop(config.layout, image, name, version)
+    if created:
+        _drop_unused(config, [str(image)])
+
+
+def _replaced(config: Config, name: str, version: str, previous: list[str], image: Path) -> None:
+    """After a reinstall: the version no longer uses the image it used before (if another)."""
+    old = [sif for sif in previous if sif != str(image)]
+    for sif in old:
+        refs.drop(config.layout, Path(sif), name, version)
+    _drop_unused(config, old)
+
+
 def _layers_of(layout, stored: StoredImage) -> tuple[str, ...]:
-    """The layer digests of a stored image: from this pull, else from a record of another module
-    made from the same image (an image already stored was not opened again)."""
+    """The layer digests of a stored image: from this pull, else from the record of another
+    module the refs say uses the same image (an image already stored was not opened again). A
+    few users are asked, not all: modules of one image were all made by pulls that knew the
+    layers or all not."""
     if stored.layers:
         return stored.layers
-    return next((r.layers for r in installed(layout) if r.digest == stored.digest and r.layers), ())
+    for name, version in itertools.islice(refs.users(layout, stored.path), 8):
+        found = [r.layers for r in installed(layout, name) if r.version == version and r.digest == stored.digest]
+        if found and found[0]:
+            return found[0]
+    return ()
 
 
 def uninstall(config: Config, name: str, version: Optional[str] = None) -> list[Installed]:
@@ -147,6 +186,7 @@ def uninstall(config: Config, name: str, version: Optional[str] = None) -> list[
     records = find_installed(layout, name, version)
     for record in records:
         remove_module(layout, record, config)
+        refs.drop(layout, Path(record.sif), record.name, record.version)
     _drop_unused(config, [r.sif for r in records])
     views.prune(layout, config)
     return records
@@ -161,16 +201,14 @@ def after_change(config: Config) -> Optional[str]:
 
 
 def _drop_unused(config: Config, sifs: list[str]) -> None:
-    """Delete stored images no module uses, each under its digest lock (no pull is finishing)."""
+    """Delete stored images no module uses, each under its digest lock (no pull or install is
+    finishing). Whether one is used is read from its refs (shpc_lite.refs), not by listing every
+    installed module: O(1) in the tree size."""
     layout = config.layout
-
-    def in_use() -> list[str]:
-        return [r.sif for r in installed(layout)]
-
-    for path in unreferenced(layout, sifs, in_use):
-        digest = layout.image_digest(path)
-        with digest_lock(layout, digest, config["lock_lease"]):
-            if unreferenced(layout, [str(path)], in_use):
+    for path in refs.own_images(layout, sifs):
+        with digest_lock(layout, layout.image_digest(path), config["lock_lease"]):
+            if not refs.in_use(layout, path):
                 layout.remove(path)
+                refs.forget(layout, path)
 
 

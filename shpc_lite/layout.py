@@ -8,6 +8,8 @@ The tree::
     <root>/containers/<algo>-<hex>.sif               pulled images, by manifest digest
     <root>/containers/file-<algo>-<hex>.sif          images imported with --sif, by file digest
     <root>/containers/.locks/<algo>-<hex>.lock       per-digest pull locks
+    <root>/containers/.refs/<image stem>/<name>@<version>  which modules use a stored image
+    <root>/containers/.refs/.complete                  every record of the tree has its ref
     <root>/containers/.shpc-lite-tmp-<algo>-<hex>.*  scratch dirs of running (or killed) pulls
     <root>/cache/blobs/<algo>/<hex>/data             verified layer blobs (+ <hex>.lock)
     <root>/cache/apptainer, <root>/cache/lmod        Apptainer's cache, Lmod's spider cache
@@ -152,12 +154,16 @@ class Layout:
     def records(self, name: Optional[str] = None) -> Iterator[tuple[str, str, Path]]:
         """(name, version, record file) of every install record, found without following
         symlinks: a planted link to elsewhere is not an installed module."""
-        names = [component(name, "module name")] if name else _real_dirs(self.wrappers)
-        for module in names:
-            for version in _real_dirs(self.wrappers / module):
-                record = self.wrappers / module / version / RECORD
-                if _COMPONENT.fullmatch(module) and _COMPONENT.fullmatch(version) and _is_regular(record):
-                    yield module, version, record
+        # Joined as strings, one Path per record: on a 20,000-module tree building Paths for
+        # every step was most of what ``list`` spent.
+        wrappers = os.fspath(self.wrappers)
+        names = [component(name, "module name")] if name else _real_dirs(wrappers)
+        for module in filter(_COMPONENT.fullmatch, names):
+            versions = os.path.join(wrappers, module)
+            for version in filter(_COMPONENT.fullmatch, _real_dirs(versions)):
+                record = os.path.join(versions, version, RECORD)
+                if _is_regular(record):
+                    yield module, version, Path(record)
 
     # ----------------------------------------------------------------------------- views
     def view_dir(self, view: str) -> Path:
@@ -180,6 +186,30 @@ class Layout:
             return None
         stem = path.name[: -len(SIF_SUFFIX)]
         return _stem_digest(stem[len(IMPORTED_PREFIX):] if stem.startswith(IMPORTED_PREFIX) else stem)
+
+    @property
+    def refs(self) -> Path:
+        return self.containers / ".refs"
+
+    @property
+    def refs_complete(self) -> Path:
+        """Marker: every install record of the tree has its ref (a tree written before refs
+        existed gets them from one scan, after which no decision needs to list the tree)."""
+        return self.refs / ".complete"
+
+    def image_refs(self, image: Path) -> Optional[Path]:
+        """The directory of refs to an image of this store; None for a path that is not one
+        (an image of the central store, a foreign path): only our own images are collected."""
+        if self.image_digest(image) is None:
+            return None
+        return self.refs / Path(image).name[: -len(SIF_SUFFIX)]
+
+    def image_ref(self, image: Path, name: str, version: str) -> Optional[Path]:
+        """The entry saying module ``name/version`` uses ``image`` ('@' is never in a component)."""
+        directory = self.image_refs(image)
+        if directory is None:
+            return None
+        return directory / f"{component(name, 'module name')}@{component(version, 'version')}"
 
     def digest_lock(self, digest: str) -> Path:
         return self.digest_locks / f"{_digest_stem(digest)}.lock"
@@ -284,7 +314,7 @@ def component(value: str, what: str) -> str:
     return value
 
 
-def _real_dirs(directory: Path) -> list[str]:
+def _real_dirs(directory: Path | str) -> list[str]:
     """Names of the real (not symlinked) subdirectories of ``directory``, sorted."""
     try:
         with os.scandir(directory) as entries:
@@ -293,7 +323,7 @@ def _real_dirs(directory: Path) -> list[str]:
         return []
 
 
-def _is_regular(path: Path) -> bool:
+def _is_regular(path: Path | str) -> bool:
     try:
         return stat.S_ISREG(os.lstat(path).st_mode)
     except OSError:

@@ -18,7 +18,7 @@ import re
 import stat
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from shpc_lite.config import Config
 from shpc_lite.errors import SifError, StoreError
@@ -133,20 +133,6 @@ def import_sif(config: Config, source: Path) -> tuple[Path, bool]:
         layout.inside(dest)
         atomic_copy(source, dest, mode=config.file_mode, gid=gid)
         return dest, True
-
-
-def unreferenced(layout: Layout, candidates: Iterable[str], in_use: Callable[[], Iterable[str]]) -> list[Path]:
-    """Candidates that are images of this store no installed module uses any more.
-
-    Only a path exactly of the store's naming counts (a record's ``sif`` is not trusted to say
-    what to delete). ``in_use`` is only called when a candidate is left: listing every installed
-    module is the expensive part, and most installs have nothing to drop.
-    """
-    ours = [p for p in map(Path, candidates) if layout.image_digest(p) is not None and os.path.lexists(p)]
-    if not ours:
-        return []
-    used = {os.path.normpath(p) for p in in_use()}
-    return [p for p in ours if os.path.normpath(p) not in used]
 
 
 def clean_stale(layout: Layout, lease_seconds: float, older_than: float = STALE_SECONDS) -> list[Path]:

@@ -88,23 +88,34 @@ def add(layout: Layout, config: Config, view: str, name: str, version: Optional[
 
 
 def remove(layout: Layout, config: Config, view: str, name: str, version: Optional[str]) -> list[ViewEntry]:
-    directory = view_dir(layout, view)
     gone = [e for e in entries(layout, view) if e.name == name and version in (None, e.version)]
     if not gone:
         raise NotFoundError(f"{name}{':' + version if version else ''} is not in view {view!r}")
-    for entry in gone:
-        for system in MODULE_SYSTEMS.values():
-            layout.remove(layout.view_entry(view, entry.name, entry.version, system))
-    _write_default(layout, directory / name, name, config)
+    _drop_entries(layout, config, view, gone)
     return gone
 
 
+def _drop_entries(layout: Layout, config: Config, view: str, gone: list[ViewEntry]) -> None:
+    """Remove these entries of one view and rewrite the defaults of the names they were under."""
+    directory = view_dir(layout, view)
+    for entry in gone:
+        for system in MODULE_SYSTEMS.values():
+            layout.remove(layout.view_entry(view, entry.name, entry.version, system))
+    for name in sorted({e.name for e in gone}):
+        _write_default(layout, directory / name, name, config)
+
+
 def prune(layout: Layout, config: Config) -> None:
-    """Drop entries whose module was uninstalled (a dangling link would confuse module avail)."""
+    """Drop entries whose module was uninstalled (a dangling link would confuse module avail).
+
+    One pass over the entries of every view: O(view entries), not O(installed modules), so an
+    uninstall on a 20,000-module tree costs what the site's views hold (usually a few hundred
+    links; none without views). Entries use short names, so which ones point at the removed
+    module is only known by reading them."""
     for view in views(layout):
-        for entry in entries(layout, view):
-            if not os.path.exists(entry.target):
-                remove(layout, config, view, entry.name, entry.version)
+        dangling = [e for e in entries(layout, view) if not os.path.exists(e.target)]
+        if dangling:
+            _drop_entries(layout, config, view, dangling)
 
 
 def _write_default(layout: Layout, directory: Path, short: str, config: Config) -> None:
