@@ -9,7 +9,7 @@ export DEBIAN_FRONTEND=noninteractive
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends \
-    lmod tcl8.6 dash squashfs-tools siftool squashfuse docker-registry apache2-utils \
+    lmod lua5.3 tcl8.6 dash squashfs-tools siftool squashfuse docker-registry apache2-utils \
     skopeo umoci zstd slurm-wlm munge mpich charliecloud-runtime busybox-static libarchive-tools fuse3 podman \
     python3-venv ca-certificates >/dev/null
 # Environment Modules conflicts with lmod as a package: unpack it beside (run through tclsh).
