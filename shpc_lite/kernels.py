@@ -214,6 +214,6 @@ def kernel_for(wrapper_bin: Path, record: "Installed", kernel_name: Optional[str
                display_name: Optional[str]) -> Kernel:
     module = f"{record.name}/{record.version}"
     python = python_argv(wrapper_bin, record.name, record.commands)
-    return Kernel(check_name(kernel_name) if kernel_name else default_name(record.name, record.version),
+    return Kernel(check_name(kernel_name) if kernel_name is not None else default_name(record.name, record.version),
                   display_name if display_name is not None else default_display_name(module),
                   launcher_argv(python), module)

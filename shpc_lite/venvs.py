@@ -41,7 +41,7 @@ _NOT_COMMANDS = re.compile(r"\A(python[0-9.]*|activate.*|Activate\.ps1)\Z")
 
 def module_name(spec: Optional[str], base: "Installed") -> tuple[str, str]:
     """``--name NAME[/VERSION]`` (or ``NAME:VERSION``), defaulting to ``<name>-venv/<version>``."""
-    if not spec:
+    if spec is None:
         return Layout.venv_module(base.name), base.version
     name, _, version = spec.replace(":", "/").partition("/")
     return component(name, "module name"), component(version or base.version, "version")

@@ -9,8 +9,8 @@ busybox-static as /bin/sh (as tests/test_container_runs.py does). Optional extra
 and small files (an /etc/os-release naming the test image).
 
 Layers are plain tars (uncompressed: quicker to build and to push to the loopback registry).
-Build once per session: see ``python_images`` (a session fixture in tests/test_environments.py)
-and reuse it, e.g. for MPI images (add a layer with ``extra_layer``).
+Built once per session by the ``python_images`` fixture (registered in tests/conftest.py); other
+images (MPI) can reuse ``python_layer`` and add their own layers (``extra_layer``, ``pip_layer``).
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
+
+import pytest
 
 from tests import imagetools as it
 from tests.needs import missing
@@ -177,3 +179,30 @@ def extra_layer(work: Path, name: str, files: dict[str, str]) -> it.Layer:
 def python_image(layers: Sequence[it.Layer]) -> PythonImage:
     env = ["PATH=/usr/local/bin:/usr/bin:/bin", "LANG=C.UTF-8"]
     return PythonImage(it.make_image(list(layers), env=env))
+
+
+# ------------------------------------------------------------------------------ the fixture
+
+@dataclass(frozen=True)
+class PushedImages:
+    """The Python images in the session's test registry (tag 3.11 each)."""
+
+    ipykernel: str  # registry/repo of Python + ipykernel (and a package only in the image)
+    bare: str  # registry/repo of Python alone
+    os_release: str = OS_RELEASE
+
+
+IMAGE_PKG = "shpc_image_pkg"  # a package only in the images: importable from a venv's python
+
+
+@pytest.fixture(scope="session")
+def python_images(registry, tmp_path_factory) -> PushedImages:
+    """Build the layers once per session and push both images to the real test registry."""
+    work = tmp_path_factory.mktemp("pyimage")
+    base = python_layer(work)
+    own = extra_layer(work, "own", {f"{SITE_DIR}/{IMAGE_PKG}/__init__.py": 'WHERE = "only in the image"\n'})
+    ipk = pip_layer(work, ["ipykernel"], "ipykernel")
+    pusher = registry.pusher()
+    pusher.push_image("pytest/python-ipykernel", python_image([base, own, ipk]).image, tags=["3.11"])
+    pusher.push_image("pytest/python-bare", python_image([base, own]).image, tags=["3.11"])
+    return PushedImages(f"{registry.host}/pytest/python-ipykernel", f"{registry.host}/pytest/python-bare")
