@@ -227,29 +227,53 @@ def test_kernel_hostile_name_refused(site, tmp_path, name):
     assert not prefix.exists()
 
 
+# Run by the test's Python (which has jupyter_client) after `module load`, as a Jupyter started
+# from that shell (an Open OnDemand app's script) would: find the kernel, start it, run a cell.
+JUPYTER_ELSEWHERE = """
+import json
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import start_new_kernel
+
+specs = KernelSpecManager().find_kernel_specs()
+km, kc = start_new_kernel(kernel_name="pyk-3.11", startup_timeout=120)
+out = []
+hook = lambda msg: out.append(msg["content"].get("text", "")) if msg["msg_type"] == "stream" else None
+reply = kc.execute_interactive("print(open('/etc/os-release').readline().strip())", output_hook=hook, timeout=60)
+kc.stop_channels()
+km.shutdown_kernel()
+print(json.dumps({"specs": specs, "status": reply["content"]["status"], "out": "".join(out)}))
+"""
+
+
 @pytest.mark.parametrize("system", ["lmod", "tcl"])
 def test_jupyter_feature_puts_the_kernel_on_jupyter_path(site, system, tmp_path):
-    """``jupyter: true``: after `module load`, jupyter_client's KernelSpecManager finds the kernel."""
+    """``jupyter: true``: after `module load`, jupyter_client finds the module's kernel on
+    JUPYTER_PATH and runs it in the image."""
     need_system(system)
     root = site.root if system == "lmod" else tmp_path / "tcl-root"
     if system == "tcl":
         sif = next((site.root / "containers").glob("*.sif"))
         site.cli("--root", str(root), "--module-system", "tcl", "install", "pyk:3.11", "--sif", str(sif))
-    find = ("from jupyter_client.kernelspec import KernelSpecManager as M; import json; "
-            "print(json.dumps(M().find_kernel_specs()))")
+    (tmp_path / "elsewhere.py").write_text(JUPYTER_ELSEWHERE)
     proc = run_bash(system, f"""
         module use {root}/modules
         module load pyk
+        cd {tmp_path}
         echo "$JUPYTER_PATH"
-        {sys.executable} -c '{find}'
-        """, {**site.env, "JUPYTER_DATA_DIR": str(tmp_path / "nothing")}, timeout=120)
+        {sys.executable} elsewhere.py
+        """, {**site.env, "JUPYTER_DATA_DIR": str(tmp_path / "nothing"),
+              "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime")}, timeout=180)
     assert proc.returncode == 0, proc.stderr.decode()
-    jupyter_path, specs = proc.stdout.decode().splitlines()
+    jupyter_path, result = proc.stdout.decode().splitlines()[-2:]
     assert jupyter_path == str(root / "wrappers/pyk/3.11/jupyter")
-    specs = json.loads(specs)
-    assert specs["pyk-3.11"] == str(root / "wrappers/pyk/3.11/jupyter/kernels/pyk-3.11")
-    argv = json.loads(Path(specs["pyk-3.11"], "kernel.json").read_text())["argv"]
+    result = json.loads(result)
+    assert result["specs"]["pyk-3.11"] == str(root / "wrappers/pyk/3.11/jupyter/kernels/pyk-3.11")
+    argv = json.loads(Path(result["specs"]["pyk-3.11"], "kernel.json").read_text())["argv"]
     assert argv[0] == str(root / "wrappers/pyk/3.11/bin/python") and os.access(argv[0], os.X_OK)
+    assert (result["status"], result["out"]) == ("ok", 'PRETTY_NAME="shpc-lite python test image"\n')
+    unloaded = run_bash(system, f"module use {root}/modules\nmodule load pyk\nmodule unload pyk\n"
+                                'echo "[${JUPYTER_PATH:-}]"', site.env)
+    assert unloaded.stdout.decode().strip() == "[]"
 
 
 # ------------------------------------------------------------------------------ venvs
