@@ -332,9 +332,26 @@ def test_personal_venvs(site, tmp_path):
         status, lines, err = _session(site, alice, "module load pyk-venv\ncd /\nthattool")
         assert (status, lines) == (0, ["thattool ran from the wheel"]), err
 
-        # the base module reinstalled (central admin): the venv keeps working
+        # a venv module's kernel runs the venv's python in the image (ipykernel from the image)
+        kernel_prefix = tmp_path / "kernels"
+        site.cli("--user", "kernel", "install", "pyk-venv", "--prefix", str(kernel_prefix), env=alice)
+        kernel_argv = json.loads((kernel_prefix / "share/jupyter/kernels/pyk-venv-3.11/kernel.json").read_text())["argv"]
+        assert Path(kernel_argv[0]).read_text().count(f"{venv_a}/bin/python") == 1
+
+        # the base module reinstalled (central admin): the venv keeps working. A venv module in
+        # the same tree as its image holds the image: uninstalling the base module keeps the SIF.
+        venv_c = tmp_path / "venv-central"
+        site.cli("venv", "create", str(venv_c), "--module", "pyk")
+        sif = next((site.root / "containers").glob("*.sif"))
         site.cli("uninstall", "pyk:3.11")
+        assert sif.is_file()
+        central = subprocess.run([str(site.root / "wrappers/pyk-venv/3.11/bin/python"), "-c",
+                                  f"import sys, {IMAGE_PKG}; print(sys.prefix)"],
+                                 env=site.env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert (central.returncode, central.stdout) == (0, f"{venv_c}\n"), central.stderr
         site.cli("install", "pyk:3.11")
+        site.cli("venv", "remove", "pyk-venv", "--delete")
+        assert not venv_c.exists() and sif.is_file()  # the reinstalled base module still uses it
         status, lines, err = _session(site, alice, f'module load pyk-venv\ncd /\npython -c "{check}"')
         assert status == 0 and lines[1:3] == ["from the wheel", "only in the image"], err
 
