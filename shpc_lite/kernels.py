@@ -193,9 +193,14 @@ def check_ipykernel(python: Sequence[str], module: str) -> None:
                               stdin=subprocess.DEVNULL)
     except (OSError, subprocess.TimeoutExpired) as err:
         raise EnvError(f"{module}: cannot run the module's python to look for ipykernel: {err}") from None
-    if proc.returncode != 0:
+    if proc.returncode == 0:
+        return
+    if "No module named" in proc.stderr and "ipykernel" in proc.stderr:
         raise EnvError(f"{module}: the image has no ipykernel (python -c 'import ipykernel' failed in the "
                        f"container); use an image with ipykernel, or --no-check to write the kernel anyway")
+    last = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+    raise EnvError(f"{module}: could not run the module's python to look for ipykernel: {last} "
+                   f"(--no-check writes the kernel without running it)")
 
 
 def install_kernel(config: "Config", name: str, version: Optional[str], kernels: Path, *,

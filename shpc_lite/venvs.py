@@ -33,6 +33,7 @@ from shpc_lite.recipe import SAFE_NAME, Alias, generated_commands, recipe_index
 if TYPE_CHECKING:
     from shpc_lite.config import Config
     from shpc_lite.modules import Installed, ModuleSpec
+    from shpc_lite.recipe import Recipe
 
 DEFAULT_IMAGE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # In PATH/bin but not commands of their own: the interpreters (the python aliases) and activate*.
@@ -70,12 +71,12 @@ def entry_points(venv: Path) -> list[str]:
             and os.access(venv / "bin" / n, os.X_OK) and (venv / "bin" / n).is_file()]
 
 
-def venv_spec(config: "Config", base: "Installed", name: str, version: str, venv: Path) -> "ModuleSpec":
+def venv_spec(config: "Config", recipe: "Recipe", base: "Installed", name: str, version: str,
+              venv: Path) -> "ModuleSpec":
     """The venv module: the base module's spec, renamed, with the venv bound and active."""
     from shpc_lite.modules import make_spec
 
     layout = config.layout
-    recipe = recipe_index(config).get(base.name)
     spec = make_spec(recipe, base.version, base.tag, base.digest, Path(base.sif), layout, config)
     bindir = str(venv / "bin")
     aliases = {a.name: a for a in recipe.aliases}
@@ -103,9 +104,8 @@ def _marker(venv: Path) -> Optional[dict]:
     return data if isinstance(data, dict) else None
 
 
-def _base_python(config: "Config", base: "Installed") -> tuple[str, ...]:
+def _base_python(recipe: "Recipe") -> tuple[str, ...]:
     """The base module's Python inside the container: its ``python`` alias's argv, else python3."""
-    recipe = recipe_index(config).get(base.name)
     for alias in recipe.aliases:
         if alias.name == "python":
             return alias.argv
@@ -133,17 +133,18 @@ def create(config: "Config", path: str, name: str, version: Optional[str],
         raise EnvError(f"{venv} exists and is not a venv shpc-lite created: give a new or empty directory")
     if not _hold(config, Path(base.sif), vname, vversion):
         raise EnvError(f"{base.name}/{base.version}: its image {base.sif} is gone; reinstall the module")
-    spec = venv_spec(config, base, vname, vversion, venv)
+    recipe = recipe_index(config).get(base.name)
+    spec = venv_spec(config, recipe, base, vname, vversion, venv)
     made = not venv.exists()
     try:
         record = write_module(spec, layout, config)
         if not ours:
             venv.mkdir(parents=True, exist_ok=True)
-            _make_venv(layout, spec, _base_python(config, base), venv)
+            _make_venv(layout, spec, _base_python(recipe), venv)
             atomic_write(venv_marker(venv), json.dumps(
                 {"created_by": "shpc-lite", "module": spec.module, "root": str(layout.root), "base": spec.base},
                 indent=1) + "\n")
-            spec = venv_spec(config, base, vname, vversion, venv)  # now with the venv's console scripts
+            spec = venv_spec(config, recipe, base, vname, vversion, venv)  # now with the venv's console scripts
             record = write_module(spec, layout, config)
     except BaseException:
         if previous is None:
@@ -156,6 +157,12 @@ def create(config: "Config", path: str, name: str, version: Optional[str],
             refs.drop(layout, Path(base.sif), vname, vversion)
         if made:
             shutil.rmtree(venv, ignore_errors=True)
+        elif not ours:  # it was empty: what is in it now is ours
+            for child in venv.iterdir():
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
         raise
     if previous is not None and previous.sif != base.sif:
         from shpc_lite import refs

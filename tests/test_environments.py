@@ -213,6 +213,12 @@ def test_kernel_refused_without_ipykernel(site, tmp_path):
     assert proc.stderr.splitlines() == [proc.stderr.strip()] and "has no ipykernel" in proc.stderr
     assert "pybare/3.11" in proc.stderr
     assert not prefix.exists()
+    # a container that cannot start is not reported as a missing ipykernel
+    broken = site.cli("kernel", "install", "pyk:3.11", "--prefix", str(prefix), check=False,
+                      env={"SHPC_LITE_RUNTIME_OPTS": "--no-such-option"})
+    assert broken.returncode != 0 and len(broken.stderr.strip().splitlines()) == 1
+    assert "could not run the module's python" in broken.stderr and "ipykernel" in broken.stderr
+    assert not prefix.exists()
     forced = site.cli("kernel", "install", "pybare:3.11", "--prefix", str(prefix), "--no-check")
     argv = json.loads((prefix / "share/jupyter/kernels/pybare-3.11/kernel.json").read_text())["argv"]
     assert argv[:2] == [str(site.root / "wrappers/pybare/3.11/bin/pybare-exec"), "python3"], forced.stdout

@@ -24,7 +24,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, config) -> int:
     import json
-    from dataclasses import asdict
 
     from shpc_lite import venvs
     from shpc_lite.install import after_change
