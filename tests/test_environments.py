@@ -310,7 +310,10 @@ def _session(site: Site, env: dict, script: str) -> tuple[int, list[str], str]:
 def test_personal_venvs(site, tmp_path):
     """venv create (user A, under /home: bound into the container), pip install of a local wheel
     through the venv module, imports of it and of an image-only package, a console script after
-    a refresh, survival of the base module's reinstall, and user B's venv independent of A's."""
+    a refresh, survival of the base module's reinstall, and user B's venv independent of A's.
+
+    The two users are two HOMEs (two --user trees) of one uid: a real second uid cannot mount
+    here (squashfuse needs /dev/fuse, which is 0600 root on the test machines)."""
     wheels = tmp_path / "wheels"
     make_wheel(wheels)
     home_base = Path(tempfile.mkdtemp(prefix="shpc-lite-venvs-", dir="/home"))
@@ -399,4 +402,16 @@ def test_venv_create_refuses_a_foreign_directory(site, tmp_path):
     assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1
     assert "not a venv shpc-lite created" in proc.stderr
     assert sorted(p.name for p in target.iterdir()) == ["data.txt"]
+    assert not (Path(env["XDG_DATA_HOME"]) / "shpc-lite/modules").exists()
+
+
+@pytest.mark.parametrize("args", [("--name", "../evil"), ("--name", "a/b/c"), ("--name", "x\ny"),
+                                  ("--module", "pyk:../3.11"), ("--module", "no-such-module")])
+def test_venv_create_hostile_names_refused(site, tmp_path, args):
+    env = site.user_env("dave")
+    argv = ["--user", "venv", "create", str(tmp_path / "v"), *(("--module", "pyk") if args[0] == "--name" else ()),
+            *args]
+    proc = site.cli(*argv, env=env, check=False)
+    assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "v").exists()
     assert not (Path(env["XDG_DATA_HOME"]) / "shpc-lite/modules").exists()
