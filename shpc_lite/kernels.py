@@ -31,7 +31,7 @@ from shpc_lite.layout import KERNELS, kernel_dir
 
 if TYPE_CHECKING:
     from shpc_lite.config import Config
-    from shpc_lite.modules import Installed, ModuleSpec
+    from shpc_lite.modules import ModuleSpec
 
 # jupyter_client accepts [a-z0-9._-] (it folds case); we ask for lower case and a plain first
 # character, so the name is also one safe path component.
@@ -91,11 +91,18 @@ def launcher_argv(python: Sequence[str]) -> tuple[str, ...]:
     return (*python, "-m", "ipykernel_launcher", "-f", "{connection_file}")
 
 
+def make_kernel(wrapper_bin: Path, name: str, version: str, commands: Sequence[str],
+                kernel_name: Optional[str] = None, display_name: Optional[str] = None) -> Kernel:
+    """The kernelspec of installed module ``name/version`` (its wrappers in ``wrapper_bin``)."""
+    module = f"{name}/{version}"
+    return Kernel(check_name(kernel_name) if kernel_name is not None else default_name(name, version),
+                  display_name if display_name is not None else default_display_name(module),
+                  launcher_argv(python_argv(wrapper_bin, name, commands)), module)
+
+
 def module_kernel(spec: "ModuleSpec") -> Kernel:
     """The kernelspec a ``jupyter: true`` module carries (written with its wrappers)."""
-    python = python_argv(Path(spec.wrapper_dir), spec.name, spec.commands)
-    return Kernel(default_name(spec.name, spec.version), default_display_name(spec.module),
-                  launcher_argv(python), spec.module)
+    return make_kernel(Path(spec.wrapper_dir), spec.name, spec.version, spec.commands)
 
 
 # ------------------------------------------------------------------------------ where they go
@@ -206,19 +213,13 @@ def check_ipykernel(python: Sequence[str], module: str) -> None:
 def install_kernel(config: "Config", name: str, version: Optional[str], kernels: Path, *,
                    kernel_name: Optional[str] = None, display_name: Optional[str] = None,
                    check: bool = True) -> tuple[Kernel, Path]:
+    """``kernel install``: the kernelspec of an installed module (this tree's, else the central
+    one's), after running the container once to see that the image has ipykernel."""
     from shpc_lite.modules import locate
 
     layout, record = locate(config, name, version)
-    kernel = kernel_for(layout.wrapper_bin(record.name, record.version), record, kernel_name, display_name)
+    wrapper_bin = layout.wrapper_bin(record.name, record.version)
+    kernel = make_kernel(wrapper_bin, record.name, record.version, record.commands, kernel_name, display_name)
     if check:
-        check_ipykernel(kernel.argv[:-4], kernel.module)
+        check_ipykernel(python_argv(wrapper_bin, record.name, record.commands), kernel.module)
     return kernel, write_kernelspec(kernels, kernel)
-
-
-def kernel_for(wrapper_bin: Path, record: "Installed", kernel_name: Optional[str],
-               display_name: Optional[str]) -> Kernel:
-    module = f"{record.name}/{record.version}"
-    python = python_argv(wrapper_bin, record.name, record.commands)
-    return Kernel(check_name(kernel_name) if kernel_name is not None else default_name(record.name, record.version),
-                  display_name if display_name is not None else default_display_name(module),
-                  launcher_argv(python), module)

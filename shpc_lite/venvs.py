@@ -114,7 +114,8 @@ def _base_python(recipe: "Recipe") -> tuple[str, ...]:
 
 def create(config: "Config", path: str, name: str, version: Optional[str],
            module: Optional[str] = None) -> "Installed":
-    from shpc_lite.install import _drop_unused, _hold
+    from shpc_lite import refs
+    from shpc_lite.install import drop_unused, hold_image
     from shpc_lite.modules import find_installed, locate, remove_module, write_module
 
     layout = config.layout
@@ -131,7 +132,7 @@ def create(config: "Config", path: str, name: str, version: Optional[str],
     ours = _marker(venv) is not None
     if not ours and venv.exists() and (not venv.is_dir() or any(venv.iterdir())):
         raise EnvError(f"{venv} exists and is not a venv shpc-lite created: give a new or empty directory")
-    if not _hold(config, Path(base.sif), vname, vversion):
+    if not hold_image(config, Path(base.sif), vname, vversion):
         raise EnvError(f"{base.name}/{base.version}: its image {base.sif} is gone; reinstall the module")
     recipe = recipe_index(config).get(base.name)
     spec = venv_spec(config, recipe, base, vname, vversion, venv)
@@ -152,8 +153,6 @@ def create(config: "Config", path: str, name: str, version: Optional[str],
                 remove_module(layout, find_installed(layout, vname, vversion)[0], config)
             except NotFoundError:
                 pass
-            from shpc_lite import refs
-
             refs.drop(layout, Path(base.sif), vname, vversion)
         if made:
             shutil.rmtree(venv, ignore_errors=True)
@@ -165,10 +164,8 @@ def create(config: "Config", path: str, name: str, version: Optional[str],
                     child.unlink()
         raise
     if previous is not None and previous.sif != base.sif:
-        from shpc_lite import refs
-
         refs.drop(layout, Path(previous.sif), vname, vversion)
-        _drop_unused(config, [previous.sif])
+        drop_unused(config, [previous.sif])
     return record
 
 
@@ -198,7 +195,7 @@ def remove(config: "Config", name: str, version: Optional[str], delete: bool = F
     """Remove venv modules; with ``delete`` also their venvs, each only if its marker says this
     tree's module made it (checked for all before anything is removed)."""
     from shpc_lite import refs
-    from shpc_lite.install import _drop_unused
+    from shpc_lite.install import drop_unused
     from shpc_lite.modules import find_installed, remove_module
 
     layout = config.layout
@@ -218,5 +215,5 @@ def remove(config: "Config", name: str, version: Optional[str], delete: bool = F
         refs.drop(layout, Path(record.sif), record.name, record.version)
         if delete:
             shutil.rmtree(record.venv)
-    _drop_unused(config, [r.sif for r in records])
+    drop_unused(config, [r.sif for r in records])
     return records
