@@ -347,11 +347,19 @@ def test_personal_venvs(site, tmp_path):
         kernel_argv = json.loads((kernel_prefix / "share/jupyter/kernels/pyk-venv-3.11/kernel.json").read_text())["argv"]
         assert Path(kernel_argv[0]).read_text().count(f"{venv_a}/bin/python") == 1
 
-        # the base module reinstalled (central admin): the venv keeps working. A venv module in
-        # the same tree as its image holds the image: uninstalling the base module keeps the SIF.
+        # the base module reinstalled by the admin (its image removed, then pulled again): the
+        # venv lives outside the container and keeps working
+        sif = next((site.root / "containers").glob("*.sif"))
+        site.cli("uninstall", "pyk:3.11")
+        assert not sif.exists()
+        site.cli("install", "pyk:3.11")
+        status, lines, err = _session(site, alice, f'module load pyk-venv\ncd /\npython -c "{check}"')
+        assert status == 0 and lines[1:3] == ["from the wheel", "only in the image"], err
+
+        # a venv module in the same tree as its image holds the image: uninstalling the base
+        # module keeps the SIF, and the venv module runs meanwhile
         venv_c = tmp_path / "venv-central"
         site.cli("venv", "create", str(venv_c), "--module", "pyk")
-        sif = next((site.root / "containers").glob("*.sif"))
         site.cli("uninstall", "pyk:3.11")
         assert sif.is_file()
         central = subprocess.run([str(site.root / "wrappers/pyk-venv/3.11/bin/python"), "-c",
@@ -361,8 +369,6 @@ def test_personal_venvs(site, tmp_path):
         site.cli("install", "pyk:3.11")
         site.cli("venv", "remove", "pyk-venv", "--delete")
         assert not venv_c.exists() and sif.is_file()  # the reinstalled base module still uses it
-        status, lines, err = _session(site, alice, f'module load pyk-venv\ncd /\npython -c "{check}"')
-        assert status == 0 and lines[1:3] == ["from the wheel", "only in the image"], err
 
         # user B: their own venv and module, nothing of A's
         venv_b = tmp_path / "venv-b"
