@@ -360,6 +360,10 @@ def test_personal_venvs(site, tmp_path):
         # module keeps the SIF, and the venv module runs meanwhile
         venv_c = tmp_path / "venv-central"
         site.cli("venv", "create", str(venv_c), "--module", "pyk")
+        manifest = tmp_path / "site.yaml"  # the site's stack: a user's venv module is not its to remove
+        manifest.write_text("modules:\n  - pyk:3.11\n  - pybare:3.11\n")
+        plan = json.loads(site.cli("batch", "sync", str(manifest), "--dry-run", "--json").stdout)
+        assert "pyk-venv/3.11" not in {r["module"] for r in plan}, plan
         site.cli("uninstall", "pyk:3.11")
         assert sif.is_file()
         central = subprocess.run([str(site.root / "wrappers/pyk-venv/3.11/bin/python"), "-c",
