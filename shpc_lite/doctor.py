@@ -105,6 +105,8 @@ def check_charliecloud() -> list[Finding]:
         _tool("fusermount3", "the last call unmounts the image with it",
               "apt-get install fuse3 (or dnf install fuse3)", "fusermount"),
         _tool("flock", "calls share one mount per node under a lock", "install util-linux"),
+        _tool("setsid", "the reaper that unmounts after the last call runs in its own session",
+              "install util-linux"),
     ]
     if FUSE_DEVICE.exists() and os.access(FUSE_DEVICE, os.R_OK | os.W_OK):
         found.append(Finding("ok", "fuse device", f"{FUSE_DEVICE} is usable"))

@@ -54,5 +54,9 @@ class ResolveError(ShpcLiteError):
     """Versions could not be chosen or the lock file is invalid."""
 
 
+class EnvError(ShpcLiteError):
+    """A Jupyter kernel or a personal venv could not be made, listed or removed."""
+
+
 class SiteError(ShpcLiteError):
     """A site manifest, batch run, view or Slurm submission failed."""

@@ -28,7 +28,7 @@ def install_sif(config: Config, name: str, version: str, sif: Path) -> Installed
     previous = [r.sif for r in installed(layout, name) if r.version == version]
     stored, created = import_sif(config, sif)
     try:
-        if not _hold(config, stored, name, version):
+        if not hold_image(config, stored, name, version):
             stored, _ = import_sif(config, sif)  # a concurrent uninstall dropped it: store it again
         spec = make_spec(recipe, version, pin.tag, pin.digest or "", stored, layout, config,
                          packages=image_packages(stored))
@@ -121,7 +121,7 @@ def _install_stored(config: Config, recipe: Recipe, version: str, tag: str,
     previous = [r.sif for r in installed(layout, recipe.name) if r.version == version]
     stored = store(None)
     try:
-        if not _hold(config, stored.path, recipe.name, version):
+        if not hold_image(config, stored.path, recipe.name, version):
             store(stored.digest)  # a concurrent uninstall dropped it before our module used it
         spec = make_spec(recipe, version, tag, stored.digest, stored.path, layout, config,
                          packages=image_packages(stored.path), layers=_layers_of(layout, stored))
@@ -134,7 +134,7 @@ def _install_stored(config: Config, recipe: Recipe, version: str, tag: str,
     return record
 
 
-def _hold(config: Config, image: Path, name: str, version: str) -> bool:
+def hold_image(config: Config, image: Path, name: str, version: str) -> bool:
     """Add the ref name/version -> image before the module is written, under the image's digest
     lock (what a deleter holds while it decides): returns whether the image is still there, so
     a concurrent uninstall either sees our ref or has already dropped the image, never neither."""
@@ -148,13 +148,13 @@ def _hold(config: Config, image: Path, name: str, version: str) -> bool:
 
 
 def _release(config: Config, image: Path, name: str, version: str, previous: list[str], created: bool) -> None:
-    """Undo ``_hold`` after a failed install: the ref goes unless the version's old module,
+    """Undo ``hold_image`` after a failed install: the ref goes unless the version's old module,
     still in place, uses the same image; the image goes if this install created it and no
     module uses it."""
     if str(image) not in previous:
         refs.drop(config.layout, image, name, version)
     if created:
-        _drop_unused(config, [str(image)])
+        drop_unused(config, [str(image)])
 
 
 def _replaced(config: Config, name: str, version: str, previous: list[str], image: Path) -> None:
@@ -162,7 +162,7 @@ def _replaced(config: Config, name: str, version: str, previous: list[str], imag
     old = [sif for sif in previous if sif != str(image)]
     for sif in old:
         refs.drop(config.layout, Path(sif), name, version)
-    _drop_unused(config, old)
+    drop_unused(config, old)
 
 
 def _layers_of(layout, stored: StoredImage) -> tuple[str, ...]:
@@ -187,7 +187,7 @@ def uninstall(config: Config, name: str, version: Optional[str] = None) -> list[
     for record in records:
         remove_module(layout, record, config)
         refs.drop(layout, Path(record.sif), record.name, record.version)
-    _drop_unused(config, [r.sif for r in records])
+    drop_unused(config, [r.sif for r in records])
     views.prune(layout, config)
     return records
 
@@ -200,7 +200,7 @@ def after_change(config: Config) -> Optional[str]:
     return f"spider cache refreshed; users need: {line}" if line else None
 
 
-def _drop_unused(config: Config, sifs: list[str]) -> None:
+def drop_unused(config: Config, sifs: list[str]) -> None:
     """Delete stored images no module uses, each under its digest lock (no pull or install is
     finishing). Whether one is used is read from its refs (shpc_lite.refs), not by listing every
     installed module: O(1) in the tree size."""

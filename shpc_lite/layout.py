@@ -4,7 +4,10 @@ The tree::
 
     <root>/modules/<name>/<version>[.lua]          modulefiles (+ .modulerc[.lua] per name)
     <root>/wrappers/<name>/<version>/bin/<cmd>       wrapper scripts, outside MODULEPATH
-    <root>/wrappers/<name>/<version>/install.json    the install record
+    <root>/wrappers/<name>/<version>/install.json    the install record (a venv module's names its venv)
+    <root>/wrappers/<name>/<version>/jupyter/kernels/<kernel>/kernel.json
+                                                     a recipe's kernelspec (``jupyter: true``),
+                                                     the dir on the module's JUPYTER_PATH
     <root>/containers/<algo>-<hex>.sif               pulled images, by manifest digest
     <root>/containers/file-<algo>-<hex>.sif          images imported with --sif, by file digest
     <root>/containers/.locks/<algo>-<hex>.lock       per-digest pull locks
@@ -45,6 +48,11 @@ _COMPONENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 IMPORTED_PREFIX = "file-"
 SIF_SUFFIX = ".sif"
 RECORD = "install.json"
+# Written into a venv shpc-lite created (outside the root, wherever the user asked): only a
+# directory holding it may be deleted by ``venv remove --delete``.
+VENV_MARKER = ".shpc-lite-venv.json"
+VENV_SUFFIX = "-venv"  # <name>-venv/<version>: a venv module's default name
+KERNELS = "kernels"  # Jupyter's kernelspec dir below every entry of its data path
 
 
 def valid_digest(digest: str) -> bool:
@@ -147,6 +155,15 @@ class Layout:
 
     def wrapper_bin(self, name: str, version: str) -> Path:
         return self.version_dir(name, version) / "bin"
+
+    def jupyter_dir(self, name: str, version: str) -> Path:
+        """The module's entry for ``JUPYTER_PATH`` (its kernelspec is in ``kernels/`` below)."""
+        return self.version_dir(name, version) / "jupyter"
+
+    @staticmethod
+    def venv_module(name: str) -> str:
+        """The default module name of a venv made from module ``name``."""
+        return component(name + VENV_SUFFIX, "module name")
 
     def record(self, name: str, version: str) -> Path:
         return self.version_dir(name, version) / RECORD
@@ -305,6 +322,16 @@ class Layout:
             except OSError:
                 return
             path = path.parent
+
+
+def kernel_dir(kernels: Path, kernel: str) -> Path:
+    """One kernelspec's directory below a Jupyter ``kernels`` dir (any root: the user's Jupyter
+    data dir, a --prefix, a module's jupyter dir)."""
+    return Path(kernels) / component(kernel, "kernel name")
+
+
+def venv_marker(venv: Path) -> Path:
+    return Path(venv) / VENV_MARKER
 
 
 def component(value: str, what: str) -> str:

@@ -21,7 +21,7 @@ from typing import Any, Optional
 from shpc_lite.config import Config
 from shpc_lite.errors import ConfigError, NotFoundError
 from shpc_lite.fsutil import TMP_PREFIX, atomic_write
-from shpc_lite.layout import Layout
+from shpc_lite.layout import KERNELS, Layout
 from shpc_lite.module_systems import MODULE_SYSTEMS, ModuleSystem
 from shpc_lite.packages import Package
 from shpc_lite.recipe import GENERATED, Alias, Recipe
@@ -79,6 +79,14 @@ class ModuleSpec:
     # The image's layer digests, lowest first (when the pull knew them): discover finds a
     # module's base among the installed modules by this prefix.
     layers: tuple[str, ...] = ()
+    # Host paths seen at the same path inside the container (a venv): each kind binds them its way.
+    host_paths: tuple[str, ...] = ()
+    # ``jupyter: true``: the JUPYTER_PATH entry the modulefile prepends (its kernelspec is written
+    # with the wrappers); empty for other modules.
+    jupyter_path: str = ""
+    # A venv module: the venv's path and the module (name/version) it was made from.
+    venv: str = ""
+    base: str = ""
 
     @property
     def module(self) -> str:
@@ -110,7 +118,7 @@ class ModuleSpec:
     def runtime_options(self) -> tuple[str, ...]:
         """Options every wrapper passes, before the per-alias ones; GPU flags are added at run time."""
         opts: list[str] = []
-        for path in self.bind:
+        for path in self.bind + self.host_paths:
             opts += ["-B", path]
         if self.home is False:
             opts.append("--no-home")
@@ -197,6 +205,7 @@ def make_spec(
         keywords=recipe.keywords,
         package_cap=config["package_cap"],
         layers=layers,
+        jupyter_path=str(layout.jupyter_dir(recipe.name, version)) if recipe.features.jupyter else "",
     )
 
 
@@ -258,6 +267,8 @@ class Installed:
     default: bool = False  # chosen as the default by the site (else the newest is)
     packages: tuple[str, ...] = ()  # ``name/version`` found in the image (all, not only the capped)
     layers: tuple[str, ...] = ()  # layer digests, lowest first (empty when the pull did not know them)
+    venv: str = ""  # a venv module: the venv's path (shpc_lite.venvs)
+    base: str = ""  # a venv module: the module it was made from (name/version)
 
     @classmethod
     def from_json(cls, text: str) -> "Installed":
@@ -312,6 +323,8 @@ def write_module(spec: ModuleSpec, layout: Layout, config: Config, default: bool
         default=default,
         packages=tuple(p.spec for p in spec.packages),
         layers=spec.layers,
+        venv=spec.venv,
+        base=spec.base,
     )
     old = None
     try:
@@ -321,6 +334,13 @@ def write_module(spec: ModuleSpec, layout: Layout, config: Config, default: bool
             (bindir / wrapper.name).write_text(render_wrapper(spec, wrapper), encoding="utf-8")
             os.chmod(bindir / wrapper.name, 0o755)
         (stage / layout.record(spec.name, spec.version).name).write_text(_record_json(record))
+        if spec.jupyter_path:
+            from shpc_lite.kernels import module_kernel, write_kernelspec
+
+            kernel = module_kernel(spec)
+            kernels = stage / Path(spec.jupyter_path).relative_to(final) / KERNELS
+            kernels.mkdir(parents=True)
+            write_kernelspec(kernels, kernel)
         os.chmod(stage, 0o755)
         if os.path.lexists(final):
             old = final.parent / f"{TMP_PREFIX}old-{spec.version}-{os.getpid()}"
@@ -379,6 +399,19 @@ def write_defaults(layout: Layout, name: str, config: Config) -> None:
         return
     layout.make_dir(rc.parent)
     atomic_write(rc, render(layout.system.rc_template, name=name, default=default, gpu_versions=gpu_versions))
+
+
+def locate(config: Config, name: str, version: Optional[str] = None) -> tuple[Layout, Installed]:
+    """An installed module (its newest version unless one is named) in this tree, else in the
+    central tree a user's tree reuses: what ``kernel install`` and ``venv create`` start from."""
+    error = None
+    for layout in filter(None, (config.layout, config.central_layout)):
+        try:
+            return layout, find_installed(layout, name, version)[-1]
+        except NotFoundError as err:
+            error = error or err
+    assert error is not None
+    raise error
 
 
 def find_installed(layout: Layout, name: str, version: Optional[str] = None) -> list[Installed]:

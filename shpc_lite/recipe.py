@@ -37,6 +37,7 @@ class Features:
     gpu: str = "none"  # nvidia | amd | none
     x11: bool = False
     home: bool | str = True  # True: runtime default, False: --no-home, str: --home PATH
+    jupyter: bool = False  # the module carries a kernelspec and puts it on JUPYTER_PATH
 
 
 @dataclass(frozen=True)

@@ -260,8 +260,8 @@ def unlisted(config: Config, entries: list[Entry], the_plan: Plan) -> list:
 
     wanted = {(t.name, t.version) for t in the_plan.tasks}
     failed_names = {o.label.split(":")[0] for o in the_plan.errors}
-    return [r for r in installed(config.layout)
-            if (r.name, r.version) not in wanted and r.name not in failed_names]
+    return [r for r in installed(config.layout)  # a venv module is its user's, not the manifest's
+            if (r.name, r.version) not in wanted and r.name not in failed_names and not r.venv]
 
 
 def summary_table(outcomes: list[Outcome]) -> str:

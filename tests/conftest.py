@@ -14,6 +14,7 @@ import pytest
 pytest_plugins = [
     "tests.registry_fixture",
     "tests.slurm_fixture",
+    "tests.pyimage",
 ]
 
 HERE = Path(__file__).resolve().parent

@@ -38,7 +38,7 @@ def test_charliecloud_without_its_tools(site, tmp_path):
     assert found["runtime kind"]["level"] == "ok" and found["runtime kind"]["detail"].startswith("charliecloud")
     assert found["runtime"]["level"] == "error" and "charliecloud-runtime" in found["runtime"]["fix"]
     for tool, fix in (("squashfuse", "apt-get install squashfuse"), ("fusermount3", "apt-get install fuse3"),
-                      ("flock", "util-linux")):
+                      ("flock", "util-linux"), ("setsid", "util-linux")):
         assert found[tool]["level"] == "error" and fix in found[tool]["fix"], found[tool]
     assert "fusermount3 or fusermount" in found["fusermount3"]["detail"]
 
@@ -46,9 +46,9 @@ def test_charliecloud_without_its_tools(site, tmp_path):
 @requires(all(shutil.which(t) for t in ("ch-run", "squashfuse", "fusermount3", "flock")),
           reason="Charliecloud, squashfuse, fuse3 or flock not installed (scripts/test.sh installs them)")
 def test_charliecloud_with_its_tools(site, tmp_path):
-    tools = {t: shutil.which(t) for t in ("ch-run", "squashfuse", "fusermount3", "flock")}
+    tools = {t: shutil.which(t) for t in ("ch-run", "squashfuse", "fusermount3", "flock", "setsid")}
     found = _findings(site, _bin(tmp_path, "full", **tools), "--runtime-kind", "charliecloud", "--runtime", "ch-run")
-    for check in ("runtime", "squashfuse", "fusermount3", "flock"):
+    for check in ("runtime", "squashfuse", "fusermount3", "flock", "setsid"):
         assert found[check]["level"] == "ok", found[check]
     assert found["fuse device"]["level"] == ("ok" if os.access("/dev/fuse", os.R_OK | os.W_OK) else "error")
     assert found["user namespaces"]["check"] == "user namespaces"

@@ -26,6 +26,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "resolve": ("resolve", "choose versions from registry tags and record tag + digest in the lock file"),
     "check": ("check", "compare installed and locked digests with the registry; report newer versions"),
     "import-shpc": ("import_shpc", "convert Singularity Registry HPC (shpc) container.yaml recipes"),
+    "kernel": ("kernel", "Jupyter kernels that run an installed module's Python in its container"),
+    "venv": ("venv", "personal venvs on the host run with a module's container Python, each with its module"),
     "clean": ("clean", "remove the layer blob cache (pulls run again from the registry); modules keep working"),
 }
 
