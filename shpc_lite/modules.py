@@ -79,6 +79,9 @@ class ModuleSpec:
     # The image's layer digests, lowest first (when the pull knew them): discover finds a
     # module's base among the installed modules by this prefix.
     layers: tuple[str, ...] = ()
+    # mpi: host: config mpi_binds are in ``bind`` and mpi_env in ``env`` already; kinds that do not
+    # pass the caller's environment and file descriptors on (podman) pass PMI's on as well.
+    mpi: bool = False
 
     @property
     def module(self) -> str:
@@ -154,8 +157,16 @@ def make_spec(
     recipe: Recipe, version: str, tag: str, digest: str, sif: Path, layout: Layout, config: Config,
     packages: tuple[Package, ...] = (), layers: tuple[str, ...] = (),
 ) -> ModuleSpec:
+    from shpc_lite import mpi
+
     kind = runtime_kind(config)
+    host_mpi = mpi.mode(recipe.features.mpi, config) == mpi.HOST
     binds = tuple(config["bind_paths"]) + recipe.bind
+    env = recipe.env
+    if host_mpi:
+        # The site's knowledge of its MPI wins over the recipe's env of the same name.
+        binds += tuple(config["mpi_binds"])
+        env = tuple((k, v) for k, v in env if k not in config["mpi_env"]) + tuple(sorted(config["mpi_env"].items()))
     if not kind.read_only_binds:
         for path in binds:
             if path.endswith(":ro"):
@@ -185,7 +196,7 @@ def make_spec(
         gpu=recipe.features.gpu,
         gpu_mode=config["gpu"],
         bind=binds,
-        env=recipe.env,
+        env=env,
         home=recipe.features.home,
         x11=recipe.features.x11,
         aliases=recipe.aliases,
@@ -197,6 +208,7 @@ def make_spec(
         keywords=recipe.keywords,
         package_cap=config["package_cap"],
         layers=layers,
+        mpi=host_mpi,
     )
 
 
@@ -258,6 +270,7 @@ class Installed:
     default: bool = False  # chosen as the default by the site (else the newest is)
     packages: tuple[str, ...] = ()  # ``name/version`` found in the image (all, not only the capped)
     layers: tuple[str, ...] = ()  # layer digests, lowest first (empty when the pull did not know them)
+    mpi: str = "none"  # host: the wrappers bind the host's MPI (doctor checks it against the image)
 
     @classmethod
     def from_json(cls, text: str) -> "Installed":
@@ -312,6 +325,7 @@ def write_module(spec: ModuleSpec, layout: Layout, config: Config, default: bool
         default=default,
         packages=tuple(p.spec for p in spec.packages),
         layers=spec.layers,
+        mpi="host" if spec.mpi else "none",
     )
     old = None
     try:

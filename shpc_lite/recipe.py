@@ -37,6 +37,7 @@ class Features:
     gpu: str = "none"  # nvidia | amd | none
     x11: bool = False
     home: bool | str = True  # True: runtime default, False: --no-home, str: --home PATH
+    mpi: Optional[str] = None  # host: bind the host's MPI (config mpi_binds/mpi_env); None: config ``mpi``
 
 
 @dataclass(frozen=True)
