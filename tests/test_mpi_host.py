@@ -207,6 +207,7 @@ def test_mpirun_two_ranks_use_the_hosts_mpich(world, system):
         cd "$WORK"
         module use "$ROOT/modules"
         module load mpihello
+        module help mpihello 2>&1 | grep -o "the host's MPI library is used"
         mpirun -np 2 hello
         module purge
         module load plainhello
@@ -216,6 +217,8 @@ def test_mpirun_two_ranks_use_the_hosts_mpich(world, system):
     out = proc.stdout.decode()
     assert proc.returncode == 0, out + proc.stderr.decode()
     host, _, image = out.partition("---\n")
+    said, _, host = host.partition("\n")
+    assert said == "the host's MPI library is used"  # module help says so
     assert _ranks(host) == ["0", "1"]
     # the image's own library: each process alone (rank 0 of 1), loaded from the image's path
     assert image.splitlines() == [f"rank 0 of 1, sum of ranks 0, libmpi {LIBDIR}/libmpich.so.12, image stub"] * 2

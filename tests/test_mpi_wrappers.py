@@ -168,6 +168,8 @@ def test_recipe_setting_wins_over_the_site_default(site, small_sif, config_mpi, 
     assert env["APPTAINERENV_HOSTILE"] == (HOSTILE_VALUE if bound else "from the recipe")
     record = json.loads((site.root / "wrappers/tiny/1.0/install.json").read_text())
     assert record["mpi"] == ("host" if bound else "none")
+    help_line = "MPI: the host's MPI library is used"
+    assert (help_line in (site.root / "modules/tiny/1.0.lua").read_text()) is bound
 
 
 def test_bad_mpi_settings_are_one_line(site, small_sif):
