@@ -28,6 +28,7 @@ RECORDER = """#!/bin/sh
 rec=${SHPC_LITE_TEST_RECORD:?}
 printf '%s\\0' "$@" > "$rec.argv"
 env -0 > "$rec.env"
+ls /proc/$$/fd > "$rec.fds"
 if [ -n "${PMI_FD:-}" ]; then echo "PMI socket open in the runtime" >&"$PMI_FD"; fi
 """
 
@@ -140,6 +141,8 @@ def test_podman_passes_pmi_env_and_fds(site, registry, unique_repo, runtime):
     # podman passes neither the environment nor open files on: by prefix, and fds 3..9
     assert {"--env=PMI*", "--env=SLURM_*", "--env=FI_*", "--env=UCX_*", "--preserve-fds=7"} <= set(argv)
     assert argv.index("--env=PMI*") < argv.index(f"--env=HOSTILE={HOSTILE_VALUE}")  # set values win
+    # podman refuses --preserve-fds=7 unless fds 3 to 9 are all open: the wrapper opened 3 to 8
+    assert {"3", "4", "5", "6", "7", "8", "9"} <= set(Path(site.env["SHPC_LITE_TEST_RECORD"] + ".fds").read_text().split())
     assert pmi == "PMI socket open in the runtime\n"
     assert not list(site.tmp.rglob("pwned"))
 
