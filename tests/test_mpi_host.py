@@ -13,6 +13,9 @@ two ranks that find each other (PMI through the wrapper and ch-run) and load the
 which each rank says (the path the library was loaded from, and its version string). The same
 image installed without ``mpi: host`` loads its stub: the binding is what makes the difference.
 
+The Apptainer kind's wrapper runs the same under ``mpirun`` through tests/runtime_apptainer.sh, a
+stand-in (Apptainer is not packaged for Debian 12) that really runs the SIF with ch-run.
+
 ``srun --mpi=pmix`` is not shown: Slurm's pmix plugin is listed here but cannot load (Debian 12
 does not install libpmix with slurm-wlm: "pmi/pmix: can not load PMIx library").
 """
@@ -133,12 +136,15 @@ class World:
         self.mounts.mkdir()
         # a working directory outside /tmp the image has a top-level directory for (/home)
         self.work = Path(tempfile.mkdtemp(prefix="shpc-lite-mpi-", dir="/home"))
-        self.envs: dict[str, dict] = {}
+        self.bin = base / "bin"
+        self.bin.mkdir()
+        shutil.copy(REPO / "tests" / "runtime_apptainer.sh", self.bin / "apptainer")
+        self.envs: dict[tuple[str, str], dict] = {}
 
-    def install(self, system: str) -> dict:
-        if system in self.envs:
-            return self.envs[system]
-        top = self.base / system
+    def install(self, system: str, kind: str = "charliecloud") -> dict:
+        if (system, kind) in self.envs:
+            return self.envs[(system, kind)]
+        top = self.base / f"{system}-{kind}"
         recipes = top / "recipes"
         recipes.mkdir(parents=True)
         for name, features in (("mpihello", "features:\n  mpi: host\n"), ("plainhello", "")):
@@ -146,7 +152,7 @@ class World:
                 f"name: {name}\nimage: {self.image}\ndescription: MPI hello\nversions:\n  '1.0': '1.0'\n"
                 f"aliases:\n  hello{'' if name == 'mpihello' else '-image'}: /usr/local/bin/hello\n{features}")
         env = {
-            "PATH": f"{os.environ['PATH']}:/usr/sbin:/sbin",
+            "PATH": f"{self.bin}:{os.environ['PATH']}:/usr/sbin:/sbin",
             "HOME": str(self.work),
             "USER": "root",
             "XDG_CONFIG_HOME": str(top / "xdg-config"),
@@ -156,7 +162,8 @@ class World:
             "SHPC_LITE_REGISTRY": str(recipes),
             "SHPC_LITE_PULLER": "builtin",
             "SHPC_LITE_MODULE_SYSTEM": system,
-            "SHPC_LITE_RUNTIME": "ch-run",
+            "SHPC_LITE_RUNTIME": "ch-run" if kind == "charliecloud" else str(self.bin / kind),
+            "SHPC_LITE_TEST_STANDIN_MNT": str(self.mounts),
             "SHPC_LITE_MPI_BINDS": f"{LIBDIR}:{INSIDE}",
             "SHPC_LITE_MPI_ENV": f"LD_LIBRARY_PATH={INSIDE},UCX_POSIX_USE_PROC_LINK=n",
             "SHPC_LITE_MOUNT_DIR": str(self.mounts),
@@ -168,7 +175,7 @@ class World:
             proc = subprocess.run([sys.executable, "-m", "shpc_lite", "install", f"{name}:1.0"], env=env,
                                   capture_output=True, text=True, timeout=120)
             assert proc.returncode == 0, proc.stderr
-        self.envs[system] = env
+        self.envs[(system, kind)] = env
         return env
 
     def close(self) -> None:
@@ -222,6 +229,19 @@ def test_mpirun_two_ranks_use_the_hosts_mpich(world, system):
     assert _ranks(host) == ["0", "1"]
     # the image's own library: each process alone (rank 0 of 1), loaded from the image's path
     assert image.splitlines() == [f"rank 0 of 1, sum of ranks 0, libmpi {LIBDIR}/libmpich.so.12, image stub"] * 2
+
+
+def test_mpirun_through_the_apptainer_wrapper(world):
+    """The same through the Apptainer kind's wrapper (-B, APPTAINERENV_LD_LIBRARY_PATH). Apptainer
+    is not packaged for Debian 12: the runtime is tests/runtime_apptainer.sh, a stand-in that
+    implements those options and really runs the SIF with ch-run (see tests/test_transparency.py)."""
+    env = world.install("lmod", "apptainer")
+    hello = Path(env["SHPC_LITE_ROOT"]) / "wrappers" / "mpihello" / "1.0" / "bin" / "hello"
+    assert f"APPTAINERENV_LD_LIBRARY_PATH='{INSIDE}'" in hello.read_text()
+    proc = subprocess.run(["mpirun", "-np", "2", str(hello)], env=env, capture_output=True, text=True, timeout=120,
+                          cwd=world.work)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert _ranks(proc.stdout) == ["0", "1"]
 
 
 def test_srun_pmi2_two_ranks_use_the_hosts_mpich(world, slurm):
