@@ -16,8 +16,9 @@ image installed without ``mpi: host`` loads its stub: the binding is what makes 
 The Apptainer kind's wrapper runs the same under ``mpirun`` through tests/runtime_apptainer.sh, a
 stand-in (Apptainer is not packaged for Debian 12) that really runs the SIF with ch-run.
 
-``srun --mpi=pmix`` is not shown: Slurm's pmix plugin is listed here but cannot load (Debian 12
-does not install libpmix with slurm-wlm: "pmi/pmix: can not load PMIx library").
+``srun --mpi=pmix`` cannot be shown here: Debian 12's MPICH 4.0.2 speaks PMI-1/PMI-2 only (its
+libmpich.so.12 does not link libpmix), and Slurm's pmix plugin, though listed by ``srun
+--mpi=list``, cannot load without libpmix ("pmi/pmix: can not load PMIx library").
 """
 
 from __future__ import annotations
