@@ -281,6 +281,11 @@ def check_mpi(config: Config) -> list[Finding]:
         findings.append(Finding(level, "mpi", f"host MPI {lib.path}: soname {mpi.describe(lib.soname)}",
                                 "" if level == "ok" else "bind an MPI of the MPICH ABI (MPICH, Intel MPI, Cray "
                                 "MPICH, MVAPICH: libmpi.so.12) and build images against one"))
+    stale = [f"{r.name}:{r.version}" for r in modules if r.mpi_settings != mpi.settings_digest(config)]
+    if stale:
+        findings.append(Finding("warn", "mpi", f"{len(stale)} module(s) installed with other mpi_binds/mpi_env "
+                                f"than the config's now: {', '.join(stale[:5])}{' ...' if len(stale) > 5 else ''}",
+                                "install them again (shpc-lite install NAME:VERSION) to rewrite their wrappers"))
     for record in modules:
         try:
             sonames = mpi.image_sonames(list_names(record.sif))

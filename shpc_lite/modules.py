@@ -271,6 +271,7 @@ class Installed:
     packages: tuple[str, ...] = ()  # ``name/version`` found in the image (all, not only the capped)
     layers: tuple[str, ...] = ()  # layer digests, lowest first (empty when the pull did not know them)
     mpi: str = "none"  # host: the wrappers bind the host's MPI (doctor checks it against the image)
+    mpi_settings: str = ""  # mpi.settings_digest of the mpi_binds/mpi_env written into the wrappers
 
     @classmethod
     def from_json(cls, text: str) -> "Installed":
@@ -305,6 +306,8 @@ def write_module(spec: ModuleSpec, layout: Layout, config: Config, default: bool
     The modulefile goes last because it is what users see: a failure before it leaves the
     previous state untouched.
     """
+    from shpc_lite import mpi
+
     final = layout.version_dir(spec.name, spec.version)
     modulefile = layout.modulefile(spec.name, spec.version)
     layout.make_dir(final.parent)
@@ -326,6 +329,7 @@ def write_module(spec: ModuleSpec, layout: Layout, config: Config, default: bool
         packages=tuple(p.spec for p in spec.packages),
         layers=spec.layers,
         mpi="host" if spec.mpi else "none",
+        mpi_settings=mpi.settings_digest(config) if spec.mpi else "",
     )
     old = None
     try:

@@ -34,6 +34,16 @@ def mode(recipe_mpi: Optional[str], config: Config) -> str:
     return recipe_mpi or config["mpi"]
 
 
+def settings_digest(config: Config) -> str:
+    """What an install recorded of ``mpi_binds`` and ``mpi_env`` (they are written into the
+    wrappers): doctor tells the modules installed with other settings than the config's now."""
+    import hashlib
+    import json
+
+    text = json.dumps([config["mpi_binds"], config["mpi_env"]], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def soname_of_name(name: str) -> Optional[str]:
     """``libmpich.so.12.2.2`` -> ``libmpich.so.12``; None for what is not an MPI library's name."""
     found = _MPI_LIB.match(name)

@@ -73,6 +73,10 @@ def test_matching_host_library_passes(site, tmp_path):
     ]
     proc = site.cli("doctor", "--offline")
     assert "[error] mpi" not in proc.stdout
+    # the config changed after the install: the wrappers still bind the old settings
+    _config(site, mpi_binds=[f"{host.parent}:/opt/host-mpi/lib"], mpi_env={"LD_LIBRARY_PATH": "/elsewhere"})
+    assert ("warn", "1 module(s) installed with other mpi_binds/mpi_env than the config's now: mpich-app:1.0") \
+        in _mpi_lines(site)
 
 
 def test_open_mpi_image_and_missing_bind_are_one_line_each(site, tmp_path):
