@@ -32,6 +32,9 @@ ls /proc/$$/fd > "$rec.fds"
 if [ -n "${PMI_FD:-}" ]; then echo "PMI socket open in the runtime" >&"$PMI_FD"; fi
 """
 
+# What an MPI launcher hands a rank (the socket at fd 9 is set up by _run)
+PMI = {"PMI_FD": "9", "PMI_RANK": "1", "PMI_SIZE": "2", "PMIX_NAMESPACE": "slurm.pmix.7.0"}
+
 pytestmark = [
     requires(shutil.which("mksquashfs"), reason="squashfs-tools not installed"),
     requires(BUSYBOX.is_file(), reason="busybox-static not installed (scripts/test.sh installs it)"),
@@ -56,8 +59,7 @@ def _run(site) -> tuple[list[str], dict[str, str], str]:
     the runtime was given (argv, env) and what it wrote to the socket."""
     wrapper = site.root / "wrappers" / "tiny" / "1.0" / "bin" / "tool"
     read, write = os.pipe()
-    env = {**site.env, "PMI_FD": "9", "PMI_RANK": "1", "PMI_SIZE": "2", "PMIX_NAMESPACE": "slurm.pmix.7.0",
-           "SHPC_LITE_MOUNT_DIR": str(site.tmp / "mounts"), "SHPC_LITE_MOUNT_LINGER": "0.1", "USER": "root"}
+    env = {**site.env, **PMI, "SHPC_LITE_MOUNT_DIR": str(site.tmp / "mounts"), "SHPC_LITE_MOUNT_LINGER": "0.1", "USER": "root"}
     try:
         proc = subprocess.run(["bash", "-c", f'exec "$@" 9>&{write} {write}>&-', "sh", str(wrapper), "arg"],
                               env=env, pass_fds=(write,), capture_output=True, text=True, timeout=60, cwd=site.tmp)
@@ -86,17 +88,13 @@ def _install(site, runtime: str, kind: str, mpi: str | None, registry=None, repo
     if registry is not None:  # podman and shifter pull into their own storage (stood in: recorded)
         registry.pusher().push_image(repo, busybox_image(), tags=["1.0"])
         _recipe(site, f"{registry.host}/{repo}", mpi)
-        for name in ("shifterimg",):
-            (site.bin / name).write_text(RECORDER)
-            (site.bin / name).chmod(0o755)
+        (site.bin / "shifterimg").write_text(RECORDER)
+        (site.bin / "shifterimg").chmod(0o755)
         site.cli("--runtime", runtime, "--runtime-kind", kind, "install", "tiny:1.0", check=True)
     else:
         _recipe(site, "docker.io/library/tiny", mpi)
         site.cli("--runtime", runtime, "--runtime-kind", kind, "install", "tiny:1.0", "--sif", str(sif),
                  check=True)
-
-
-PMI = {"PMI_FD": "9", "PMI_RANK": "1", "PMI_SIZE": "2", "PMIX_NAMESPACE": "slurm.pmix.7.0"}
 
 
 @pytest.mark.parametrize("kind", ["apptainer", "singularity"])
