@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Optional
@@ -56,12 +57,18 @@ KEYS: dict[str, tuple[Any, str, tuple[str, ...]]] = {
     "spider_cache": (False, "bool", ()),
     "lock_lease": (120, "int", ()),
     "package_cap": (500, "int", ()),
+    # MPI with the host's stack (docs/environments.md): the site default a recipe's
+    # ``features.mpi`` overrides, the host paths bound in and the env set inside for it.
+    "mpi": ("none", "str", ("none", "host")),
+    "mpi_binds": ([], "list", ()),
+    "mpi_env": ({}, "map", ()),
 }
 
 # Smallest sensible value of whole-number keys: a lease of 0 s would be lost at once, a timeout
 # of 0 s fails every request; a negative package cap means nothing.
 _MINIMUM = {"lock_lease": 1, "timeout": 1, "package_cap": 0}
 
+_ENV_NAME = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]*\Z")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -120,6 +127,11 @@ def _coerce(key: str, value: Any, where: str) -> Any:
             isinstance(k, str) and isinstance(v, str) for k, v in value.items()
         ):
             raise ConfigError(bad + "expected a mapping of strings to strings")
+        if key == "mpi_env":
+            wrong = [name for name in value if not _ENV_NAME.match(name)]
+            if wrong:
+                raise ConfigError(bad + f"{wrong[0]!r} is not an environment variable name "
+                                  "(letters, digits and _, not first a digit)")
         return dict(value)
     raise AssertionError(kind)
 

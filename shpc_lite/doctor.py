@@ -252,6 +252,64 @@ def check_images(config: Config) -> Finding:
                    f"install them again (shpc-lite{user} install NAME:VERSION pulls the image)")
 
 
+def check_mpi(config: Config) -> list[Finding]:
+    """For ``mpi: host`` (the site default or installed modules that use it): the binds exist, the
+    host library they bring is of the MPICH ABI, and each such module's image was built against
+    an MPI of the same soname (a host library cannot stand in for another ABI's)."""
+    from shpc_lite import mpi
+    from shpc_lite.errors import SifError
+    from shpc_lite.imagetree import list_names
+    from shpc_lite.modules import installed
+
+    modules = [r for r in installed(config.layout) if r.mpi == mpi.HOST]
+    if not modules and config["mpi"] != mpi.HOST:
+        return []
+    binds = config["mpi_binds"]
+    if not binds:
+        found = mpi.ldconfig_suggestion()
+        hint = (f"ldconfig -p finds {', '.join(found)}: add it (and its fabric libraries) to mpi_binds"
+                if found else "set mpi_binds to the host's libmpi.so.12 (or its directory) and its fabric libraries")
+        return [Finding("error", "mpi", "mpi: host but config mpi_binds is empty: the wrappers bind no host MPI",
+                        hint + ", and mpi_env LD_LIBRARY_PATH to where they are seen inside (docs/environments.md)")]
+    findings = [Finding("error", "mpi", f"mpi_binds: {mpi.bind_source(b)} does not exist on this host",
+                        "fix the path in config mpi_binds (the wrappers' runtime refuses a missing bind)")
+                for b in binds if not os.path.exists(mpi.bind_source(b))]
+    libraries = mpi.host_libraries(binds)
+    if not libraries:
+        findings.append(Finding("warn", "mpi", "no MPI library (libmpi.so.N, libmpich.so.N) among mpi_binds",
+                                "bind the host's libmpi.so.12 or the directory that holds it"))
+    for lib in libraries:
+        level = "ok" if lib.soname in mpi.MPICH_ABI else "error"
+        findings.append(Finding(level, "mpi", f"host MPI {lib.path}: soname {mpi.describe(lib.soname)}",
+                                "" if level == "ok" else "bind an MPI of the MPICH ABI (MPICH, Intel MPI, Cray "
+                                "MPICH, MVAPICH: libmpi.so.12) and build images against one"))
+    stale = [f"{r.name}:{r.version}" for r in modules if r.mpi_settings != mpi.settings_digest(config)]
+    if stale:
+        findings.append(Finding("warn", "mpi", f"{len(stale)} module(s) installed with other mpi_binds/mpi_env "
+                                f"than the config's now: {', '.join(stale[:5])}{' ...' if len(stale) > 5 else ''}",
+                                "install them again (shpc-lite install NAME:VERSION) to rewrite their wrappers"))
+    for record in modules:
+        try:
+            sonames = mpi.image_sonames(list_names(record.sif))
+        except SifError as err:
+            findings.append(Finding("warn", "mpi", f"{record.name}:{record.version}: cannot list its image: {err}"))
+            continue
+        where = f"{record.name}:{record.version}"
+        if not sonames:
+            findings.append(Finding("warn", "mpi", f"{where}: no libmpi.so.N in its image (statically linked?): "
+                                    "cannot check its ABI"))
+        for soname in sonames:
+            bad = [lib for lib in libraries if not mpi.compatible(soname, lib.soname)]
+            if bad:
+                findings.append(Finding("error", "mpi", f"{where}: image built against {mpi.describe(soname)}, "
+                                        f"host MPI is {mpi.describe(bad[0].soname)}: the host library cannot replace it",
+                                        "rebuild the image against an MPI of the host's ABI, or install it "
+                                        "with features.mpi: none and use the image's own MPI"))
+            elif libraries:
+                findings.append(Finding("ok", "mpi", f"{where}: image's {soname} matches the host's"))
+    return findings
+
+
 def check_registry(config: Config) -> Finding:
     """``GET /v2/`` on Docker Hub (or its configured mirror) with the client every command uses,
     so that mirrors, insecure hosts and credentials are the ones a pull would get."""
@@ -272,7 +330,8 @@ def check_registry(config: Config) -> Finding:
 
 def run_checks(config: Config, network: bool = True) -> list[Finding]:
     findings = [check_runtime(config), *check_runtime_kind(config), check_mksquashfs(config),
-                check_module_system(config), check_modulepath(config), *check_store(config), check_images(config)]
+                check_module_system(config), check_modulepath(config), *check_store(config), check_images(config),
+                *check_mpi(config)]
     if network:
         findings.append(check_registry(config))
     return findings

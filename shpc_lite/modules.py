@@ -87,6 +87,9 @@ class ModuleSpec:
     # A venv module: the venv's path and the module (name/version) it was made from.
     venv: str = ""
     base: str = ""
+    # mpi: host: config mpi_binds are in ``bind`` and mpi_env in ``env`` already; kinds that do not
+    # pass the caller's environment and file descriptors on (podman) pass PMI's on as well.
+    mpi: bool = False
 
     @property
     def module(self) -> str:
@@ -162,8 +165,16 @@ def make_spec(
     recipe: Recipe, version: str, tag: str, digest: str, sif: Path, layout: Layout, config: Config,
     packages: tuple[Package, ...] = (), layers: tuple[str, ...] = (),
 ) -> ModuleSpec:
+    from shpc_lite import mpi
+
     kind = runtime_kind(config)
+    host_mpi = mpi.mode(recipe.features.mpi, config) == mpi.HOST
     binds = tuple(config["bind_paths"]) + recipe.bind
+    env = recipe.env
+    if host_mpi:
+        # The site's knowledge of its MPI wins over the recipe's env of the same name.
+        binds += tuple(config["mpi_binds"])
+        env = tuple((k, v) for k, v in env if k not in config["mpi_env"]) + tuple(sorted(config["mpi_env"].items()))
     if not kind.read_only_binds:
         for path in binds:
             if path.endswith(":ro"):
@@ -193,7 +204,7 @@ def make_spec(
         gpu=recipe.features.gpu,
         gpu_mode=config["gpu"],
         bind=binds,
-        env=recipe.env,
+        env=env,
         home=recipe.features.home,
         x11=recipe.features.x11,
         aliases=recipe.aliases,
@@ -206,6 +217,7 @@ def make_spec(
         package_cap=config["package_cap"],
         layers=layers,
         jupyter_path=str(layout.jupyter_dir(recipe.name, version)) if recipe.features.jupyter else "",
+        mpi=host_mpi,
     )
 
 
@@ -269,6 +281,8 @@ class Installed:
     layers: tuple[str, ...] = ()  # layer digests, lowest first (empty when the pull did not know them)
     venv: str = ""  # a venv module: the venv's path (shpc_lite.venvs)
     base: str = ""  # a venv module: the module it was made from (name/version)
+    mpi: str = "none"  # host: the wrappers bind the host's MPI (doctor checks it against the image)
+    mpi_settings: str = ""  # mpi.settings_digest of the mpi_binds/mpi_env written into the wrappers
 
     @classmethod
     def from_json(cls, text: str) -> "Installed":
@@ -303,6 +317,8 @@ def write_module(spec: ModuleSpec, layout: Layout, config: Config, default: bool
     The modulefile goes last because it is what users see: a failure before it leaves the
     previous state untouched.
     """
+    from shpc_lite import mpi
+
     final = layout.version_dir(spec.name, spec.version)
     modulefile = layout.modulefile(spec.name, spec.version)
     layout.make_dir(final.parent)
@@ -325,6 +341,8 @@ def write_module(spec: ModuleSpec, layout: Layout, config: Config, default: bool
         layers=spec.layers,
         venv=spec.venv,
         base=spec.base,
+        mpi="host" if spec.mpi else "none",
+        mpi_settings=mpi.settings_digest(config) if spec.mpi else "",
     )
     old = None
     try:

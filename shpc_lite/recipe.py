@@ -38,6 +38,7 @@ class Features:
     x11: bool = False
     home: bool | str = True  # True: runtime default, False: --no-home, str: --home PATH
     jupyter: bool = False  # the module carries a kernelspec and puts it on JUPYTER_PATH
+    mpi: Optional[str] = None  # host: bind the host's MPI (config mpi_binds/mpi_env); None: config ``mpi``
 
 
 @dataclass(frozen=True)

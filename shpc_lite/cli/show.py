@@ -31,7 +31,8 @@ def describe(recipe, records, locked: dict) -> dict:
         "description": recipe.description,
         "url": recipe.url,
         "maintainer": recipe.maintainer,
-        "features": {"gpu": recipe.features.gpu, "x11": recipe.features.x11, "home": recipe.features.home},
+        "features": {"gpu": recipe.features.gpu, "x11": recipe.features.x11, "home": recipe.features.home,
+                     "mpi": recipe.features.mpi},  # None: config mpi decides
         "aliases": {a.name: list(a.argv) for a in recipe.aliases},
         "env": dict(recipe.env),
         "bind": list(recipe.bind),
