@@ -232,7 +232,7 @@ def recipe_from_dict(data: Any, source: str) -> Recipe:
         )
     if not versions and select is None:
         raise RecipeError(f"{source}: missing field 'versions' (or a 'select' rule)")
-    features = Features(**(data.get("features") or {}))
+    features = Features(**_features(data, source))
     env = tuple((k, _env_value(v)) for k, v in (data.get("env") or {}).items())
     return Recipe(
         name=data["name"],
@@ -249,6 +249,21 @@ def recipe_from_dict(data: Any, source: str) -> Recipe:
         bind=tuple(data.get("bind") or ()),
         source=source,
     )
+
+
+# Top-level fields that are shorthands for a feature (issue 11 spells ``mpi: host`` and
+# ``jupyter: true``; shpc's recipes keep such settings under ``features``).
+_FEATURE_SHORTHANDS = ("mpi", "jupyter")
+
+
+def _features(data: dict, source: str) -> dict:
+    features = dict(data.get("features") or {})
+    for key in _FEATURE_SHORTHANDS:
+        if key in data:
+            if key in features and features[key] != data[key]:
+                raise RecipeError(f"{source}: {key}: {data[key]!r} contradicts features.{key}: {features[key]!r}")
+            features[key] = data[key]
+    return features
 
 
 def _env_value(value: Any) -> str:

@@ -185,3 +185,22 @@ def test_bad_mpi_settings_are_one_line(site, small_sif):
     _recipe(site, "docker.io/library/tiny", "hostt")
     proc = site.cli("install", "tiny:1.0", "--sif", str(small_sif))
     assert proc.returncode != 0 and "features.mpi" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_top_level_mpi_host_is_the_feature(site, small_sif):
+    """The issue's spelling, ``mpi: host`` at the top of a recipe, binds as features.mpi does; a
+    recipe that says both with different values is refused in one line naming the file."""
+    _config(site, "mpi: none\n")
+    _recipe(site, "docker.io/library/tiny", None)
+    recipe = site.recipes / "tiny.yaml"
+    recipe.write_text(recipe.read_text() + "mpi: host\n")
+    site.cli("--runtime", "apptainer", "--runtime-kind", "apptainer", "install", "tiny:1.0", "--sif",
+             str(small_sif), check=True)
+    (site.bin / "apptainer").write_text(RECORDER)
+    (site.bin / "apptainer").chmod(0o755)
+    argv, env, _ = _run(site)
+    assert "/usr/lib/libfabric.so.1" in argv and env["APPTAINERENV_HOSTILE"] == HOSTILE_VALUE
+    recipe.write_text(recipe.read_text().replace("features:\n", "features:\n  mpi: none\n"))
+    proc = site.cli("install", "tiny:1.0", "--sif", str(small_sif))
+    assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1
+    assert "tiny.yaml" in proc.stderr and "contradicts features.mpi" in proc.stderr
