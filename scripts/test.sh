@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install everything the tests use (real Lmod, Environment Modules, the CNCF distribution
 # registry, squashfs-tools, siftool, squashfuse + Charliecloud, skopeo + umoci and bsdtar (the
-# differential layer test), MPICH (with its headers and gcc: the MPI test compiles a hello), Slurm +
+# differential layer test), MPICH (with its headers and gcc: the MPI test compiles a hello; libpmix for srun --mpi=pmix), Slurm +
 # munge, podman, Debian's python3.11 with venv and its ensurepip wheels (tests/pyimage.py builds
 # the Python test image from them) and run
 # the whole suite. CI runs this.
@@ -12,7 +12,7 @@ SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends \
     lmod lua5.3 tcl8.6 dash squashfs-tools siftool squashfuse docker-registry apache2-utils \
-    skopeo umoci zstd slurm-wlm munge mpich libmpich-dev gcc charliecloud-runtime busybox-static libarchive-tools fuse3 podman \
+    skopeo umoci zstd slurm-wlm munge mpich libmpich-dev libpmix-dev gcc charliecloud-runtime busybox-static libarchive-tools fuse3 podman \
     python3-venv python3.11 python3.11-venv python3-pip-whl python3-setuptools-whl ca-certificates >/dev/null
 # Environment Modules conflicts with lmod as a package: unpack it beside (run through tclsh).
 envmods="${SHPC_LITE_TEST_ENVMODULES:-/opt/envmodules}"
