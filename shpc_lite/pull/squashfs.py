@@ -124,6 +124,10 @@ def _pseudo_name(path: str) -> Optional[str]:
     return re.sub(r"([^A-Za-z0-9/._+-])", r"\\\1", path)
 
 
+# mksquashfs's own memory (caches and read-ahead). Its default is a quarter of the RAM, which it
+# fills with read-ahead of the tar stream when fed faster than it compresses: 590 MB peak for a
+# 512 MB image, growing with the image. 256M held it at ~185 MB and was no slower (2 cores, zstd 3).
+MKSQUASHFS_MEM = "256M"
 PIPE_BUFFER = 1 << 20  # bytes gathered before a write into mksquashfs's stdin, and the pipe's size
 
 
@@ -217,6 +221,8 @@ def build_squashfs(
     common = ["-noappend", *comp_args, "-no-xattrs"]
     if processors:
         common += ["-processors", str(int(processors))]
+    if "-mem" in feats:
+        common += ["-mem", MKSQUASHFS_MEM]
     common += [o for o in ("-quiet", "-no-progress", "-exit-on-error") if o in feats]
     try:
         tree = build_tree(layers, extras, _created_time(image_config) or _created_time(cfg))
