@@ -15,7 +15,6 @@ digest removes first. Finished blobs stay in the cache, so a rerun continues whe
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -270,10 +269,13 @@ def _build_builtin(config: Config, source: "ImageSource", tmp_sif: Path, scratch
 
     def layers() -> Iterator["LayerBlob"]:
         """The source's layers as they arrive (the merge reads each while later ones download)."""
-        with contextlib.closing(iter(source.fetch_layers(image, config, progress, scratch))) as blobs:
+        blobs = iter(source.fetch_layers(image, config, progress, scratch))
+        try:
             for blob in blobs:
                 digests.append(blob.digest)
                 yield blob
+        finally:
+            getattr(blobs, "close", lambda: None)()  # a generator's downloads stop here
         progress.stage("building squashfs")
 
     arriving = layers()
