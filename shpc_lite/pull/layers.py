@@ -547,14 +547,21 @@ class RootfsTree:
 
     # ---- applying a layer
 
-    def apply_layer(self, blob: LayerBlob) -> None:
-        """Pass 1 for one layer (call in order, lowest first): settle its entries in the tree."""
+    def apply_layer(self, blob: LayerBlob, headers: Optional["LayerHeaders"] = None) -> None:
+        """Pass 1 for one layer (call in order, lowest first): settle its entries in the tree.
+        ``headers``: the layer's entries read beforehand (``read_headers``, e.g. in another thread)."""
         index = len(self.layers)
         self.layers.append(blob)
         self._touched, self._touched_prefixes = set(), set()
         skipped: List[str] = []
-        for ordinal, member, _tf in iter_members(blob):
-            self._apply_member(blob, index, ordinal, member, skipped)
+        if headers is None:
+            for ordinal, member, _tf in iter_members(blob):
+                self._apply_member(blob, index, ordinal, member, skipped)
+        else:
+            for ordinal, member in enumerate(headers.members):
+                self._apply_member(blob, index, ordinal, member, skipped)
+            if headers.error is not None:  # raised where reading stopped, as if read right here
+                raise headers.error
         if skipped:
             shown = ", ".join(repr(s) for s in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
             note = f"layer {blob.label}: skipped {len(skipped)} device node(s)/unsupported entries: {shown}"
@@ -759,14 +766,57 @@ class Plan:
     root_mtime: int = 0
 
 
+@dataclass
+class LayerHeaders:
+    """A layer's tar entries in order, read ahead of their turn; ``error``: why reading stopped early."""
+
+    members: List[tarfile.TarInfo]
+    error: Optional[LayerError] = None
+
+
+def read_headers(blob: LayerBlob) -> LayerHeaders:
+    """Read every entry's header (the data is decompressed and skipped); never raises LayerError."""
+    headers = LayerHeaders([])
+    try:
+        for _ordinal, member, _tf in iter_members(blob):
+            headers.members.append(member)
+    except LayerError as exc:
+        headers.error = exc
+    return headers
+
+
+HEADER_READERS = 2  # layers whose headers are read at once, ahead of the merge
+READ_AHEAD = 4  # layers read ahead and not yet merged, at most (their headers are in memory)
+
+
 def build_tree(layers: Iterable[LayerBlob], extras: Optional[Mapping[str, ExtraEntry]] = None,
                extras_mtime: Optional[int] = None) -> RootfsTree:
-    """Pass 1 over all layers (lowest first), then the generated entries. ``layers`` may be lazy
-    (the puller yields each layer as soon as it is downloaded and verified), so reading the
-    headers of early layers overlaps the download of later ones."""
+    """Pass 1 over all layers (lowest first), then the generated entries.
+
+    ``layers`` may be lazy (the puller yields each layer once it is downloaded and verified). Each
+    layer's headers are read in a worker thread as soon as it arrives, while later layers still
+    download and earlier ones are merged; inflating, most of the work, runs without the GIL. The
+    merge itself applies the layers strictly in order in this thread, with the same errors, in the
+    same order, as reading them here would give."""
+    from collections import deque
+    from concurrent.futures import Future, ThreadPoolExecutor
+
     tree = RootfsTree()
-    for blob in layers:
-        tree.apply_layer(blob)
+    ahead: "deque[Tuple[LayerBlob, Future]]" = deque()
+    pool = ThreadPoolExecutor(max_workers=HEADER_READERS, thread_name_prefix="layer-headers")
+    try:
+        for blob in layers:
+            ahead.append((blob, pool.submit(read_headers, blob)))
+            while ahead and (ahead[0][1].done() or len(ahead) >= READ_AHEAD):
+                first, future = ahead.popleft()
+                tree.apply_layer(first, future.result())
+        while ahead:
+            first, future = ahead.popleft()
+            tree.apply_layer(first, future.result())
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)  # a layer being read is not waited for
+        raise
+    pool.shutdown(wait=True)
     if extras:
         tree.add_extras(extras, tree.newest_mtime if extras_mtime is None else extras_mtime)
     return tree
