@@ -24,7 +24,7 @@ from tests.proxy import Proxy
 pytestmark = requires(shutil.which("mksquashfs") and shutil.which("unsquashfs"), reason="squashfs-tools not installed")
 
 
-def mixed_image():
+def mixed_image(oci: bool = False):
     """Three layers, gzip and zstd, with a whiteout, an opaque dir, a hard link and a 2 MB file."""
     base = it.make_layer([
         it.Dir("usr"), it.Dir("usr/bin"), it.Dir("data"), it.Dir("opaque"),
@@ -37,7 +37,7 @@ def mixed_image():
         it.Whiteout("data/old.txt"), it.Opaque("opaque"), it.File("opaque/b.txt", "b\n"),
         it.Symlink("usr/bin/tool-link", "tool"), it.Hardlink("data/keep-hard", "data/keep.txt"),
     ], "zstd")
-    return it.make_image([base, middle, top], env=["PATH=/usr/bin:/bin"], entrypoint=["/usr/bin/tool"])
+    return it.make_image([base, middle, top], oci=oci, env=["PATH=/usr/bin:/bin"], entrypoint=["/usr/bin/tool"])
 
 
 def squashfs_listing(sif: Path, tmp: Path) -> tuple[str, dict[str, str]]:
@@ -136,3 +136,21 @@ def test_stdlib_gzip_fallback_builds_the_same_squashfs(site, registry, unique_re
     assert proc.returncode == 0, proc.stderr
     assert marker.exists() and sif.is_file()
     assert squashfs_listing(sif, tmp_path / "slow") == fast
+
+
+def test_keep_blobs_false_from_an_oci_layout_writes_no_blob(site, tmp_path):
+    """``--from`` sources honour keep_blobs too: the layers are verified and used from the scratch
+    dir; with the default they land in the blob cache."""
+    from tests.test_install_from import write_layout
+
+    image = mixed_image(oci=True)
+    layout = write_layout(tmp_path / "layout", image)
+    image_recipe(site, "local", "example.org/local", {"1.0": "1.0", "1.1": "1.1"})
+    proc = site.cli("--set", "keep_blobs=false", "install", "local:1.0", "--from", f"oci:{layout}:1.0")
+    assert proc.returncode == 0, proc.stderr
+    sif = site.root / "containers" / f"sha256-{image.digest.split(':')[1]}.sif"
+    assert sif.is_file() and no_blobs_left(site.root)
+    assert not list((site.root / "containers").glob(".shpc-lite-tmp-*"))
+    (tmp_path / "t").mkdir()
+    tree, _ = sif_tree(sif, tmp_path / "t")
+    assert tree["/data/big.bin"].startswith("file 600") and "/data/old.txt" not in tree
