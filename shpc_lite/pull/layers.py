@@ -842,7 +842,7 @@ def _iter_file_data(tree: RootfsTree, plan: Plan) -> Iterator[Tuple[_File, List[
             continue
         try:
             with open_layer(blob) as stream:
-                src = _Sequential(stream)
+                src = stream if isinstance(stream, io.BufferedReader) else _Sequential(stream)  # as pass 1 read it
                 for ordinal in sorted(wanted):
                     node, names = wanted[ordinal]
                     if src.seek(node.offset) != node.offset:
