@@ -259,8 +259,8 @@ def _build_builtin(config: Config, source: "ImageSource", tmp_sif: Path, scratch
                    quiet: bool) -> tuple[str, ...]:
     """Any source's image -> squashfs -> SIF at ``tmp_sif``: the one build every install uses.
     Returns the layer digests (the install record keeps them: discover's base by shared layers)."""
-    from shpc_lite.pull import build_squashfs
-    from shpc_lite.sif import build_container_sif
+    from shpc_lite.pull import build_squashfs, mksquashfs_features
+    from shpc_lite.sif import InPlace, build_container_sif, container_partition_offset
 
     start = time.monotonic()
     image = source.open()
@@ -280,20 +280,23 @@ def _build_builtin(config: Config, source: "ImageSource", tmp_sif: Path, scratch
 
     arriving = layers()
     try:
-        squashfs = scratch / "rootfs.squashfs"
+        deffile = image.deffile.encode()
+        json_objects = {"oci-config.json": json.dumps(image.config.get("config") or {}, sort_keys=True).encode()}
+        # mksquashfs writes the squashfs straight to its place in the SIF (no copy of a multi-GB
+        # partition), where its -offset option exists (squashfs-tools >= 4.4)
+        in_place = "-offset" in mksquashfs_features()
+        offset = container_partition_offset(deffile=deffile, json_objects=json_objects, arch=image.arch)
+        squashfs = tmp_sif if in_place else scratch / "rootfs.squashfs"
         build_squashfs(
             arriving, image.config, squashfs,
             source_ref=image.label, source_digest=image.digest,
             compression=config["squashfs_compression"], level=config["squashfs_level"] or None,
-            workdir=scratch,
+            workdir=scratch, offset=offset if in_place else 0,
         )
-        build_container_sif(
-            tmp_sif, squashfs,
-            deffile=image.deffile.encode(),
-            json_objects={"oci-config.json": json.dumps(image.config.get("config") or {}, sort_keys=True).encode()},
-            arch=image.arch,
-        )
-        squashfs.unlink()
+        payload = InPlace(tmp_sif.stat().st_size - offset) if in_place else squashfs
+        build_container_sif(tmp_sif, payload, deffile=deffile, json_objects=json_objects, arch=image.arch)
+        if not in_place:
+            squashfs.unlink()
         progress.close(f"{image.label}: stored in {elapsed(start)}")
     finally:
         arriving.close()  # a failed merge stops the downloads still running

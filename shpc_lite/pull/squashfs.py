@@ -187,6 +187,7 @@ def build_squashfs(
     method: str = "auto",
     preserve_owners: bool = True,
     mksquashfs: str = "mksquashfs",
+    offset: int = 0,
 ) -> str:
     """Merge ``layers`` (lowest first), add Apptainer's files, and write the squashfs to ``dest``.
 
@@ -196,7 +197,8 @@ def build_squashfs(
     unless ``processors``). Memory holds the tree of names (not data); disk holds only the blobs.
 
     ``dest`` is written by mksquashfs directly (the caller publishes it with temp + rename; it is
-    removed here on failure). ``workdir`` holds scratch files (and the rootfs for ``method="dir"``).
+    removed here on failure), from byte ``offset`` on (``-offset``: the squashfs goes straight to
+    its place in the SIF, see ``shpc_lite.sif.InPlace``; mksquashfs >= 4.4). ``workdir`` holds scratch files (and the rootfs for ``method="dir"``).
     ``level`` None means the compressor's default here (zstd 3, gzip 9). ``processors`` None lets
     mksquashfs use every core. Owners from the image are kept when ``preserve_owners`` and the build
     can express them (``"tar"`` always; ``"dir"`` only as root); otherwise everything is root-owned
@@ -223,6 +225,10 @@ def build_squashfs(
         common += ["-processors", str(int(processors))]
     if "-mem" in feats:
         common += ["-mem", MKSQUASHFS_MEM]
+    if offset:
+        if "-offset" not in feats:
+            raise PullError(f"{mksquashfs} has no -offset option (squashfs-tools >= 4.4 needed)")
+        common += ["-offset", str(int(offset))]
     common += [o for o in ("-quiet", "-no-progress", "-exit-on-error") if o in feats]
     try:
         tree = build_tree(layers, extras, _created_time(image_config) or _created_time(cfg))
