@@ -5,8 +5,9 @@ a layout/archive a site already has (shpc_lite.oci.layout_source); both go throu
 ``store_image``, so the lock, the build and the store are the same. Two back ends for registry
 images (config ``puller``): ``apptainer`` runs ``apptainer pull`` by digest; ``builtin``
 needs no Apptainer: blobs are downloaded concurrently into a content-addressed cache (each
-verified against its digest while streaming), merged into a squashfs (shpc_lite.pull) and wrapped
-in a SIF (shpc_lite.sif). ``auto`` prefers apptainer when it is on PATH.
+verified against its digest while streaming; config ``keep_blobs`` false: into the scratch dir),
+merged as they arrive into a squashfs (shpc_lite.pull) that mksquashfs writes straight into its
+place in the SIF (shpc_lite.sif). ``auto`` prefers apptainer when it is on PATH.
 
 Every pull of a digest happens under that digest's lock, in a scratch directory named after the
 digest beside the store; a killed pull leaves only that directory, which the next pull of the same
