@@ -55,6 +55,7 @@ KEYS: dict[str, tuple[Any, str, tuple[str, ...]]] = {
     "timeout": (60, "int", ()),
     "retries": (4, "int", ()),
     "spider_cache": (False, "bool", ()),
+    "keep_blobs": (True, "bool", ()),  # false: layers are fetched into the pull's scratch dir, gone after it
     "lock_lease": (120, "int", ()),
     "package_cap": (500, "int", ()),
     # MPI with the host's stack (docs/environments.md): the site default a recipe's

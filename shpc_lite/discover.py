@@ -281,7 +281,7 @@ def registry_image(config: Any, ref: Any, *, quiet: bool = True) -> Image:
     image = source.open()
     progress = Progress(image.label, image.size, len(image.layers), quiet=quiet)
     try:
-        blobs = source.fetch_layers(image, config, progress, None)
+        blobs = list(source.fetch_layers(image, config, progress, None))  # into the blob cache
     finally:
         progress.close()
     try:

@@ -252,6 +252,10 @@ class Layout:
     def blob_data(self, digest: str) -> Path:
         return self.blob_dir(digest) / "data"
 
+    def scratch_blob(self, scratch: Path, digest: str) -> Path:
+        """Where a pull that keeps no blobs (config ``keep_blobs`` false) puts a layer: its scratch dir."""
+        return Path(scratch) / f"blob-{_digest_stem(digest)}"
+
     def blob_lock(self, digest: str) -> Path:
         """The lock a cached layer is downloaded (and removed by ``clean``) under."""
         directory = self.blob_dir(digest)

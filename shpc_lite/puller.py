@@ -5,8 +5,9 @@ a layout/archive a site already has (shpc_lite.oci.layout_source); both go throu
 ``store_image``, so the lock, the build and the store are the same. Two back ends for registry
 images (config ``puller``): ``apptainer`` runs ``apptainer pull`` by digest; ``builtin``
 needs no Apptainer: blobs are downloaded concurrently into a content-addressed cache (each
-verified against its digest while streaming), merged into a squashfs (shpc_lite.pull) and wrapped
-in a SIF (shpc_lite.sif). ``auto`` prefers apptainer when it is on PATH.
+verified against its digest while streaming; config ``keep_blobs`` false: into the scratch dir),
+merged as they arrive into a squashfs (shpc_lite.pull) that mksquashfs writes straight into its
+place in the SIF (shpc_lite.sif). ``auto`` prefers apptainer when it is on PATH.
 
 Every pull of a digest happens under that digest's lock, in a scratch directory named after the
 digest beside the store; a killed pull leaves only that directory, which the next pull of the same
@@ -21,10 +22,10 @@ import shutil
 import subprocess
 import threading
 import time
-from concurrent.futures import FIRST_EXCEPTION, wait
+from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 from shpc_lite.config import Config
 from shpc_lite.errors import PullError, SifError
@@ -36,6 +37,7 @@ from shpc_lite.store import clean_stale, digest_lock, group_id, lease, stored_im
 
 if TYPE_CHECKING:
     from shpc_lite.oci.reference import ImageReference
+    from shpc_lite.pull import LayerBlob
 
 
 @dataclass(frozen=True)
@@ -164,37 +166,45 @@ def mount_type(path: str, mounts: str) -> str:
 
 
 def _fetch_blob(client, ref, desc, layout: Layout, progress: Progress, cancel: threading.Event,
-                lease_seconds: float) -> Path:
-    """One layer into the blob cache, under a per-blob lock so that no blob is fetched twice.
+                lease_seconds: float, scratch: Optional[Path] = None) -> Path:
+    """One layer, verified against its digest while it streams, into the blob cache, under a
+    per-blob lock so that no blob is fetched twice; with ``scratch`` (config ``keep_blobs``
+    false) into the pull's scratch dir instead, which goes when the pull ends. A blob already in
+    the cache is used from there either way.
 
     A download whose lock was taken over (this process froze past the lease) stops: the new
     holder resumes the partial file."""
-    dest = layout.blob_data(desc.digest)
+    cached = layout.blob_data(desc.digest)
     lost = threading.Event()
-    if dest.is_file() and dest.stat().st_size == desc.size:
+    if cached.is_file() and cached.stat().st_size == desc.size:
         progress.advance(desc.size)
         progress.layer_done(desc.digest, cached=True)
+        return cached
+    seen = [0]
+
+    def report(done: int, total: Optional[int]) -> None:
+        if lost.is_set():
+            raise PullError(f"{ref}: layer {desc.digest}: another process took over its download "
+                            f"(this one stalled for over {lease_seconds:g} s, config lock_lease)")
+        if cancel.is_set():
+            raise Cancelled(f"{ref}: pull cancelled")
+        progress.advance(done - seen[0])
+        seen[0] = done
+
+    if scratch is not None:
+        dest = layout.scratch_blob(scratch, desc.digest)
+        client.fetch_blob(ref, desc.digest, dest, size=desc.size, progress=report)
+        progress.layer_done(desc.digest)
         return dest
-    layout.make_dir(dest.parent)
+    layout.make_dir(cached.parent)
     with lease(layout.blob_lock(desc.digest), lease_seconds, 6 * 3600, on_lost=lambda _: lost.set()):
-        if not (dest.is_file() and dest.stat().st_size == desc.size):
-            seen = [0]
-
-            def report(done: int, total: Optional[int]) -> None:
-                if lost.is_set():
-                    raise PullError(f"{ref}: layer {desc.digest}: another process took over its download "
-                                    f"(this one stalled for over {lease_seconds:g} s, config lock_lease)")
-                if cancel.is_set():
-                    raise Cancelled(f"{ref}: pull cancelled")
-                progress.advance(done - seen[0])
-                seen[0] = done
-
-            client.fetch_blob(ref, desc.digest, dest, size=desc.size, progress=report)
+        if not (cached.is_file() and cached.stat().st_size == desc.size):
+            client.fetch_blob(ref, desc.digest, cached, size=desc.size, progress=report)
             progress.layer_done(desc.digest)
-            return dest
+            return cached
     progress.advance(desc.size)
     progress.layer_done(desc.digest, cached=True)
-    return dest
+    return cached
 
 
 @dataclass(frozen=True)
@@ -217,58 +227,82 @@ class RegistrySource:
         return SourceImage(self.label, self.digest, f"bootstrap: docker\nfrom: {self.ref.with_digest(self.digest)}\n",
                            image_config, layers, arch)
 
-    def fetch_layers(self, image: SourceImage, config: Config, progress: Progress, scratch: Path) -> list:
-        """Download the layers concurrently (config ``jobs``) into the blob cache."""
+    def fetch_layers(self, image: SourceImage, config: Config, progress: Progress,
+                     scratch: Optional[Path]) -> Iterator["LayerBlob"]:
+        """Download the layers concurrently (config ``jobs``); yield each, lowest first, as soon as
+        it and those below it are verified, so the merge starts while later layers download.
+        Layers go to the blob cache, or, with config ``keep_blobs`` false and a ``scratch`` dir,
+        there (see ``_fetch_blob``). The first failed download ends the iteration with its error."""
         from shpc_lite.pull import LayerBlob
 
         cancel = threading.Event()
         layout = config.layout
+        into = None if config["keep_blobs"] or scratch is None else scratch
         try:
             with request_pool(config["jobs"], "layer") as pool:
                 futures = [pool.submit(_fetch_blob, self.client, self.ref, d, layout, progress, cancel,
-                                       config["lock_lease"]) for d in image.layers]
-                done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-                for future in done:
-                    future.result()
+                                       config["lock_lease"], into) for d in image.layers]
+                pending = set(futures)
+                for desc, future in zip(image.layers, futures):
+                    while not future.done():
+                        done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                        for finished in done:
+                            finished.result()  # a failure anywhere stops the pull now
+                    yield LayerBlob(future.result(), desc.media_type, desc.digest)
         except BaseException:
-            # Stalled downloads are not waited for (Ctrl-C must be prompt). What they received
-            # stays in the blob cache as <digest>/data.partial: the next pull resumes it.
+            # Stalled downloads are not waited for (Ctrl-C must be prompt; the merge failed). What
+            # they received stays as <digest>/data.partial in the cache: the next pull resumes it.
             cancel.set()
             raise
-        return [LayerBlob(layout.blob_data(d.digest), d.media_type, d.digest) for d in image.layers]
 
 
 def _build_builtin(config: Config, source: "ImageSource", tmp_sif: Path, scratch: Path,
                    quiet: bool) -> tuple[str, ...]:
     """Any source's image -> squashfs -> SIF at ``tmp_sif``: the one build every install uses.
     Returns the layer digests (the install record keeps them: discover's base by shared layers)."""
-    from shpc_lite.pull import build_squashfs
-    from shpc_lite.sif import build_container_sif
+    from shpc_lite.pull import build_squashfs, mksquashfs_features
+    from shpc_lite.sif import InPlace, build_container_sif, container_partition_offset
 
     start = time.monotonic()
     image = source.open()
     progress = Progress(image.label, image.size, len(image.layers), quiet=quiet)
-    try:
-        layers = source.fetch_layers(image, config, progress, scratch)
+    digests: list[str] = []
+
+    def layers() -> Iterator["LayerBlob"]:
+        """The source's layers as they arrive (the merge reads each while later ones download)."""
+        blobs = iter(source.fetch_layers(image, config, progress, scratch))
+        try:
+            for blob in blobs:
+                digests.append(blob.digest)
+                yield blob
+        finally:
+            getattr(blobs, "close", lambda: None)()  # a generator's downloads stop here
         progress.stage("building squashfs")
-        squashfs = scratch / "rootfs.squashfs"
+
+    arriving = layers()
+    try:
+        deffile = image.deffile.encode()
+        json_objects = {"oci-config.json": json.dumps(image.config.get("config") or {}, sort_keys=True).encode()}
+        # mksquashfs writes the squashfs straight to its place in the SIF (no copy of a multi-GB
+        # partition), where its -offset option exists (squashfs-tools >= 4.4)
+        in_place = "-offset" in mksquashfs_features()
+        offset = container_partition_offset(deffile=deffile, json_objects=json_objects, arch=image.arch)
+        squashfs = tmp_sif if in_place else scratch / "rootfs.squashfs"
         build_squashfs(
-            layers, image.config, squashfs,
+            arriving, image.config, squashfs,
             source_ref=image.label, source_digest=image.digest,
             compression=config["squashfs_compression"], level=config["squashfs_level"] or None,
-            workdir=scratch,
+            workdir=scratch, offset=offset if in_place else 0,
         )
-        build_container_sif(
-            tmp_sif, squashfs,
-            deffile=image.deffile.encode(),
-            json_objects={"oci-config.json": json.dumps(image.config.get("config") or {}, sort_keys=True).encode()},
-            arch=image.arch,
-        )
-        squashfs.unlink()
+        payload = InPlace(tmp_sif.stat().st_size - offset) if in_place else squashfs
+        build_container_sif(tmp_sif, payload, deffile=deffile, json_objects=json_objects, arch=image.arch)
+        if not in_place:
+            squashfs.unlink()
         progress.close(f"{image.label}: stored in {elapsed(start)}")
     finally:
+        arriving.close()  # a failed merge stops the downloads still running
         progress.close()
-    return tuple(blob.digest for blob in layers)
+    return tuple(digests)
 
 
 # ---------------------------------------------------------------------------------------- apptainer

@@ -176,10 +176,18 @@ class SifImage:
 
 
 @dataclass(frozen=True)
+class InPlace:
+    """A payload already in the destination file, at the offset ``object_offset`` gives its object
+    (e.g. a squashfs written there by ``mksquashfs -offset``): nothing is copied."""
+
+    size: int
+
+
+@dataclass(frozen=True)
 class SifObject:
     """A data object to write.
 
-    ``payload`` is the content as bytes, or the path of a file to stream into the SIF.
+    ``payload`` is the content as bytes, the path of a file to stream into the SIF, or ``InPlace``.
     ``group`` is the group number (None: no group; default 1 like the Go library); link to an
     object with ``link`` or to a group with ``link_group``. ``alignment`` defaults to 4096 for
     partitions and none for other types. ``created`` overrides the image time for this object.
@@ -188,7 +196,7 @@ class SifObject:
     """
 
     data_type: int
-    payload: Union[bytes, str, "os.PathLike[str]"]
+    payload: Union[bytes, str, "os.PathLike[str]", InPlace]
     name: str = ""
     group: Optional[int] = 1
     link: int = 0
@@ -371,8 +379,11 @@ def write_sif(
     data_offset = DESCRIPTORS_OFFSET + descriptor_capacity * _DESCRIPTOR.size
 
     planned = [_plan(name, obj, when) for obj in objects]  # every check before the file is touched
+    in_place = any(isinstance(obj.payload, InPlace) for obj in objects)
+    if in_place and not isinstance(dest, (str, os.PathLike)):
+        raise SifError(f"{name}: an in-place payload needs the SIF's path")
 
-    with _open_dest(dest, name) as f:
+    with _open_dest(dest, name, keep=in_place) as f:
         end = data_offset
         descriptors = []
         for index, (obj, (alignment, fields)) in enumerate(zip(objects, planned), start=1):
@@ -403,7 +414,7 @@ def write_sif(
 
 def build_container_sif(
     dest_path: PathLike,
-    squashfs_path: PathLike,
+    squashfs_path: Union[PathLike, InPlace],
     *,
     deffile: bytes,
     json_objects: "dict[str, bytes]",
@@ -418,12 +429,25 @@ def build_container_sif(
 
     Writes ``dest_path`` in place; the caller makes it atomic (temp file + rename).
     """
-    objects = [SifObject(DataType.DEFFILE, deffile)]
-    objects += [SifObject(DataType.GENERIC_JSON, json_objects[key], name=key) for key in sorted(json_objects)]
-    objects.append(SifObject(DataType.PARTITION, squashfs_path, fs_type=FsType.SQUASHFS,
-                             partition_type=PartType.PRIMARY_SYSTEM, arch=arch))
+    objects = _container_objects(squashfs_path, deffile, json_objects, arch)
     return write_sif(dest_path, objects, launch_script=APPTAINER_LAUNCH_SCRIPT, id=id, created=created,
                      deterministic=deterministic)
+
+
+def container_partition_offset(*, deffile: bytes, json_objects: "dict[str, bytes]", arch: str) -> int:
+    """Where ``build_container_sif`` with these objects puts the squashfs: a builder can write it
+    there first (``mksquashfs -offset``) and pass ``InPlace(size)``, so it is never copied."""
+    objects = _container_objects(InPlace(0), deffile, json_objects, arch)
+    return object_offset(objects, len(objects) - 1)
+
+
+def _container_objects(squashfs: Union[PathLike, InPlace], deffile: bytes, json_objects: "dict[str, bytes]",
+                       arch: str) -> "list[SifObject]":
+    objects = [SifObject(DataType.DEFFILE, deffile)]
+    objects += [SifObject(DataType.GENERIC_JSON, json_objects[key], name=key) for key in sorted(json_objects)]
+    objects.append(SifObject(DataType.PARTITION, squashfs, fs_type=FsType.SQUASHFS,
+                             partition_type=PartType.PRIMARY_SYSTEM, arch=arch))
+    return objects
 
 
 def _image_id(name: str, value: Union[uuid.UUID, str, None], deterministic: bool) -> uuid.UUID:
@@ -469,12 +493,31 @@ def _next_aligned(offset: int, alignment: int) -> int:
     return -(-offset // alignment) * alignment
 
 
+def object_offset(objects: Sequence[SifObject], index: int,
+                  descriptor_capacity: int = DEFAULT_CAPACITY) -> int:
+    """Where ``write_sif`` puts ``objects[index]`` (0-based): the objects before it must have bytes
+    payloads. What an ``InPlace`` payload is written at beforehand."""
+    end = DESCRIPTORS_OFFSET + descriptor_capacity * _DESCRIPTOR.size
+    for obj in objects[:index + 1]:
+        alignment = obj.alignment if obj.alignment is not None else (
+            PARTITION_ALIGNMENT if obj.data_type == DataType.PARTITION else 0)
+        offset = _next_aligned(end, alignment)
+        if obj is objects[index]:
+            return offset
+        if not isinstance(obj.payload, (bytes, bytearray, memoryview)):
+            raise SifError("object_offset: objects before the one asked for must be bytes")
+        end = offset + len(obj.payload)
+    raise IndexError(index)
+
+
 @contextlib.contextmanager
-def _open_dest(dest: Union[PathLike, BinaryIO], name: str) -> Iterator[BinaryIO]:
-    """``dest`` itself if it is a file object, else the path opened; OSError becomes SifError."""
+def _open_dest(dest: Union[PathLike, BinaryIO], name: str, keep: bool = False) -> Iterator[BinaryIO]:
+    """``dest`` itself if it is a file object, else the path opened (not emptied when ``keep``:
+    it holds an in-place payload); OSError becomes SifError."""
     try:
         if isinstance(dest, (str, os.PathLike)):
-            with open(os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o755), "wb") as f:
+            flags = os.O_WRONLY | os.O_CREAT | (0 if keep else os.O_TRUNC)
+            with open(os.open(dest, flags, 0o755), "r+b" if keep else "wb") as f:
                 yield f
         else:
             dest.seek(0)
@@ -484,8 +527,15 @@ def _open_dest(dest: Union[PathLike, BinaryIO], name: str) -> Iterator[BinaryIO]
         raise SifError(f"{name}: cannot write SIF: {err.strerror or err}") from None
 
 
-def _write_payload(f: BinaryIO, payload: Union[bytes, str, "os.PathLike[str]"], offset: int, name: str) -> int:
+def _write_payload(f: BinaryIO, payload: Union[bytes, str, "os.PathLike[str]", InPlace], offset: int,
+                   name: str) -> int:
     """Put ``payload`` at ``offset`` of ``f``; returns its size. Files are streamed, never loaded."""
+    if isinstance(payload, InPlace):
+        have = os.fstat(f.fileno()).st_size
+        if have != offset + payload.size:
+            raise SifError(f"{name}: in-place payload of {payload.size} bytes at {offset} does not end the "
+                           f"file ({have} bytes)")
+        return payload.size
     f.seek(offset)
     if isinstance(payload, (bytes, bytearray, memoryview)):
         return f.write(payload)

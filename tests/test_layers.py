@@ -474,3 +474,52 @@ def test_a_huge_sparse_file_streams_in_bounded_memory(tmp_path):
     assert big.stat().st_size == size and big.stat().st_blocks * 512 < 1 << 20
     with open(big, "rb") as fh:
         assert fh.read(4) == b"head" and fh.seek(size - 4) and fh.read() == b"tail"
+
+
+# ---- issue 13: fast paths of the merged tar must not change a byte
+
+
+def test_fast_ustar_headers_are_tarfiles_bytes():
+    """The hand-built ustar header equals tarfile's pax writer's output for every shape it takes,
+    and long, non-ASCII or out-of-range entries fall back to tarfile (a pax header)."""
+    from shpc_lite.pull import layers as L
+
+    checked = fallbacks = 0
+    for path in ("a", "usr/bin/x", "x" * 99, "x" * 100, "y" * 101, "with space/f", "é/x", "d/"):
+        for kind in (tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.FIFOTYPE):
+            for uid, gid in ((0, 0), (1000, 5), (8 ** 7 - 1, 8 ** 7), (2 ** 32 - 1, 0)):
+                for mode, mtime in ((0o644, 0), (0o4755, MTIME), (0o7777, 2 ** 32 - 1), (0, 8 ** 11)):
+                    node = L._File(mode, uid, gid, mtime, 0, 0, 0)
+                    for link in ("", "target", "t" * 100, "t" * 101):
+                        for size in (0, 1, 8 ** 11 - 1, 8 ** 11):
+                            fast = L._fast_header(path, node, kind, link, size)
+                            assert fast == L._header(L._tarinfo(path, node, kind, linkname=link, size=size))
+                            checked += 1
+                            fallbacks += len(fast) > 512
+    assert checked == 8 * 5 * 4 * 4 * 4 * 4 and 0 < fallbacks < checked
+
+
+def test_stdlib_gzip_fallback_gives_the_same_merged_tar(tmp_path, monkeypatch):
+    """Gzip layers read with the stdlib (python-isal missing) merge into the same bytes as with isal."""
+    from shpc_lite.pull import layers as L
+
+    layers = [
+        make_layer(tmp_path, [E("d", "dir"), E("d/a", data=b"a" * 70_000), E("d/gone", data=b"x"),
+                              E("big", data=os.urandom(3 << 20), mode=0o600)]),
+        make_layer(tmp_path, [E("d/.wh.gone"), E("d/b", data=b"b\n", uid=7, gid=8),
+                              E("d/link", "hardlink", link="d/a")], "zstd"),
+        make_layer(tmp_path, [E("top", data=b"t" * 513)]),
+    ]
+
+    def merged() -> bytes:
+        out = io.BytesIO()
+        write_merged_tar(build_tree(layers), out)
+        return out.getvalue()
+
+    L._GZIP_READER = None
+    assert L._gzip_reader_class() is not gzip.GzipFile  # python-isal is a declared dependency
+    fast = merged()
+    monkeypatch.setattr(L, "_GZIP_READER", gzip.GzipFile)
+    assert merged() == fast
+    names = tarfile.open(fileobj=io.BytesIO(fast)).getnames()
+    assert "d/gone" not in names and {"d/a", "d/b", "d/link", "big", "top"} <= set(names)

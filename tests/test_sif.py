@@ -384,3 +384,29 @@ def test_unsquashfs_lists_partition_at_offset(real_container):
     offset = partition_offset(read_sif(dest))
     listing = _run("unsquashfs", "-o", str(offset), "-l", str(dest))
     assert "squashfs-root/etc/os-release" in listing and "squashfs-root/hello.txt" in listing
+
+
+def test_squashfs_written_in_place_gives_the_same_sif_as_a_copy(tmp_path):
+    """The puller has mksquashfs write the partition straight to its offset in the SIF; the SIF
+    then gets the same bytes as one built by copying the squashfs in."""
+    from shpc_lite.sif import InPlace, container_partition_offset
+
+    payload = os.urandom(10_000) + b"end"
+    objects = dict(deffile=b"bootstrap: docker\nfrom: x\n", json_objects={"oci-config.json": b'{"Env": ["A=1"]}'},
+                   arch="amd64")
+    squashfs = tmp_path / "rootfs.squashfs"
+    squashfs.write_bytes(payload)
+    copied = tmp_path / "copied.sif"
+    build_container_sif(copied, squashfs, deterministic=True, **objects)
+
+    offset = container_partition_offset(**objects)
+    in_place = tmp_path / "in-place.sif"
+    with open(in_place, "wb") as f:  # as mksquashfs -offset leaves it: a hole, then the squashfs
+        f.seek(offset)
+        f.write(payload)
+    build_container_sif(in_place, InPlace(len(payload)), deterministic=True, **objects)
+    assert in_place.read_bytes() == copied.read_bytes()
+    assert primary_partition(read_sif(in_place)).offset == offset
+
+    with pytest.raises(SifError, match="does not end the file"):  # a size that does not match is refused
+        build_container_sif(in_place, InPlace(len(payload) + 1), deterministic=True, **objects)

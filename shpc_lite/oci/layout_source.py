@@ -504,7 +504,8 @@ def open_local_source(text: str, config: "Config", ref: "ImageReference") -> Loc
 
 def _cache_layer(reader: _Reader, where: str, layer: LayerRef, config: "Config", scratch: Path) -> "LayerBlob":
     """The blob cache file of ``layer``: reused when cached, else copied from the archive, hashed on
-    the way, checked against its digest (and diff_id), and moved into the cache under its lock."""
+    the way, checked against its digest (and diff_id), and moved into the cache under its lock
+    (config ``keep_blobs`` false: left in the scratch dir, which the pull removes)."""
     from ..pull import LayerBlob
     from ..store import lease
 
@@ -534,6 +535,8 @@ def _cache_layer(reader: _Reader, where: str, layer: LayerRef, config: "Config",
             tmp.unlink()
             raise PullError(f"{where}: layer {layer.member} uncompresses to {got}, but the config "
                             f"says {layer.diff_id}; refused")
+    if not config["keep_blobs"]:  # verified, used from the scratch dir, gone with it
+        return LayerBlob(tmp, layer.media_type, digest)
     dest = layout.blob_data(digest)
     layout.make_dir(dest.parent)
     with lease(layout.blob_lock(digest), config["lock_lease"], 6 * 3600):

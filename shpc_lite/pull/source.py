@@ -6,7 +6,9 @@ publishing it under ``Layout.image(digest)``. A source only answers two question
 
 * ``open()``: which image is it (store digest, image config, layers, architecture, and how the SIF
   records its origin)? Small documents only, verified against their digests.
-* ``fetch_layers(...)``: put every layer blob, verified, into the blob cache and name the files.
+* ``fetch_layers(...)``: put every layer blob, verified, into the blob cache (or, with config
+  ``keep_blobs`` false, the scratch dir) and name the files, lowest first; it may yield each as
+  it arrives, so the merge reads early layers while later ones download.
 
 Two kinds exist: a registry (``shpc_lite.puller.RegistrySource``) and an image a site already has
 on disk, an OCI layout, OCI archive or docker archive (``shpc_lite.oci.layout_source``).
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, List, Mapping, Protocol, Tuple
+from typing import TYPE_CHECKING, Iterable, Mapping, Optional, Protocol, Tuple
 
 if TYPE_CHECKING:
     from shpc_lite.config import Config
@@ -69,4 +71,4 @@ class ImageSource(Protocol):
     def open(self) -> SourceImage: ...
 
     def fetch_layers(self, image: SourceImage, config: "Config", progress: "Progress",
-                     scratch: Path) -> List["LayerBlob"]: ...
+                     scratch: Optional[Path]) -> Iterable["LayerBlob"]: ...
