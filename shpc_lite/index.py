@@ -1,57 +1,285 @@
 """Indexes over a module tree: default versions, and Lmod's spider cache when asked for.
 
-A spider cache makes ``module avail``/``spider`` read one file instead of walking the tree; it is
-only correct while it is fresh, so every change that touches the tree calls ``refresh``.
+A spider cache makes ``module avail``/``spider`` read one file instead of walking the tree. Lmod
+uses it while the cache file is not older (in whole seconds) than its timestamp file, and never
+looks at the tree itself, so:
+
+* every change to the tree first sets the timestamp into the future (``invalidate``): from then
+  until the next refresh Lmod walks the tree, slower but right, also after a crash;
+* ``refresh`` (after each install, uninstall and batch) writes the cache and then sets the
+  timestamp back to when it started looking at the tree.
+
+A refresh redoes only the module names whose directory changed since the last one (each name's
+directory mtime and inode, kept in ``Layout.spider_state``; every write in the tree is a rename
+in that directory, shpc_lite.fsutil). Lmod's own spider walks just those names and merges them
+into the old cache with Lmod's serializer (shpc_lite/spider_update.lua), so the text is the one a
+full walk writes; anything that merge cannot redo alone falls back to the full walk.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from shpc_lite.config import Config
 from shpc_lite.errors import SiteError
-from shpc_lite.fsutil import atomic_write
+from shpc_lite.fsutil import TMP_PREFIX, atomic_open, atomic_write
+from shpc_lite.layout import Layout
 
 LMOD_LIBEXEC_DIRS = ("/usr/share/lmod/lmod/libexec", "/opt/apps/lmod/lmod/libexec", "/usr/local/lmod/lmod/libexec")
+SPIDER_UPDATE = Path(__file__).resolve().parent / "spider_update.lua"
+REFUSED = 3  # spider_update.lua's exit status when only a full walk can index the tree
+RACY = 0.05  # seconds: a directory changed this recently may change again within its mtime tick
+FUTURE = 2.0  # seconds ahead an invalidated timestamp is set (Lmod compares whole seconds)
+STATE_FORMAT = 1
 
 
-def _update_tool() -> Optional[Path]:
+@dataclass(frozen=True)
+class LmodSpider:
+    """Lmod's spider script, the Lua that runs it and the compiler of its cache."""
+    spider: Path
+    lua: str
+    luac: Optional[str]
+    luac_ext: str  # Lmod reads spiderT.<luac_ext> before spiderT.lua
+
+    @property
+    def libexec(self) -> Path:
+        return self.spider.parent
+
+
+def find_spider() -> LmodSpider:
     dirs = [os.environ["LMOD_DIR"]] if os.environ.get("LMOD_DIR") else []
     for directory in [*dirs, *LMOD_LIBEXEC_DIRS]:
-        tool = Path(directory) / "update_lmod_system_cache_files"
-        if tool.exists():
-            return tool
-    return None
+        spider = Path(directory) / "spider"
+        if spider.is_file():
+            break
+    else:
+        raise SiteError("spider_cache is on but Lmod's spider was not found (set LMOD_DIR to Lmod's libexec)")
+    with open(spider, encoding="utf-8", errors="replace") as fh:
+        first = fh.readline()
+    lua = first[2:].split()[0] if first.startswith("#!") and len(first) > 2 else "lua"
+    name = Path(lua).name
+    luac = shutil.which(str(Path(lua).with_name(name.replace("lua", "luac", 1)))) or shutil.which("luac")
+    version = subprocess.run([lua, "-e", 'io.write((_VERSION:gsub("Lua ","")))'], capture_output=True,
+                             text=True, timeout=60).stdout.strip()
+    return LmodSpider(spider, lua, luac, f"luac_{version}")
 
 
-def refresh(config: Config) -> Optional[str]:
-    """Rebuild the spider cache if config ``spider_cache`` is on (Lmod only).
+def invalidate(layout: Layout) -> None:
+    """Make Lmod stop trusting the spider cache (if there is one) until the next refresh.
 
-    Returns the line an admin puts into the site's shell start-up, or None when no cache is kept.
+    Called before and after every change to the tree: one syscall, nothing when no cache is kept."""
+    future = time.time() + FUTURE
+    try:
+        os.utime(layout.spider_timestamp, (future, future), follow_symlinks=False)
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+
+
+def _names(modules: Path) -> Optional[dict[str, list[int]]]:
+    """Each module name's directory: [mtime_ns, inode]. None when the MODULEPATH dir holds anything
+    else (files, links), which only a full walk indexes."""
+    found: dict[str, list[int]] = {}
+    with os.scandir(modules) as entries:
+        for entry in entries:
+            if not entry.is_dir(follow_symlinks=False):
+                return None
+            st = entry.stat(follow_symlinks=False)
+            found[entry.name] = [st.st_mtime_ns, st.st_ino]
+    return found
+
+
+@dataclass(frozen=True)
+class Walk:
+    """What one run of Lmod's spider produced: the cache text around the names' entries, each
+    walked name's entry text, and whether the cache holds nothing but those entries."""
+    prefix: bytes
+    suffix: bytes
+    entries: dict[str, bytes]
+    plain: bool
+
+
+@dataclass(frozen=True)
+class Cache:
+    """The cache text and where each name's entry lies in it."""
+    text: bytes
+    spans: dict[str, list[int]]  # name -> [offset, length] in text
+
+
+PLACEHOLDER = b'    ["shpc-lite: the names go here"] = {},\n'
+
+
+def _walk(layout: Layout, lmod: LmodSpider, only: Optional[list[str]]) -> Optional[Walk]:
+    """Run Lmod's spider over the tree (or ``only`` these names) through spider_update.lua; None
+    when it refuses to walk only some names (the tree holds more than modules)."""
+    cache = layout.spider_cache
+    blocks = cache / f"{TMP_PREFIX}blocks.{os.getpid()}"
+    env = {**os.environ, "LMOD_DIR": str(lmod.libexec), "SHPC_LITE_SPIDER_UPDATE": str(SPIDER_UPDATE),
+           "SHPC_LITE_SPIDER_TOP": str(layout.modules), "SHPC_LITE_SPIDER_BLOCKS": str(blocks)}
+    if only is not None:
+        env["SHPC_LITE_SPIDER_NAMES"] = "\n".join(only)
+    argv = [lmod.lua, "-e", 'dofile(os.getenv("SHPC_LITE_SPIDER_UPDATE"))', str(lmod.spider), "-o", "spiderT",
+            str(layout.modules)]
+    try:
+        proc = subprocess.run(argv, capture_output=True, env=env, timeout=3600)
+        if proc.returncode == REFUSED and only is not None:
+            return None
+        _check(layout, proc)
+        data = blocks.read_bytes()
+    finally:
+        layout.remove(blocks)
+    entries: dict[str, bytes] = {}
+    at = 0
+    while data.startswith(b"B ", at):
+        line_end = data.index(b"\n", at)
+        name_len, text_len = (int(n) for n in data[at + 2:line_end].split())
+        name_end = line_end + 1 + name_len
+        entries[data[line_end + 1:name_end].decode()] = data[name_end:name_end + text_len]
+        at = name_end + text_len
+    if data[at:] not in (b"E 1\n", b"E 0\n") or proc.stdout.count(PLACEHOLDER) != 1:
+        raise SiteError(f"updating the Lmod spider cache in {cache} failed: this Lmod's spider output is not understood")
+    prefix, suffix = proc.stdout.split(PLACEHOLDER)
+    return Walk(prefix, suffix, entries, data[at:] == b"E 1\n")
+
+
+def _check(layout: Layout, proc: subprocess.CompletedProcess) -> None:
+    if proc.returncode != 0:
+        last = (proc.stderr.decode(errors="replace").strip().splitlines() or ["no output"])[-1]
+        raise SiteError(f"updating the Lmod spider cache in {layout.spider_cache} failed: {last}")
+
+
+def _plain_spider(layout: Layout, lmod: LmodSpider) -> bytes:
+    """Lmod's own spider output, untouched (an empty tree has no entry table to fill)."""
+    proc = subprocess.run([lmod.lua, str(lmod.spider), "-o", "spiderT", str(layout.modules)], capture_output=True,
+                          env={**os.environ, "LMOD_DIR": str(lmod.libexec)}, timeout=3600)
+    _check(layout, proc)
+    return proc.stdout
+
+
+def _load_state(layout: Layout, lmod: LmodSpider) -> Optional[dict]:
+    try:
+        state = json.loads(layout.spider_state.read_text())
+    except (OSError, ValueError):
+        return None
+    ok = (isinstance(state, dict) and state.get("format") == STATE_FORMAT and state.get("spider") == str(lmod.spider)
+          and state.get("modules") == str(layout.modules) and isinstance(state.get("names"), dict)
+          and isinstance(state.get("spans"), dict))
+    return state if ok else None
+
+
+def _changed(state: Optional[dict], names: Optional[dict[str, list[int]]]) -> Optional[list[str]]:
+    """The names to walk again, or None for a full walk (no usable state, or most names changed)."""
+    if names is None or state is None:
+        return None
+    before = state["names"]
+    changed = sorted({n for n, mark in names.items() if before.get(n) != mark} | (before.keys() - names.keys()))
+    return changed if len(changed) <= max(64, len(names) // 4) else None
+
+
+def _old_cache(layout: Layout, state: dict) -> Optional[Cache]:
+    """The cache file, if it is still the one the state describes (its size; spans inside it)."""
+    try:
+        text = (layout.spider_cache / "spiderT.lua").read_bytes()
+    except OSError:
+        return None
+    return Cache(text, state["spans"]) if len(text) == state.get("size") else None
+
+
+def _assemble(walk: Walk, old: Optional[Cache], walked: Optional[list[str]]) -> Cache:
+    """The cache text: Lmod's text around the entries, sorted by name as Lmod's serializer sorts
+    them (Lua's ``<`` on strings: bytes); an entry not walked again is copied from the old text."""
+    pieces = dict(walk.entries)
+    if old is not None and walked is not None:
+        again = set(walked)
+        for name, (offset, length) in old.spans.items():
+            if name not in again:
+                pieces[name] = old.text[offset:offset + length]
+    out, spans, at = [walk.prefix], {}, len(walk.prefix)
+    for name in sorted(pieces, key=lambda n: n.encode()):
+        spans[name] = [at, len(pieces[name])]
+        out.append(pieces[name])
+        at += len(pieces[name])
+    out.append(walk.suffix)
+    return Cache(b"".join(out), spans)
+
+
+def _write_cache(layout: Layout, lmod: LmodSpider, names: Optional[dict[str, list[int]]], full: bool) -> None:
+    """Write spiderT.lua, its compiled form (what Lmod reads first) and the state beside them."""
+    cache = layout.spider_cache
+    state = None if full else _load_state(layout, lmod)
+    walked = _changed(state, names)
+    old = _old_cache(layout, state) if state is not None and walked is not None else None
+    if old is None:
+        walked = None
+    elif not walked:
+        return  # nothing changed since the cache was written
+    walk = _walk(layout, lmod, walked)
+    if walk is None:  # only a full walk can index what the tree holds now
+        walked, old, walk = None, None, _walk(layout, lmod, None)
+    made = _assemble(walk, old, walked)
+    if not made.spans:  # no module left: Lmod's own text for an empty tree
+        made = Cache(_plain_spider(layout, lmod), {})
+    target = cache / "spiderT.lua"
+    with atomic_open(target, binary=True) as out:
+        out.write(made.text)
+    if lmod.luac:
+        compiled = cache / f"spiderT.{lmod.luac_ext}"
+        scratch = cache / f"{TMP_PREFIX}spiderT.{lmod.luac_ext}.{os.getpid()}"
+        try:
+            proc = subprocess.run([lmod.luac, "-o", str(scratch), str(target)], capture_output=True, timeout=600)
+            _check(layout, proc)
+            os.chmod(scratch, 0o644)
+            os.replace(scratch, compiled)
+        finally:
+            layout.remove(scratch)
+    if names is None or not walk.plain or not made.spans:
+        layout.remove(layout.spider_state)  # the next refresh walks the whole tree
+        return
+    atomic_write(layout.spider_state, json.dumps(
+        {"format": STATE_FORMAT, "spider": str(lmod.spider), "modules": str(layout.modules),
+         "size": len(made.text), "names": names, "spans": made.spans, "walked": walked}, sort_keys=True))
+
+
+def refresh(config: Config, full: bool = False) -> Optional[str]:
+    """Bring the spider cache up to date if config ``spider_cache`` is on (Lmod only).
+
+    Only the names changed since the last refresh are walked unless ``full``. Returns the line an
+    admin puts into the site's shell start-up, or None when no cache is kept.
     """
+    from shpc_lite.modules import render
+    from shpc_lite.store import lease
+
     layout = config.layout
     if not layout.system.spider_cache or not config["spider_cache"]:
         return None
-    from shpc_lite.modules import render
-
-    tool = _update_tool()
-    if tool is None:
-        raise SiteError("spider_cache is on but Lmod's update_lmod_system_cache_files was not found (set LMOD_DIR)")
+    lmod = find_spider()
     cache = layout.make_dir(layout.spider_cache)
-    timestamp = cache / "timestamp"
     layout.make_dir(layout.modules)
-    proc = subprocess.run(
-        ["bash", str(tool), "-d", str(cache), "-t", str(timestamp), str(layout.modules)],
-        capture_output=True, text=True, timeout=600,
-        env={**os.environ, "LMOD_DIR": str(tool.parent)},
-    )
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise SiteError(f"updating the Lmod spider cache in {cache} failed: {last}")
+    with lease(layout.spider_lock, config["lock_lease"], timeout=3600):
+        for _ in range(3):
+            start = time.time()
+            names = _names(layout.modules)
+            if names and max(mark[0] for mark in names.values()) >= (start - RACY) * 1e9:
+                time.sleep(RACY)  # what changes now gets a later mtime than the one recorded
+            _write_cache(layout, lmod, names, full)
+            _set_timestamp(layout.spider_timestamp, start)
+            if _names(layout.modules) == names:
+                break
+            invalidate(layout)  # changed while Lmod walked: walk again (a writer's own mark may be gone)
     rc = layout.lmodrc
     atomic_write(rc, render("lmodrc.lua.j2", modules=str(layout.modules), cache_dir=str(cache),
-                            timestamp=str(timestamp), rc=str(rc)))
+                            timestamp=str(layout.spider_timestamp), rc=str(rc)))
     return f"export LMOD_RC={rc}"
+
+
+def _set_timestamp(path: Path, when: float) -> None:
+    """The cache counts from ``when`` (not after the cache file's own mtime, so it is valid)."""
+    if not path.is_file() or path.is_symlink():
+        atomic_write(path, "")
+    os.utime(path, (when, when), follow_symlinks=False)
