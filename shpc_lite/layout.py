@@ -322,6 +322,11 @@ class Layout:
             path = path.parent
 
 
+def is_component(value: object) -> bool:
+    """Whether ``value`` can be one path component of the tree (a name, a version)."""
+    return isinstance(value, str) and _COMPONENT.fullmatch(value) is not None
+
+
 def component(value: str, what: str) -> str:
     """``value`` if it can be one path component of the tree; else one line naming it."""
     if not isinstance(value, str) or not _COMPONENT.fullmatch(value):
