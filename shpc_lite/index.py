@@ -11,9 +11,11 @@ looks at the tree itself, so:
 
 A refresh redoes only the module names whose directory changed since the last one (each name's
 directory mtime and inode, kept in ``Layout.spider_state``; every write in the tree is a rename
-in that directory, shpc_lite.fsutil). Lmod's own spider walks just those names and merges them
-into the old cache with Lmod's serializer (shpc_lite/spider_update.lua), so the text is the one a
-full walk writes; anything that merge cannot redo alone falls back to the full walk.
+in that directory, shpc_lite.fsutil). Lmod's own spider walks just those names and writes each
+one's entry with Lmod's own serializer (shpc_lite/spider_update.lua); they are spliced into the
+old cache text at the places the state recorded, in Lmod's order, so the text is the one a full
+walk writes. What a splice cannot redo alone (module rc aliases, hidden modules, anything but
+module directories) falls back to the full walk.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ REFUSED = 3  # spider_update.lua's exit status when only a full walk can index t
 RACY = 0.05  # seconds: a directory changed this recently may change again within its mtime tick
 FUTURE = 2.0  # seconds ahead an invalidated timestamp is set (Lmod compares whole seconds)
 STATE_FORMAT = 1
+NO_USER_CACHE = 86400  # LMOD_SHORT_TIME: seconds a walk must take before Lmod saves a per-user cache
 
 
 @dataclass(frozen=True)
@@ -182,13 +185,21 @@ def _changed(state: Optional[dict], names: Optional[dict[str, list[int]]]) -> Op
     return changed if len(changed) <= max(64, len(names) // 4) else None
 
 
+def _identity(path: Path) -> list[int]:
+    st = os.lstat(path)
+    return [st.st_ino, st.st_mtime_ns, st.st_size]
+
+
 def _old_cache(layout: Layout, state: dict) -> Optional[Cache]:
-    """The cache file, if it is still the one the state describes (its size; spans inside it)."""
+    """The cache file, if it is still the very file the state describes (written anew, by
+    Lmod's own tool say, it is another inode)."""
+    target = layout.spider_cache / "spiderT.lua"
     try:
-        text = (layout.spider_cache / "spiderT.lua").read_bytes()
+        if _identity(target) != state.get("file"):
+            return None
+        return Cache(target.read_bytes(), state["spans"])
     except OSError:
         return None
-    return Cache(text, state["spans"]) if len(text) == state.get("size") else None
 
 
 def _assemble(walk: Walk, old: Optional[Cache], walked: Optional[list[str]]) -> Cache:
@@ -228,7 +239,11 @@ def _write_cache(layout: Layout, lmod: LmodSpider, names: Optional[dict[str, lis
     target = cache / "spiderT.lua"
     with atomic_open(target, binary=True) as out:
         out.write(made.text)
-    if lmod.luac:
+    for backup in ("spiderT.old.lua", f"spiderT.old.{lmod.luac_ext}"):  # Lmod's tool keeps these
+        layout.remove(cache / backup)
+    if not lmod.luac:
+        layout.remove(cache / f"spiderT.{lmod.luac_ext}")  # Lmod would read it first
+    else:
         compiled = cache / f"spiderT.{lmod.luac_ext}"
         scratch = cache / f"{TMP_PREFIX}spiderT.{lmod.luac_ext}.{os.getpid()}"
         try:
@@ -243,15 +258,18 @@ def _write_cache(layout: Layout, lmod: LmodSpider, names: Optional[dict[str, lis
         return
     atomic_write(layout.spider_state, json.dumps(
         {"format": STATE_FORMAT, "spider": str(lmod.spider), "modules": str(layout.modules),
-         "size": len(made.text), "names": names, "spans": made.spans, "walked": walked}, sort_keys=True))
+         "file": _identity(target), "names": names, "spans": made.spans, "walked": walked}, sort_keys=True))
 
 
 def refresh(config: Config, full: bool = False) -> Optional[str]:
     """Bring the spider cache up to date if config ``spider_cache`` is on (Lmod only).
 
     Only the names changed since the last refresh are walked unless ``full``. Returns the line an
-    admin puts into the site's shell start-up, or None when no cache is kept.
+    admin puts into the site's shell start-up (LMOD_RC, and LMOD_SHORT_TIME so that no per-user
+    cache can hide a change), or None when no cache is kept.
     """
+    from filelock import Timeout
+
     from shpc_lite.modules import render
     from shpc_lite.store import lease
 
@@ -261,21 +279,34 @@ def refresh(config: Config, full: bool = False) -> Optional[str]:
     lmod = find_spider()
     cache = layout.make_dir(layout.spider_cache)
     layout.make_dir(layout.modules)
-    with lease(layout.spider_lock, config["lock_lease"], timeout=3600):
-        for _ in range(3):
-            start = time.time()
-            names = _names(layout.modules)
-            if names and max(mark[0] for mark in names.values()) >= (start - RACY) * 1e9:
-                time.sleep(RACY)  # what changes now gets a later mtime than the one recorded
-            _write_cache(layout, lmod, names, full)
-            _set_timestamp(layout.spider_timestamp, start)
-            if _names(layout.modules) == names:
-                break
-            invalidate(layout)  # changed while Lmod walked: walk again (a writer's own mark may be gone)
+    try:
+        with lease(layout.spider_lock, config["lock_lease"], timeout=3600):
+            _refresh(layout, lmod, full)
+    except Timeout:
+        raise SiteError(f"timed out waiting for another refresh of the spider cache in {cache}") from None
     rc = layout.lmodrc
     atomic_write(rc, render("lmodrc.lua.j2", modules=str(layout.modules), cache_dir=str(cache),
                             timestamp=str(layout.spider_timestamp), rc=str(rc)))
-    return f"export LMOD_RC={rc}"
+    # Lmod writes a per-user cache after a walk longer than LMOD_SHORT_TIME and trusts it for a
+    # day whenever the system cache is marked stale: a module installed then would stay hidden
+    # from that user. With a system cache kept fresh no user needs one.
+    return f"export LMOD_RC={rc} LMOD_SHORT_TIME={NO_USER_CACHE}"
+
+
+def _refresh(layout: Layout, lmod: LmodSpider, full: bool) -> None:
+    """Write the cache, mark it valid from when the tree was looked at, and look again: a module
+    written while Lmod walked is walked in another round (its writer's mark may have been
+    overwritten); after three rounds the cache stays marked stale and Lmod walks the tree."""
+    for _ in range(3):
+        start = time.time()
+        names = _names(layout.modules)
+        if names and max(mark[0] for mark in names.values()) >= (start - RACY) * 1e9:
+            time.sleep(RACY)  # what changes from now on gets a later mtime than the one recorded
+        _write_cache(layout, lmod, names, full)
+        _set_timestamp(layout.spider_timestamp, start)
+        if _names(layout.modules) == names:
+            return
+        invalidate(layout)
 
 
 def _set_timestamp(path: Path, when: float) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -218,3 +219,32 @@ def test_a_module_written_while_lmod_walks_is_not_lost(site, small_sif, monkeypa
     assert landed and _walked(site) == ["Zeta"] and _cache(site) == _full_walk(site)
     timestamp = site.root / "cache" / "lmod" / "timestamp"
     assert int(timestamp.stat().st_mtime) <= int((site.root / "cache/lmod/spiderT.luac_5.3").stat().st_mtime)
+
+
+def test_the_printed_line_keeps_a_per_user_cache_from_hiding_a_module(site, small_sif):
+    """Lmod saves a per-user cache after a slow walk (here forced: LMOD_SHORT_TIME=0) and trusts
+    it whenever the system cache is marked stale. With the environment shpc-lite prints, none is
+    saved, so a module installed after the refresh shows up; without it, it stays hidden."""
+    _setup(site)
+    printed = site.cli("--set", "spider_cache=true", "install", "alpha:1.0", "--sif", str(small_sif),
+                       check=True).stdout
+    line = next(line for line in printed.splitlines() if "export LMOD_RC=" in line)
+    exported = dict(word.split("=", 1) for word in line.split("export ", 1)[1].split())
+    config = _config(site)
+
+    def avail(extra: dict) -> str:
+        env = {**site.env, "LMOD_CACHED_LOADS": "yes", **extra}
+        return run_bash("lmod", f"module use {site.root}/modules\nmodule -t avail 2>&1", env).stdout.decode()
+
+    for user_env, hidden in (({**exported}, False), ({**exported, "LMOD_SHORT_TIME": "0"}, True)):
+        home = site.tmp / f"home-{hidden}"
+        env = {**user_env, "HOME": str(home)}
+        install_sif(config, "Zeta", "1.0", small_sif)  # the cache is stale: the user walks ...
+        assert "Zeta/1.0" in avail({**env, "LMOD_SHORT_TIME": env["LMOD_SHORT_TIME"]})  # ... (and may save)
+        refresh(config)
+        time.sleep(1.1)  # Lmod compares whole seconds
+        install_sif(config, "gamma.x", "1.0", small_sif)  # marked stale again, no refresh yet
+        assert ("gamma.x/1.0" not in avail(env)) == hidden, (user_env, hidden)
+        uninstall(config, "gamma.x", "1.0")
+        uninstall(config, "Zeta", "1.0")
+        refresh(config)
