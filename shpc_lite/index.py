@@ -37,8 +37,8 @@ from shpc_lite.layout import Layout
 LMOD_LIBEXEC_DIRS = ("/usr/share/lmod/lmod/libexec", "/opt/apps/lmod/lmod/libexec", "/usr/local/lmod/lmod/libexec")
 SPIDER_UPDATE = Path(__file__).resolve().parent / "spider_update.lua"
 REFUSED = 3  # spider_update.lua's exit status when only a full walk can index the tree
-RACY = 0.05  # seconds: a directory changed this recently may change again within its mtime tick
 FUTURE = 2.0  # seconds ahead an invalidated timestamp is set (Lmod compares whole seconds)
+SECOND = 1_000_000_000
 STATE_FORMAT = 1
 NO_USER_CACHE = 86400  # LMOD_SHORT_TIME: seconds a walk must take before Lmod saves a per-user cache
 
@@ -77,12 +77,22 @@ def find_spider() -> LmodSpider:
 def invalidate(layout: Layout) -> None:
     """Make Lmod stop trusting the spider cache (if there is one) until the next refresh.
 
-    Called before and after every change to the tree: one syscall, nothing when no cache is kept."""
-    future = time.time() + FUTURE
+    Called before and after every change to the tree; nothing when no cache is kept. The
+    timestamp only moves forward (by a second at least, whatever the file system's timestamp
+    granularity), so a refresh can tell that a change happened while it walked."""
+    path = layout.spider_timestamp
     try:
-        os.utime(layout.spider_timestamp, (future, future), follow_symlinks=False)
+        later = max(time.time() + FUTURE, os.lstat(path).st_mtime + 1)
+        os.utime(path, (later, later), follow_symlinks=False)
     except (FileNotFoundError, NotADirectoryError):
         pass
+
+
+def _stamp(path: Path) -> Optional[int]:
+    try:
+        return os.lstat(path).st_mtime_ns
+    except (FileNotFoundError, NotADirectoryError):
+        return None
 
 
 def _names(modules: Path) -> Optional[dict[str, list[int]]]:
@@ -220,7 +230,16 @@ def _assemble(walk: Walk, old: Optional[Cache], walked: Optional[list[str]]) -> 
     return Cache(b"".join(out), spans)
 
 
-def _write_cache(layout: Layout, lmod: LmodSpider, names: Optional[dict[str, list[int]]], full: bool) -> None:
+def _settled(names: dict[str, list[int]], start: float) -> dict[str, list[int]]:
+    """``names`` as the next refresh should compare them: a directory whose mtime is a whole
+    second (a file system with coarse timestamps) within a second of ``start`` may have changed
+    again after it was looked at without its mtime moving, so it is walked again next time."""
+    recent = int(start * SECOND) - SECOND
+    return {n: ([-1, mark[1]] if mark[0] % SECOND == 0 and mark[0] >= recent else mark) for n, mark in names.items()}
+
+
+def _write_cache(layout: Layout, lmod: LmodSpider, names: Optional[dict[str, list[int]]], full: bool,
+                 start: float) -> None:
     """Write spiderT.lua, its compiled form (what Lmod reads first) and the state beside them."""
     cache = layout.spider_cache
     state = None if full else _load_state(layout, lmod)
@@ -258,7 +277,8 @@ def _write_cache(layout: Layout, lmod: LmodSpider, names: Optional[dict[str, lis
         return
     atomic_write(layout.spider_state, json.dumps(
         {"format": STATE_FORMAT, "spider": str(lmod.spider), "modules": str(layout.modules),
-         "file": _identity(target), "names": names, "spans": made.spans, "walked": walked}, sort_keys=True))
+         "file": _identity(target), "names": _settled(names, start), "spans": made.spans, "walked": walked},
+        sort_keys=True))
 
 
 def refresh(config: Config, full: bool = False) -> Optional[str]:
@@ -294,18 +314,20 @@ def refresh(config: Config, full: bool = False) -> Optional[str]:
 
 
 def _refresh(layout: Layout, lmod: LmodSpider, full: bool) -> None:
-    """Write the cache, mark it valid from when the tree was looked at, and look again: a module
-    written while Lmod walked is walked in another round (its writer's mark may have been
-    overwritten); after three rounds the cache stays marked stale and Lmod walks the tree."""
+    """Write the cache and mark it valid from when the tree was looked at, unless the tree changed
+    meanwhile: every writer moves the timestamp forward after its change, so a timestamp that
+    moved (or a name directory that did) means another round. After three rounds the cache
+    stays marked stale and Lmod walks the tree."""
+    timestamp = layout.spider_timestamp
     for _ in range(3):
         start = time.time()
+        before = _stamp(timestamp)
         names = _names(layout.modules)
-        if names and max(mark[0] for mark in names.values()) >= (start - RACY) * 1e9:
-            time.sleep(RACY)  # what changes from now on gets a later mtime than the one recorded
-        _write_cache(layout, lmod, names, full)
-        _set_timestamp(layout.spider_timestamp, start)
-        if _names(layout.modules) == names:
-            return
+        _write_cache(layout, lmod, names, full, start)
+        if _stamp(timestamp) == before:
+            _set_timestamp(timestamp, start)
+            if _names(layout.modules) == names:
+                return
         invalidate(layout)
 
 
