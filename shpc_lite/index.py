@@ -155,8 +155,11 @@ def _walk(layout: Layout, lmod: LmodSpider, only: Optional[list[str]]) -> Option
         name_end = line_end + 1 + name_len
         entries[data[line_end + 1:name_end].decode()] = data[name_end:name_end + text_len]
         at = name_end + text_len
-    if data[at:] not in (b"E 1\n", b"E 0\n") or proc.stdout.count(PLACEHOLDER) != 1:
+    places = proc.stdout.count(PLACEHOLDER)
+    if data[at:] not in (b"E 1\n", b"E 0\n") or places > 1 or (places == 0 and (only is not None or entries)):
         raise SiteError(f"updating the Lmod spider cache in {cache} failed: this Lmod's spider output is not understood")
+    if places == 0:  # no module found: Lmod's text as it is
+        return Walk(proc.stdout, b"", {}, False)
     prefix, suffix = proc.stdout.split(PLACEHOLDER)
     return Walk(prefix, suffix, entries, data[at:] == b"E 1\n")
 
@@ -165,14 +168,6 @@ def _check(layout: Layout, proc: subprocess.CompletedProcess) -> None:
     if proc.returncode != 0:
         last = (proc.stderr.decode(errors="replace").strip().splitlines() or ["no output"])[-1]
         raise SiteError(f"updating the Lmod spider cache in {layout.spider_cache} failed: {last}")
-
-
-def _plain_spider(layout: Layout, lmod: LmodSpider) -> bytes:
-    """Lmod's own spider output, untouched (an empty tree has no entry table to fill)."""
-    proc = subprocess.run([lmod.lua, str(lmod.spider), "-o", "spiderT", str(layout.modules)], capture_output=True,
-                          env={**os.environ, "LMOD_DIR": str(lmod.libexec)}, timeout=3600)
-    _check(layout, proc)
-    return proc.stdout
 
 
 def _load_state(layout: Layout, lmod: LmodSpider) -> Optional[dict]:
@@ -253,8 +248,8 @@ def _write_cache(layout: Layout, lmod: LmodSpider, names: Optional[dict[str, lis
     if walk is None:  # only a full walk can index what the tree holds now
         walked, old, walk = None, None, _walk(layout, lmod, None)
     made = _assemble(walk, old, walked)
-    if not made.spans:  # no module left: Lmod's own text for an empty tree
-        made = Cache(_plain_spider(layout, lmod), {})
+    if not made.spans and walked is not None:  # the last modules went: Lmod's own text for that
+        made = Cache(_walk(layout, lmod, None).prefix, {})
     target = cache / "spiderT.lua"
     with atomic_open(target, binary=True) as out:
         out.write(made.text)

@@ -6,7 +6,8 @@
 -- SHPC_LITE_SPIDER_TOP (a name that is gone yields nothing); without it, all of them. Each
 -- walked name's entry of spiderT[TOP] is written by Lmod's own serializer, at the indent it has in
 -- the cache, to SHPC_LITE_SPIDER_BLOCKS as "B <name bytes> <text bytes>\n<name><text>";
--- stdout gets the cache with one placeholder entry where the names go, and the blocks file ends
+-- stdout gets the cache with one placeholder entry where the names go (none when a full walk
+-- found no module: then stdout is the whole cache), and the blocks file ends
 -- with "E 1\n" when the cache holds nothing but the names' entries (no module rc aliases, hidden
 -- modules or MODULEPATH changes), "E 0\n" when it holds more. When only some names were walked,
 -- the merge needs the first: otherwise exit status 3 (the caller walks the whole tree).
@@ -48,7 +49,8 @@ package.preload["serializeTbl"] = function()
             out:write("B ", #name, " ", #text, "\n", name, text)
          end
          out:close()
-         t.value[top] = {[PLACEHOLDER] = {}}
+         -- a full walk that found no module writes Lmod's own text (no place for names needed)
+         if only or next(t.value[top] or {}) ~= nil then t.value[top] = {[PLACEHOLDER] = {}} end
       elseif t.name == "mpathMapT" then
          plain = plain and empty(t.value)
          local out = assert(io.open(blocksFn, "ab"))

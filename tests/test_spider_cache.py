@@ -248,3 +248,12 @@ def test_the_printed_line_keeps_a_per_user_cache_from_hiding_a_module(site, smal
         uninstall(config, "gamma.x", "1.0")
         uninstall(config, "Zeta", "1.0")
         refresh(config)
+
+
+def test_the_last_module_gone_and_back(site, small_sif):
+    _setup(site)
+    _install(site, "alpha:1.0", small_sif)
+    site.cli("--set", "spider_cache=true", "uninstall", "alpha", check=True)
+    assert _cache(site) == _full_walk(site) and b"alpha" not in _cache(site)
+    _install(site, "alpha:1.0", small_sif)
+    assert _cache(site) == _full_walk(site) and b"alpha/1.0" in _cache(site)
