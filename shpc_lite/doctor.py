@@ -250,6 +250,23 @@ def check_images(config: Config) -> Finding:
                    f"install them again (shpc-lite{user} install NAME:VERSION pulls the image)")
 
 
+def check_refs(config: Config) -> Finding:
+    """Refs that interrupted installs left keep their images; ``clean`` sweeps them (a dry run
+    here: nothing is removed)."""
+    from shpc_lite.clean import sweep
+
+    layout = config.layout
+    if not layout.refs_complete.exists():
+        return Finding("ok", "image refs", "not indexed yet (the first uninstall or clean indexes them)")
+    found = sweep(layout, config["lock_lease"], dry_run=True)
+    if found.refused:
+        return Finding("error", "image refs", found.refused[0], "remove the symlink the message names")
+    if not found.refs and not found.images:
+        return Finding("ok", "image refs", "no stale image refs or unused images")
+    return Finding("warn", "image refs", f"{len(found.refs)} stale image refs (left by interrupted installs) and "
+                   f"{len(found.images)} unused images ({found.freed / 1e6:.1f} MB)", "shpc-lite clean")
+
+
 def check_registry(config: Config) -> Finding:
     """``GET /v2/`` on Docker Hub (or its configured mirror) with the client every command uses,
     so that mirrors, insecure hosts and credentials are the ones a pull would get."""
@@ -270,7 +287,8 @@ def check_registry(config: Config) -> Finding:
 
 def run_checks(config: Config, network: bool = True) -> list[Finding]:
     findings = [check_runtime(config), *check_runtime_kind(config), check_mksquashfs(config),
-                check_module_system(config), check_modulepath(config), *check_store(config), check_images(config)]
+                check_module_system(config), check_modulepath(config), *check_store(config), check_images(config),
+                check_refs(config)]
     if network:
         findings.append(check_registry(config))
     return findings
