@@ -99,7 +99,7 @@ def stale(layout: Layout, image: Path, older_than: float) -> list[Path]:
     """Refs of ``image`` whose module does not use it (a crash between the ref and the module, or
     between a reinstall and dropping its old ref), or whose name is none a ref can have, made
     before ``older_than`` (epoch seconds): a younger ref may be an install still writing its
-    module. One directory read plus one record read per ref."""
+    module. One directory read, and per ref the install records of its module's name."""
     from shpc_lite.modules import installed
 
     directory = layout.image_refs(image)
