@@ -267,6 +267,25 @@ def check_refs(config: Config) -> Finding:
                    f"{len(found.images)} unused images ({found.freed / 1e6:.1f} MB)", "shpc-lite clean")
 
 
+def check_spider_cache(config: Config) -> Optional[Finding]:
+    """Whether Lmod can use the spider cache: a change not followed by a refresh (an interrupted
+    install or batch) leaves it marked stale, and Lmod walks the tree until the next refresh."""
+    layout = config.layout
+    if not (layout.system.spider_cache and config["spider_cache"]):
+        return None
+    try:
+        marked = int(os.lstat(layout.spider_timestamp).st_mtime)
+        made = max(int(os.lstat(p).st_mtime) for p in layout.spider_cache.glob("spiderT.*"))
+    except (OSError, ValueError):
+        return Finding("warn", "spider cache", f"no spider cache in {layout.spider_cache} yet",
+                       "shpc-lite clean (makes it)")
+    if made < marked:
+        return Finding("warn", "spider cache", "marked stale: a change was not followed by a refresh "
+                       "(an interrupted install or batch); Lmod walks the tree until one",
+                       "shpc-lite clean (refreshes it)")
+    return Finding("ok", "spider cache", f"up to date in {layout.spider_cache}")
+
+
 def check_registry(config: Config) -> Finding:
     """``GET /v2/`` on Docker Hub (or its configured mirror) with the client every command uses,
     so that mirrors, insecure hosts and credentials are the ones a pull would get."""
@@ -289,6 +308,9 @@ def run_checks(config: Config, network: bool = True) -> list[Finding]:
     findings = [check_runtime(config), *check_runtime_kind(config), check_mksquashfs(config),
                 check_module_system(config), check_modulepath(config), *check_store(config), check_images(config),
                 check_refs(config)]
+    cache = check_spider_cache(config)
+    if cache is not None:
+        findings.append(cache)
     if network:
         findings.append(check_registry(config))
     return findings

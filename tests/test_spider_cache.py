@@ -257,3 +257,18 @@ def test_the_last_module_gone_and_back(site, small_sif):
     assert _cache(site) == _full_walk(site) and b"alpha" not in _cache(site)
     _install(site, "alpha:1.0", small_sif)
     assert _cache(site) == _full_walk(site) and b"alpha/1.0" in _cache(site)
+
+
+def test_doctor_sees_a_stale_cache_and_clean_refreshes_it(site, small_sif):
+    """An install interrupted before its refresh leaves the cache marked stale (right, but Lmod
+    walks the tree): doctor says so, and ``clean`` brings it up to date."""
+    _setup(site)
+    _install(site, "alpha:1.0", small_sif)
+    doctor = site.cli("--set", "spider_cache=true", "doctor", "--offline").stdout
+    assert "up to date" in doctor, doctor
+    install_sif(_config(site), "Zeta", "1.0", small_sif)  # no refresh after it
+    doctor = site.cli("--set", "spider_cache=true", "doctor", "--offline").stdout
+    assert "marked stale" in doctor and "shpc-lite clean" in doctor, doctor
+    site.cli("--set", "spider_cache=true", "clean", check=True)
+    assert _walked(site) == ["Zeta"] and _cache(site) == _full_walk(site)
+    assert "up to date" in site.cli("--set", "spider_cache=true", "doctor", "--offline").stdout

@@ -1,5 +1,5 @@
 """``shpc-lite clean``: remove the layer blob cache and Apptainer's cache of this root, refs that
-interrupted installs left and the images no module uses."""
+interrupted installs left and the images no module uses; refresh the spider cache if one is kept."""
 
 from __future__ import annotations
 
@@ -25,6 +25,12 @@ def run(args: argparse.Namespace, config) -> int:
             drop = "would drop" if args.dry_run else "dropped"
             print(f"{drop} {len(swept.refs)} stale image refs (left by interrupted installs) and "
                   f"{len(swept.images)} images no module uses ({swept.freed / 1e6:.1f} MB)")
+    if not args.dry_run:  # also what brings a spider cache up to date after an interrupted change
+        from shpc_lite.install import after_change
+
+        message = after_change(config)
+        if message and not args.quiet:
+            print(message)
     refused = result.sweep.refused
     if refused:  # one line: the first reason says what to look at
         more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
