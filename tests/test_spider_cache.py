@@ -272,3 +272,31 @@ def test_doctor_sees_a_stale_cache_and_clean_refreshes_it(site, small_sif):
     site.cli("--set", "spider_cache=true", "clean", check=True)
     assert _walked(site) == ["Zeta"] and _cache(site) == _full_walk(site)
     assert "up to date" in site.cli("--set", "spider_cache=true", "doctor", "--offline").stdout
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_random_changes_keep_what_a_full_walk_writes(site, small_sif, tmp_path, seed):
+    """Installs, reinstalls onto another image and uninstalls of random versions (1.10 against
+    1.0, a pre-release) in random batches, each followed by one refresh by name."""
+    import random
+
+    from shpc_lite.modules import installed
+
+    versions = ["1.0", "1.10", "2.0-rc1", "2.0"]
+    for name in NAMES:
+        site.write_recipe(name, RECIPE.format(name=name).replace("  '10.0': '1.36'\n", "".join(
+            f"  '{v}': '1.36'\n" for v in versions if v not in ("1.0", "2.0"))))
+    other = tmp_path / "other.sif"
+    other.write_bytes(small_sif.read_bytes() + b"\0")
+    config = _config(site)
+    rng = random.Random(seed)
+    for step in range(12):
+        for _ in range(rng.randint(1, 4)):
+            name, version = rng.choice(NAMES), rng.choice(versions)
+            if version in [r.version for r in installed(config.layout, name)] and rng.random() < 0.5:
+                uninstall(config, name, version)
+            else:
+                install_sif(config, name, version, rng.choice([small_sif, other]))
+        refresh(config)
+        assert _cache(site) == _full_walk(site)
+        assert step == 0 or isinstance(_walked(site), list)  # by name after the first
