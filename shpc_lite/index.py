@@ -163,7 +163,8 @@ def _walk(layout: Layout, lmod: LmodSpider, only: Optional[list[str]]) -> Option
         at = name_end + text_len
     places = proc.stdout.count(PLACEHOLDER)
     if data[at:] not in (b"E 1\n", b"E 0\n") or places > 1 or (places == 0 and (only is not None or entries)):
-        raise SiteError(f"updating the Lmod spider cache in {cache} failed: this Lmod's spider output is not understood")
+        raise SiteError(f"updating the Lmod spider cache in {cache} failed: "
+                        "this Lmod's spider output is not understood")
     if places == 0:  # no module found: Lmod's text as it is
         return Walk(proc.stdout, b"", {}, False)
     prefix, suffix = proc.stdout.split(PLACEHOLDER)

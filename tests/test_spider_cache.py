@@ -99,8 +99,10 @@ def test_refresh_by_name_writes_what_a_full_walk_writes(site, small_sif, tmp_pat
         change()
         assert _walked(site) == walked and _cache(site) == _full_walk(site), walked
     # the default set by hand (a batch manifest's default: true), in process, then one refresh
-    from shpc_lite.modules import installed, write_defaults
     import dataclasses
+
+    from shpc_lite.modules import installed, write_defaults
+
     config = _config(site)
     layout = config.layout
     first = [r for r in installed(layout, "alpha") if r.version == "1.0"][0]
