@@ -12,10 +12,13 @@ install writes); what is timed at each size is what a user or admin waits for:
   uninstall of it: both must stay flat (O(1) in the tree);
 * ``shpc-lite list`` (the CLI, start-up included): O(n), with a small constant;
 * Lmod ``module -t avail``, ``module spider X`` and ``module load X`` walking the tree, then the
-  spider cache refresh (``config spider_cache``, shpc_lite.index) and the same three commands
-  reading the cache (``LMOD_RC``), avail and load also with ``LMOD_CACHED_LOADS=yes`` (without
-  it this Lmod walks the tree for them cache or not). Lmod's per-user cache is kept out
-  (``LMOD_SHORT_TIME``).
+  spider cache made by a full walk (``config spider_cache``, shpc_lite.index) and the same three
+  commands reading the cache (``LMOD_RC``), avail and load also with ``LMOD_CACHED_LOADS=yes``
+  (without it this Lmod walks the tree for them cache or not). Lmod's per-user cache is kept out
+  (``LMOD_SHORT_TIME``);
+* the cache refresh after a batch of --batch installs (in process, then one refresh: only those
+  names are walked), after uninstalling them again, and after one install, against the full
+  walk (``refresh(full=True)``) of the same tree.
 """
 
 from __future__ import annotations
@@ -71,10 +74,15 @@ def module_name(i: int) -> str:
     return f"app{i:05d}"
 
 
-def write_recipes(directory: Path, start: int, stop: int) -> None:
-    """Recipes app<start>..app<stop-1>, plus ``extra`` (the module installed and uninstalled)."""
-    for i in [*range(start, stop), -1]:
-        name = "extra" if i < 0 else module_name(i)
+def batch_name(i: int) -> str:
+    return f"batch{i:03d}"
+
+
+def write_recipes(directory: Path, start: int, stop: int, batch: int = 0) -> None:
+    """Recipes app<start>..app<stop-1>, ``extra`` (the module installed and uninstalled) and the
+    ``batch`` modules of the batch refresh."""
+    for i in [*range(start, stop), -1, *range(-2, -2 - batch, -1)]:
+        name = module_name(i) if i >= 0 else "extra" if i == -1 else batch_name(-2 - i)
         (directory / f"{name}.yaml").write_text(
             f"name: {name}\nimage: docker.io/library/busybox\ndescription: bench module {name}\n"
             f"versions:\n  '1.0': '1.36'\naliases:\n  {name}-sh: /bin/sh\n")
@@ -113,7 +121,26 @@ def lmod(root: Path, command: str, rc: Path | None, **extra: str) -> float:
     return time.perf_counter() - start
 
 
-def measure(size: int, config: Config, env: dict[str, str], sif: Path, samples: int) -> list[Row]:
+def after_batch(size: int, cached: Config, sif: Path, batch: int) -> list[Row]:
+    """The refresh after a batch of installs, after removing them, after one install: by name."""
+    from shpc_lite.index import refresh
+
+    names = [batch_name(i) for i in range(batch)]
+    for name in names:
+        install_sif(cached, name, "1.0", sif)
+    rows = [Row(size, f"refresh after a batch of {batch} installs (by name)", timed(lambda: refresh(cached)))]
+    for name in names:
+        uninstall(cached, name, "1.0")
+    rows.append(Row(size, f"refresh after uninstalling those {batch} (by name)", timed(lambda: refresh(cached))))
+    install_sif(cached, "extra", "1.0", sif)
+    rows.append(Row(size, "refresh after one install (by name)", timed(lambda: refresh(cached))))
+    uninstall(cached, "extra", "1.0")
+    refresh(cached)
+    rows.append(Row(size, "refresh, full walk of the same tree", timed(lambda: refresh(cached, full=True))))
+    return rows
+
+
+def measure(size: int, config: Config, env: dict[str, str], sif: Path, samples: int, batch: int) -> list[Row]:
     root = config.layout.root
     rows = []
 
@@ -130,12 +157,12 @@ def measure(size: int, config: Config, env: dict[str, str], sif: Path, samples: 
         [sys.executable, "-m", "shpc_lite", "show", PROBE], env=cli_env, check=True, capture_output=True))))
     if not LMOD_INIT.exists():
         return rows
+    from shpc_lite.index import refresh
+
+    cached = load_config({"spider_cache": True}, environ=env)
     for label, rc in (("no cache", None), ("spider cache", root / "lmodrc.lua")):
         if rc is not None:
-            from shpc_lite.index import refresh
-
-            cached = load_config({"spider_cache": True}, environ=env)
-            rows.append(Row(size, "spider cache refresh", timed(lambda: refresh(cached))))
+            rows.append(Row(size, "spider cache made (full walk)", timed(lambda: refresh(cached))))
         rows.append(Row(size, f"module -t avail ({label})", lmod(root, "module -t avail", rc)))
         rows.append(Row(size, f"module spider {PROBE} ({label})", lmod(root, f"module spider {PROBE}", rc)))
         rows.append(Row(size, f"module load {PROBE} ({label})", lmod(root, f"module load {PROBE}", rc)))
@@ -143,6 +170,7 @@ def measure(size: int, config: Config, env: dict[str, str], sif: Path, samples: 
     for command in ("module -t avail", f"module load {PROBE}"):
         rows.append(Row(size, f"{command} (spider cache, LMOD_CACHED_LOADS=yes)",
                         lmod(root, command, root / "lmodrc.lua", LMOD_CACHED_LOADS="yes")))
+    rows += after_batch(size, cached, sif, batch)
     shutil.rmtree(root / "cache" / "lmod", ignore_errors=True)  # the next size starts without
     (root / "lmodrc.lua").unlink(missing_ok=True)
     return rows
@@ -164,6 +192,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="500,5000,20000", help="tree sizes, comma-separated, ascending")
     parser.add_argument("--samples", type=int, default=3, help="installs timed per size (median)")
+    parser.add_argument("--batch", type=int, default=50, help="installs in the batch before a refresh")
     args = parser.parse_args()
     sizes = sorted(int(s) for s in args.sizes.split(","))
     rows: list[Row] = []
@@ -178,12 +207,12 @@ def main() -> None:
         image = Path(install_sif(config, "app00000", "1.0", sif).sif)  # the one stored image
         have = 1
         for size in sizes:
-            write_recipes(recipes, have, size)
+            write_recipes(recipes, have, size, args.batch)
             start = time.perf_counter()
             grow(config, image, have, size)
             print(f"grew the tree to {size:,} modules in {time.perf_counter() - start:.1f} s", file=sys.stderr)
             have = size
-            rows += measure(size, config, env, sif, args.samples)
+            rows += measure(size, config, env, sif, args.samples, args.batch)
             print(table(rows, sizes), file=sys.stderr)
     print(table(rows, sizes))
 

@@ -310,6 +310,42 @@ def check_mpi(config: Config) -> list[Finding]:
     return findings
 
 
+def check_refs(config: Config) -> Finding:
+    """Refs that interrupted installs left keep their images; ``clean`` sweeps them (a dry run
+    here: nothing is removed)."""
+    from shpc_lite.clean import sweep
+
+    layout = config.layout
+    if not layout.refs_complete.exists():
+        return Finding("ok", "image refs", "not indexed yet (the first uninstall or clean indexes them)")
+    found = sweep(layout, config["lock_lease"], dry_run=True)
+    if found.refused:
+        return Finding("error", "image refs", found.refused[0], "remove the symlink the message names")
+    if not found.refs and not found.images:
+        return Finding("ok", "image refs", "no stale image refs or unused images")
+    return Finding("warn", "image refs", f"{len(found.refs)} stale image refs (left by interrupted installs) and "
+                   f"{len(found.images)} unused images ({found.freed / 1e6:.1f} MB)", "shpc-lite clean")
+
+
+def check_spider_cache(config: Config) -> Optional[Finding]:
+    """Whether Lmod can use the spider cache: a change not followed by a refresh (an interrupted
+    install or batch) leaves it marked stale, and Lmod walks the tree until the next refresh."""
+    layout = config.layout
+    if not (layout.system.spider_cache and config["spider_cache"]):
+        return None
+    try:
+        marked = int(os.lstat(layout.spider_timestamp).st_mtime)
+        made = max(int(os.lstat(p).st_mtime) for p in layout.spider_cache.glob("spiderT.*"))
+    except (OSError, ValueError):
+        return Finding("warn", "spider cache", f"no spider cache in {layout.spider_cache} yet",
+                       "shpc-lite clean (makes it)")
+    if made < marked:
+        return Finding("warn", "spider cache", "marked stale: a change was not followed by a refresh "
+                       "(an interrupted install or batch); Lmod walks the tree until one",
+                       "shpc-lite clean (refreshes it)")
+    return Finding("ok", "spider cache", f"up to date in {layout.spider_cache}")
+
+
 def check_registry(config: Config) -> Finding:
     """``GET /v2/`` on Docker Hub (or its configured mirror) with the client every command uses,
     so that mirrors, insecure hosts and credentials are the ones a pull would get."""
@@ -331,7 +367,11 @@ def check_registry(config: Config) -> Finding:
 def run_checks(config: Config, network: bool = True) -> list[Finding]:
     findings = [check_runtime(config), *check_runtime_kind(config), check_mksquashfs(config),
                 check_module_system(config), check_modulepath(config), *check_store(config), check_images(config),
-                *check_mpi(config)]
+                *check_mpi(config),
+                check_refs(config)]
+    cache = check_spider_cache(config)
+    if cache is not None:
+        findings.append(cache)
     if network:
         findings.append(check_registry(config))
     return findings

@@ -18,6 +18,7 @@ The tree::
     <root>/cache/apptainer, <root>/cache/lmod        Apptainer's cache, Lmod's spider cache
     <root>/views/<view>/<name>/<version>[.lua]       views: symlinks to modulefiles
     <root>/shpc-lite.lock, <root>/lmodrc.lua         the lock file, the spider cache's rc
+    <root>/cache/lmod/spiderT.lua(c_5.3), timestamp  the spider cache (+ shpc-lite-names.json, refresh.lock)
     <root>/batch/<id>/                               Slurm batch installs (tasks, logs, outcomes)
 
 Names and digests come from recipes, records and registries, which nobody here controls: each
@@ -123,6 +124,20 @@ class Layout:
     @property
     def spider_cache(self) -> Path:
         return self.cache / self.system.name
+
+    @property
+    def spider_timestamp(self) -> Path:
+        """Lmod's cache timestamp file: the cache counts only while it is not older than this."""
+        return self.spider_cache / "timestamp"
+
+    @property
+    def spider_state(self) -> Path:
+        """What each module name's directory looked like when the spider cache was made."""
+        return self.spider_cache / "shpc-lite-names.json"
+
+    @property
+    def spider_lock(self) -> Path:
+        return self.spider_cache / "refresh.lock"
 
     @property
     def apptainer_cache(self) -> Path:
@@ -336,6 +351,11 @@ def kernel_dir(kernels: Path, kernel: str) -> Path:
 
 def venv_marker(venv: Path) -> Path:
     return Path(venv) / VENV_MARKER
+
+
+def is_component(value: object) -> bool:
+    """Whether ``value`` can be one path component of the tree (a name, a version)."""
+    return isinstance(value, str) and _COMPONENT.fullmatch(value) is not None
 
 
 def component(value: str, what: str) -> str:

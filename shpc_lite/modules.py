@@ -21,6 +21,7 @@ from typing import Any, Optional
 from shpc_lite.config import Config
 from shpc_lite.errors import ConfigError, NotFoundError
 from shpc_lite.fsutil import TMP_PREFIX, atomic_write
+from shpc_lite.index import invalidate
 from shpc_lite.layout import KERNELS, Layout
 from shpc_lite.module_systems import MODULE_SYSTEMS, ModuleSystem
 from shpc_lite.packages import Package
@@ -319,6 +320,7 @@ def write_module(spec: ModuleSpec, layout: Layout, config: Config, default: bool
     """
     from shpc_lite import mpi
 
+    invalidate(layout)  # Lmod walks the tree, not a spider cache without this module, until a refresh
     final = layout.version_dir(spec.name, spec.version)
     modulefile = layout.modulefile(spec.name, spec.version)
     layout.make_dir(final.parent)
@@ -396,6 +398,7 @@ def remove_module(layout: Layout, record: Installed, config: Config) -> None:
 
     What is removed is derived from (name, version) through the layout, never from paths stored
     in the record, and nothing is followed through a symlink out of the root."""
+    invalidate(layout)
     systems = {layout.system, MODULE_SYSTEMS.get(record.module_system, layout.system)}
     for system in systems:
         layout.remove(layout.modulefile(record.name, record.version, system))
@@ -405,7 +408,17 @@ def remove_module(layout: Layout, record: Installed, config: Config) -> None:
 
 
 def write_defaults(layout: Layout, name: str, config: Config) -> None:
-    """Rewrite ``.modulerc.lua`` / ``.modulerc`` for one module: default version and GPU tags."""
+    """Rewrite ``.modulerc.lua`` / ``.modulerc`` for one module: default version and GPU tags.
+
+    The last step of every change to a name: the spider cache is marked stale again after it, so a
+    refresh that looked at the tree before the change cannot leave a cache that hides it."""
+    try:
+        _write_defaults(layout, name, config)
+    finally:
+        invalidate(layout)
+
+
+def _write_defaults(layout: Layout, name: str, config: Config) -> None:
     records = [r for r in installed(layout, name) if r.module_system == layout.system.name]
     rc = layout.modulerc(name)
     chosen = [r.version for r in records if r.default]

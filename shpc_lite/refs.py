@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from shpc_lite.layout import Layout
+from shpc_lite.layout import Layout, is_component
 
 
 def add(layout: Layout, image: Path, name: str, version: str) -> None:
@@ -93,3 +93,39 @@ def own_images(layout: Layout, candidates: Iterable[str]) -> list[Path]:
         if layout.image_digest(path) is not None and os.path.lexists(path):
             seen.setdefault(os.path.normpath(path), path)
     return list(seen.values())
+
+
+def stale(layout: Layout, image: Path, older_than: float) -> list[Path]:
+    """Refs of ``image`` whose module does not use it (a crash between the ref and the module, or
+    between a reinstall and dropping its old ref), or whose name is none a ref can have, made
+    before ``older_than`` (epoch seconds): a younger ref may be an install still writing its
+    module. One directory read, and per ref the install records of its module's name."""
+    from shpc_lite.modules import installed
+
+    directory = layout.image_refs(image)
+    if directory is None:
+        return []
+    found = []
+    try:
+        with os.scandir(layout.inside(directory / "_").parent) as entries:
+            for entry in entries:
+                if entry.stat(follow_symlinks=False).st_mtime >= older_than:
+                    continue
+                name, _, version = entry.name.partition("@")
+                if not (entry.is_file(follow_symlinks=False) and is_component(name)
+                        and is_component(version) and any(
+                            r.version == version and os.path.normpath(r.sif) == os.path.normpath(image)
+                            for r in installed(layout, name))):
+                    found.append(Path(entry.path))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return found
+
+
+def image_stems(layout: Layout) -> list[str]:
+    """Stems of the images that have a refs directory, found without following symlinks."""
+    try:
+        with os.scandir(layout.inside(layout.refs / "_").parent) as entries:
+            return sorted(e.name for e in entries if e.is_dir(follow_symlinks=False) or e.is_symlink())
+    except (FileNotFoundError, NotADirectoryError):
+        return []

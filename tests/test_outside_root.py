@@ -59,6 +59,19 @@ def _symlink_over(path: Path, target: Path) -> None:
     os.symlink(target, path)
 
 
+def _old_link(path: Path, target: Path) -> None:
+    """A symlink old enough for ``clean`` to sweep as a stale ref (not only skip as young)."""
+    import time
+
+    _symlink_over(path, target)
+    then = time.time() - 7200
+    os.utime(path, (then, then), follow_symlinks=False)
+
+
+def _image_refs(site: Site) -> Path:
+    return next(p for p in (site.root / "containers" / ".refs").iterdir() if p.is_dir())
+
+
 TAMPERING: dict[str, Callable[[Site, Path], None]] = {
     "record modulefile points outside": lambda s, o: _edit_record(s, modulefile=str(o / "3.12.lua")),
     "record sif points outside": lambda s, o: _edit_record(s, sif=str(o / "victim.sif")),
@@ -76,6 +89,8 @@ TAMPERING: dict[str, Callable[[Site, Path], None]] = {
     "cache/blobs/sha256/<hex> is a symlink": lambda s, o: _symlink_over(
         s.root / "cache" / "blobs" / "sha256" / BLOB, o / BLOB),
     "containers/.locks is a symlink": lambda s, o: _symlink_over(s.root / "containers" / ".locks", o),
+    "containers/.refs/<image> is a symlink": lambda s, o: _old_link(_image_refs(s), o),
+    "a ref is a symlink to an outside file": lambda s, o: _old_link(_image_refs(s) / "python@3.12", o / "precious"),
     "views/<view> is a symlink": lambda s, o: _symlink_over(s.root / "views" / "course", o),
     "views/<view>/<name> is a symlink": lambda s, o: _symlink_over(s.root / "views" / "course" / "python",
                                                                    o / "python"),
