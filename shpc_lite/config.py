@@ -56,11 +56,12 @@ KEYS: dict[str, tuple[Any, str, tuple[str, ...]]] = {
     "spider_cache": (False, "bool", ()),
     "lock_lease": (120, "int", ()),
     "package_cap": (500, "int", ()),
+    "batch_chunk": (100, "int", ()),
 }
 
 # Smallest sensible value of whole-number keys: a lease of 0 s would be lost at once, a timeout
 # of 0 s fails every request; a negative package cap means nothing.
-_MINIMUM = {"lock_lease": 1, "timeout": 1, "package_cap": 0}
+_MINIMUM = {"lock_lease": 1, "timeout": 1, "package_cap": 0, "batch_chunk": 1}
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}

@@ -7,26 +7,30 @@ a subprocess or probe the filesystem at load time: every path is decided here.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from shpc_lite.config import Config
 from shpc_lite.errors import ConfigError, NotFoundError
-from shpc_lite.fsutil import TMP_PREFIX, atomic_write
-from shpc_lite.layout import Layout
+from shpc_lite.fsutil import atomic_write
+from shpc_lite.layout import RECORD as RECORD_NAME, Layout
 from shpc_lite.module_systems import MODULE_SYSTEMS, ModuleSystem
 from shpc_lite.packages import Package
 from shpc_lite.recipe import GENERATED, Alias, Recipe
 from shpc_lite.runtimes import SINGULARITY, RuntimeKind, runtime_kind
 from shpc_lite.versions import newest, version_key
+
+# A temp entry of another host's writer older than this is taken as left by a crash (staging
+# one batch chunk takes seconds).
+STALE_TEMP_SECONDS = 3600
 
 # Device files whose presence means "this node has such a GPU" (checked by wrappers at run time).
 GPU_DEVICES = {"nvidia": "/dev/nvidiactl", "amd": "/dev/kfd"}
@@ -286,17 +290,106 @@ def installed(layout: Layout, name: Optional[str] = None) -> list[Installed]:
     return sorted(found, key=lambda i: (i.name, version_key(i.version)))
 
 
-def write_module(spec: ModuleSpec, layout: Layout, config: Config, default: bool = False) -> Installed:
-    """Write wrappers (staged dir, then swapped in) and then the modulefile, atomically.
+@dataclass(frozen=True)
+class PendingModule:
+    """One module for ``write_modules``: its spec, and whether the site makes it the default."""
 
-    The modulefile goes last because it is what users see: a failure before it leaves the
-    previous state untouched.
+    spec: ModuleSpec
+    default: bool = False
+
+
+@dataclass
+class WriteResult:
+    """What became of one ``PendingModule``: its record, or the error that stopped it (that
+    module's files are then as they were; the others of the batch are not affected)."""
+
+    pending: PendingModule
+    record: Optional[Installed] = None
+    error: Optional[BaseException] = None
+
+
+@dataclass
+class _Staged:
+    """A module's files, written under hidden temp names beside where they will be published."""
+
+    pending: PendingModule
+    record: Installed
+    stage: str  # <root>/wrappers/<name>/.shpc-lite-tmp-...: bin/ with the wrappers
+    stage_record: str  # the record, inside the stage under a hidden name (published last)
+    modulefile_tmp: str  # <root>/modules/<name>/.shpc-lite-tmp-...
+    files: list[str]
+    dirs: list[str]
+
+
+def write_module(spec: ModuleSpec, layout: Layout, config: Config, default: bool = False) -> Installed:
+    """Write one module (a batch of one: see ``write_modules``); raises what stopped it."""
+    result = write_modules([PendingModule(spec, default)], layout, config)[0]
+    if result.error is not None:
+        raise result.error
+    assert result.record is not None
+    return result.record
+
+
+def write_modules(pending: list[PendingModule], layout: Layout, config: Config) -> list[WriteResult]:
+    """Write many modules with one flush barrier for all their files, defaults once per name.
+
+    1. stage: each module's wrappers (``bin/``) and record go into a hidden directory beside its
+       final one, its modulefile into a hidden file beside its final name (no fsync each);
+    2. flush: one ``syncfs`` (else fsync of each file) makes all of it durable;
+    3. publish, per module: the wrapper directory is renamed into place, then the modulefile
+       (what users see), then the record (what ``list`` and a rerun see: a module with a record
+       is complete);
+    4. defaults: ``.modulerc[.lua]`` once per name of the batch, staged, flushed, renamed;
+    5. one fsync of every directory a rename changed.
+
+    Why this order is enough after ``kill -9`` or a power cut: docs/site.md, "Crash safety of
+    batch writes". A module whose staging or publishing fails is rolled back alone.
     """
+    from shpc_lite import fsutil
+
+    results = [WriteResult(p) for p in pending]
+    staged: list[tuple[WriteResult, _Staged]] = []
+    for name in dict.fromkeys(p.spec.name for p in pending):
+        _sweep(layout, name)
+    for result in results:
+        try:
+            staged.append((result, _stage(result.pending, layout)))
+        except BaseException as err:  # noqa: BLE001 - reported per module
+            result.error = err
+            if not isinstance(err, Exception):
+                _unstage([s for _, s in staged])
+                raise
+    fsutil.flush([f for _, s in staged for f in s.files], [d for _, s in staged for d in s.dirs])
+    changed: set[str] = set()
+    for i, (result, item) in enumerate(staged):
+        try:
+            _publish(item, layout, changed)
+            result.record = item.record
+        except BaseException as err:  # noqa: BLE001
+            result.error = err
+            if not isinstance(err, Exception):
+                _unstage([s for _, s in staged[i + 1:]])
+                raise
+    done = [r for r in results if r.record is not None]
+    for result in done:
+        if result.pending.default:
+            spec = result.pending.spec
+            for other in installed(layout, spec.name):
+                if other.default and other.version != spec.version:
+                    _write_record(layout, dataclasses.replace(other, default=False))
+    write_defaults_many(layout, [r.pending.spec.name for r in done], config, changed)
+    fsutil.fsync_dirs(sorted(changed))
+    return results
+
+
+def _stage(pending: PendingModule, layout: Layout) -> _Staged:
+    from shpc_lite.fsutil import mkdir_new, temp_name, write_new
+
+    spec = pending.spec
     final = layout.version_dir(spec.name, spec.version)
     modulefile = layout.modulefile(spec.name, spec.version)
     layout.make_dir(final.parent)
     layout.make_dir(modulefile.parent)
-    stage = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=final.parent))
     record = Installed(
         name=spec.name,
         version=spec.version,
@@ -309,40 +402,91 @@ def write_module(spec: ModuleSpec, layout: Layout, config: Config, default: bool
         commands=tuple(spec.commands),
         gpu=spec.gpu,
         description=spec.description,
-        default=default,
+        default=pending.default,
         packages=tuple(p.spec for p in spec.packages),
         layers=spec.layers,
     )
+    # Rendered before anything is created: a template error leaves nothing to undo.
+    wrappers = [(w.name, render_wrapper(spec, w).encode()) for w in spec.wrappers]
+    module_text = render_modulefile(spec, layout.system).encode()
+    stage = os.path.join(final.parent, temp_name(spec.version))
+    item = _Staged(pending, record, stage, os.path.join(stage, temp_name("record")),
+                   os.path.join(modulefile.parent, temp_name(spec.version + ".mod")), [],
+                   [stage, os.path.join(stage, "bin"), str(final.parent), str(modulefile.parent)])
+    try:
+        mkdir_new(stage, 0o755)
+        bindir = os.path.join(stage, "bin")
+        mkdir_new(bindir, 0o755)
+        for name, text in wrappers:
+            path = os.path.join(bindir, name)
+            write_new(path, text, 0o755)
+            item.files.append(path)
+        write_new(item.stage_record, _record_json(record).encode(), 0o644)
+        write_new(item.modulefile_tmp, module_text, 0o644)
+        item.files += [item.stage_record, item.modulefile_tmp]
+    except BaseException:
+        _unstage([item])
+        raise
+    return item
+
+
+def _unstage(items: list[_Staged]) -> None:
+    for item in items:
+        shutil.rmtree(item.stage, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(item.modulefile_tmp)
+
+
+def _publish(item: _Staged, layout: Layout, changed: set[str]) -> None:
+    """Wrappers into place, then the modulefile, then the record; on failure the version's
+    previous files come back (the old wrapper directory is moved aside, not deleted, until the
+    new module is whole)."""
+    from shpc_lite.fsutil import temp_name
+
+    spec = item.pending.spec
+    final = str(layout.inside(layout.version_dir(spec.name, spec.version)))
+    modulefile = str(layout.inside(layout.modulefile(spec.name, spec.version)))
     old = None
     try:
-        bindir = stage / "bin"
-        bindir.mkdir()
-        for wrapper in spec.wrappers:
-            (bindir / wrapper.name).write_text(render_wrapper(spec, wrapper), encoding="utf-8")
-            os.chmod(bindir / wrapper.name, 0o755)
-        (stage / layout.record(spec.name, spec.version).name).write_text(_record_json(record))
-        os.chmod(stage, 0o755)
         if os.path.lexists(final):
-            old = final.parent / f"{TMP_PREFIX}old-{spec.version}-{os.getpid()}"
+            old = os.path.join(os.path.dirname(final), temp_name(f"old-{spec.version}"))
             os.rename(final, old)
-        os.rename(stage, final)
-        atomic_write(modulefile, render_modulefile(spec, layout.system))
+        os.rename(item.stage, final)
+        os.replace(item.modulefile_tmp, modulefile)
+        os.rename(os.path.join(final, os.path.basename(item.stage_record)), os.path.join(final, RECORD_NAME))
     except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
+        _unstage([item])
         if old is not None:
-            layout.remove(final)
+            layout.remove(Path(final))
             os.rename(old, final)
             old = None
         raise
     finally:
         if old is not None:
-            layout.remove(old)
-    if default:
-        for other in installed(layout, spec.name):
-            if other.default and other.version != spec.version:
-                _write_record(layout, dataclasses.replace(other, default=False))
-    write_defaults(layout, spec.name, config)
-    return record
+            layout.remove(Path(old))
+    # The name directories too: a first install of a name created them.
+    changed.update((os.path.dirname(final), final, os.path.dirname(modulefile), str(layout.modules),
+                    str(layout.wrappers)))
+
+
+def _sweep(layout: Layout, name: str) -> None:
+    """Remove what a killed writer left in this name's directories (hidden temp files and
+    directories of a dead process of this host, or older than an hour): a rerun leaves no
+    garbage. One directory read per name; a live writer's temps are never touched."""
+    import time
+
+    from shpc_lite.fsutil import stale_temp
+
+    now = time.time()
+    for directory in (layout.wrapper_root(name), layout.module_dir(name)):
+        try:
+            with os.scandir(layout.inside(directory / "_").parent) as entries:
+                leftovers = [e for e in entries
+                             if stale_temp(e.name, e.stat(follow_symlinks=False).st_mtime, now, STALE_TEMP_SECONDS)]
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for entry in leftovers:
+            layout.remove(Path(entry.path))
 
 
 def _record_json(record: Installed) -> str:
@@ -368,17 +512,54 @@ def remove_module(layout: Layout, record: Installed, config: Config) -> None:
 
 def write_defaults(layout: Layout, name: str, config: Config) -> None:
     """Rewrite ``.modulerc.lua`` / ``.modulerc`` for one module: default version and GPU tags."""
+    changed: set[str] = set()
+    write_defaults_many(layout, [name], config, changed)
+    from shpc_lite.fsutil import fsync_dirs
+
+    fsync_dirs(sorted(changed))
+
+
+def write_defaults_many(layout: Layout, names: list[str], config: Config, changed: set[str]) -> None:
+    """The defaults file of each name, once however many of its versions a batch wrote: all
+    staged, one flush, then renamed (or removed where nothing is left to mark). Directories
+    changed are added to ``changed`` for the caller's final fsync."""
+    from shpc_lite.fsutil import flush, temp_name, write_new
+
+    staged: list[tuple[str, str]] = []
+    try:
+        for name in dict.fromkeys(names):
+            rc = layout.modulerc(name)
+            text = _defaults_text(layout, name, config)
+            if text is None:
+                if layout.remove(rc):
+                    changed.add(str(rc.parent))
+                layout.remove_empty_parents(rc.parent, layout.modules)
+                continue
+            layout.make_dir(rc.parent)
+            tmp = os.path.join(rc.parent, temp_name("rc"))
+            write_new(tmp, text.encode(), 0o644)
+            staged.append((tmp, str(layout.inside(rc))))
+        flush([tmp for tmp, _ in staged])
+        while staged:
+            tmp, rc_path = staged[0]
+            os.replace(tmp, rc_path)
+            staged.pop(0)
+            changed.add(os.path.dirname(rc_path))
+    finally:
+        for tmp, _ in staged:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+
+def _defaults_text(layout: Layout, name: str, config: Config) -> Optional[str]:
+    """What ``.modulerc[.lua]`` of ``name`` says (default version, GPU tags); None for no file."""
     records = [r for r in installed(layout, name) if r.module_system == layout.system.name]
-    rc = layout.modulerc(name)
     chosen = [r.version for r in records if r.default]
     default = chosen[0] if chosen else newest(r.version for r in records) if config["default_version"] == "newest" else None
     gpu_versions = [r.version for r in records if r.gpu != "none"]
     if not records or (default is None and not gpu_versions):
-        layout.remove(rc)
-        layout.remove_empty_parents(rc.parent, layout.modules)
-        return
-    layout.make_dir(rc.parent)
-    atomic_write(rc, render(layout.system.rc_template, name=name, default=default, gpu_versions=gpu_versions))
+        return None
+    return render(layout.system.rc_template, name=name, default=default, gpu_versions=gpu_versions)
 
 
 def find_installed(layout: Layout, name: str, version: Optional[str] = None) -> list[Installed]:
@@ -401,6 +582,9 @@ __all__ = [
     "write_module",
     "remove_module",
     "write_defaults",
+    "write_modules",
+    "PendingModule",
+    "WriteResult",
     "installed",
     "find_installed",
     "newest",
