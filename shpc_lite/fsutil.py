@@ -117,7 +117,7 @@ def flush(files: Iterable[str], dirs: Iterable[str] = ()) -> None:
     files, dirs = list(files), list(dirs)
     if not files and not dirs:
         return
-    syncfs = _syncfs() if os.environ.get("SHPC_LITE_SYNC", "syncfs") == "syncfs" else None
+    syncfs = _syncfs()
     if syncfs is not None:
         devices: dict[int, str] = {}
         for path in [*dirs, *(os.path.dirname(f) for f in files)]:

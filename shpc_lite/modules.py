@@ -337,10 +337,11 @@ def write_modules(pending: list[PendingModule], layout: Layout, config: Config) 
        final one, its modulefile into a hidden file beside its final name (no fsync each);
     2. flush: one ``syncfs`` (else fsync of each file) makes all of it durable;
     3. publish, per module: the wrapper directory is renamed into place, then the modulefile
-       (what users see), then the record (what ``list`` and a rerun see: a module with a record
-       is complete);
+       (what users see);
     4. defaults: ``.modulerc[.lua]`` once per name of the batch, staged, flushed, renamed;
-    5. one fsync of every directory a rename changed.
+    5. the records (what ``list`` and a rerun see): a module with a record is complete, so a
+       rerun after a crash anywhere before redoes the module and its defaults;
+    6. one fsync of every directory a rename changed.
 
     Why this order is enough after ``kill -9`` or a power cut: docs/site.md, "Crash safety of
     batch writes". A module whose staging or publishing fails is rolled back alone.
@@ -361,10 +362,12 @@ def write_modules(pending: list[PendingModule], layout: Layout, config: Config) 
                 raise
     fsutil.flush([f for _, s in staged for f in s.files], [d for _, s in staged for d in s.dirs])
     changed: set[str] = set()
+    published: list[_Staged] = []
     for i, (result, item) in enumerate(staged):
         try:
             _publish(item, layout, changed)
             result.record = item.record
+            published.append(item)
         except BaseException as err:  # noqa: BLE001
             result.error = err
             if not isinstance(err, Exception):
@@ -377,7 +380,13 @@ def write_modules(pending: list[PendingModule], layout: Layout, config: Config) 
             for other in installed(layout, spec.name):
                 if other.default and other.version != spec.version:
                     _write_record(layout, dataclasses.replace(other, default=False))
-    write_defaults_many(layout, [r.pending.spec.name for r in done], config, changed)
+    # Defaults before the records: a module has its record only once everything about it is
+    # written, so a rerun after a crash anywhere before redoes the module and its defaults.
+    write_defaults_many(layout, [r.pending.spec.name for r in done], config, changed,
+                        [r.record for r in done if r.record is not None])
+    for item in published:
+        final = layout.version_dir(item.record.name, item.record.version)
+        os.rename(final / os.path.basename(item.stage_record), final / RECORD_NAME)
     fsutil.fsync_dirs(sorted(changed))
     return results
 
@@ -438,7 +447,7 @@ def _unstage(items: list[_Staged]) -> None:
 
 
 def _publish(item: _Staged, layout: Layout, changed: set[str]) -> None:
-    """Wrappers into place, then the modulefile, then the record; on failure the version's
+    """Wrappers into place, then the modulefile (the record comes after the defaults); on failure the version's
     previous files come back (the old wrapper directory is moved aside, not deleted, until the
     new module is whole)."""
     from shpc_lite.fsutil import temp_name
@@ -453,7 +462,6 @@ def _publish(item: _Staged, layout: Layout, changed: set[str]) -> None:
             os.rename(final, old)
         os.rename(item.stage, final)
         os.replace(item.modulefile_tmp, modulefile)
-        os.rename(os.path.join(final, os.path.basename(item.stage_record)), os.path.join(final, RECORD_NAME))
     except BaseException:
         _unstage([item])
         if old is not None:
@@ -519,17 +527,19 @@ def write_defaults(layout: Layout, name: str, config: Config) -> None:
     fsync_dirs(sorted(changed))
 
 
-def write_defaults_many(layout: Layout, names: list[str], config: Config, changed: set[str]) -> None:
+def write_defaults_many(layout: Layout, names: list[str], config: Config, changed: set[str],
+                        new: list[Installed] = ()) -> None:
     """The defaults file of each name, once however many of its versions a batch wrote: all
     staged, one flush, then renamed (or removed where nothing is left to mark). Directories
-    changed are added to ``changed`` for the caller's final fsync."""
+    changed are added to ``changed`` for the caller's final fsync. ``new``: records about to be
+    published (they count as installed)."""
     from shpc_lite.fsutil import flush, temp_name, write_new
 
     staged: list[tuple[str, str]] = []
     try:
         for name in dict.fromkeys(names):
             rc = layout.modulerc(name)
-            text = _defaults_text(layout, name, config)
+            text = _defaults_text(layout, name, config, [r for r in new if r.name == name])
             if text is None:
                 if layout.remove(rc):
                     changed.add(str(rc.parent))
@@ -551,9 +561,11 @@ def write_defaults_many(layout: Layout, names: list[str], config: Config, change
                 os.unlink(tmp)
 
 
-def _defaults_text(layout: Layout, name: str, config: Config) -> Optional[str]:
+def _defaults_text(layout: Layout, name: str, config: Config, new: list[Installed]) -> Optional[str]:
     """What ``.modulerc[.lua]`` of ``name`` says (default version, GPU tags); None for no file."""
-    records = [r for r in installed(layout, name) if r.module_system == layout.system.name]
+    versions = {r.version for r in new}
+    records = [r for r in installed(layout, name) if r.version not in versions] + new
+    records = sorted((r for r in records if r.module_system == layout.system.name), key=lambda r: version_key(r.version))
     chosen = [r.version for r in records if r.default]
     default = chosen[0] if chosen else newest(r.version for r in records) if config["default_version"] == "newest" else None
     gpu_versions = [r.version for r in records if r.gpu != "none"]
