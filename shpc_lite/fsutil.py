@@ -7,6 +7,7 @@ so temp files are always created beside their target.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import secrets
 import shutil
@@ -160,7 +161,7 @@ def temp_name(label: str) -> str:
     """A hidden name for a staged file or directory: ``.shpc-lite-tmp-<host>.<pid>-<rand>-<label>``.
     Module systems skip names starting with '.', and the owner is in the name so a later run
     can tell a dead writer's leftovers (``stale_temp``) from a running one's."""
-    return f"{TMP_PREFIX}{_HOST}.{os.getpid()}-{secrets.token_hex(3)}-{label}"
+    return f"{TMP_PREFIX}{_HOST}.{os.getpid()}-{_TOKEN}{next(_SERIAL)}-{label}"
 
 
 def stale_temp(name: str, mtime: float, now: float, older_than: float) -> bool:
@@ -188,4 +189,8 @@ def _alive(pid: int) -> bool:
     return True
 
 
+# Unique per process without a random read per name: pid (fork changes it), a token drawn
+# once (a reused pid after a crash), a counter.
+_TOKEN = secrets.token_hex(3)
+_SERIAL = itertools.count()
 _HOST = "".join(c if c.isalnum() else "_" for c in os.uname().nodename)[:64] or "host"

@@ -38,10 +38,25 @@ def prepare_sif(config: Config, recipe: Recipe, version: str, sif: Path, *, defa
 
 
 def _imported(config: Config, sif: Path) -> "StoredImage":
+    """``import_sif``, once per file and root in this process: a batch of many modules from one
+    SIF hashes and checks it once (again if the stored copy went away meanwhile)."""
     from shpc_lite.puller import StoredImage
 
+    try:
+        st = os.stat(sif)
+    except OSError:
+        st = None  # import_sif says what is wrong with it
+    key = (os.path.abspath(sif), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, str(config.layout.root)) if st else None
+    known = _IMPORTED.get(key) if key else None
+    if known is not None and os.path.exists(known):
+        return StoredImage(known, "", False)
     stored, created = import_sif(config, sif)
+    if key:
+        _IMPORTED[key] = stored
     return StoredImage(stored, "", created)
+
+
+_IMPORTED: dict[tuple, Path] = {}
 
 
 def image_packages(sif: Path) -> tuple[Package, ...]:

@@ -219,6 +219,7 @@ def _environment() -> Any:
         undefined=jinja2.StrictUndefined,
         finalize=quoting.finalize,
         keep_trailing_newline=True,
+        auto_reload=False,  # templates are package data: not stat'ed again for every render
         trim_blocks=True,
         lstrip_blocks=True,
     )
@@ -341,7 +342,7 @@ def write_modules(pending: list[PendingModule], layout: Layout, config: Config) 
     4. defaults: ``.modulerc[.lua]`` once per name of the batch, staged, flushed, renamed;
     5. the records (what ``list`` and a rerun see): a module with a record is complete, so a
        rerun after a crash anywhere before redoes the module and its defaults;
-    6. one fsync of every directory a rename changed.
+    6. one more flush (``syncfs``, else an fsync of every directory a rename changed).
 
     Why this order is enough after ``kill -9`` or a power cut: docs/site.md, "Crash safety of
     batch writes". A module whose staging or publishing fails is rolled back alone.
@@ -387,7 +388,7 @@ def write_modules(pending: list[PendingModule], layout: Layout, config: Config) 
     for item in published:
         final = layout.version_dir(item.record.name, item.record.version)
         os.rename(final / os.path.basename(item.stage_record), final / RECORD_NAME)
-    fsutil.fsync_dirs(sorted(changed))
+    fsutil.flush((), sorted(changed))
     return results
 
 
@@ -522,9 +523,9 @@ def write_defaults(layout: Layout, name: str, config: Config) -> None:
     """Rewrite ``.modulerc.lua`` / ``.modulerc`` for one module: default version and GPU tags."""
     changed: set[str] = set()
     write_defaults_many(layout, [name], config, changed)
-    from shpc_lite.fsutil import fsync_dirs
+    from shpc_lite.fsutil import flush
 
-    fsync_dirs(sorted(changed))
+    flush((), sorted(changed))
 
 
 def write_defaults_many(layout: Layout, names: list[str], config: Config, changed: set[str],

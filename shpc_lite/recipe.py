@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 import shlex
 from dataclasses import dataclass, field
@@ -268,9 +269,23 @@ def _yaml_load(text: str, source: str) -> Any:
 def load_recipe(path: Path) -> Recipe:
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            key = (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            if key in _LOADED:  # a batch asks for each recipe more than once (plan, install)
+                return _LOADED[key]
+            text = fh.read().decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")  # as read_text
     except (OSError, UnicodeDecodeError) as err:
         raise RecipeError(f"{path}: cannot read recipe: {getattr(err, 'strerror', None) or err}") from None
+    recipe = _LOADED[key] = _load_text(path, text)
+    return recipe
+
+
+# Recipes read by this process, by file identity: an edited file is read again.
+_LOADED: dict[tuple, Recipe] = {}
+
+
+def _load_text(path: Path, text: str) -> Recipe:
     recipe = recipe_from_dict(_yaml_load(text, str(path)), str(path))
     if recipe.name != path.stem:
         raise RecipeError(f"{path}: name {recipe.name!r} does not match the file name {path.stem!r}")
