@@ -90,13 +90,16 @@ class Row:
 
 
 def candidates(count: int, registry: Path) -> list[tuple[str, str, str]]:
-    """(uri, docker image, latest tag) of the first recipes that shpc-lite can import, copied into ``registry``."""
+    """(uri, docker image, latest tag) of the first recipes that shpc-lite can import (none with
+    custom wrapper scripts: neither tool converts the same thing there), copied into ``registry``."""
     found, images = [], set()
     for path in sorted(RECIPES.rglob("container.yaml")):
         doc = yaml.safe_load(path.read_text())
         uri = "/".join(path.parent.relative_to(RECIPES).parts[1:])  # below its source folder
         latest = doc.get("latest") if isinstance(doc, dict) else None
         if not doc.get("docker") or not isinstance(latest, dict) or len(latest) != 1:
+            continue
+        if any(key.endswith("_scripts") for key in doc):  # custom wrapper scripts: files beside it
             continue
         tag = str(next(iter(latest)))
         if doc["docker"] in images or (registry / uri).exists() or not SAFE_VERSION.match(tag):

@@ -56,7 +56,7 @@ KEYS: dict[str, tuple[Any, str, tuple[str, ...]]] = {
     "spider_cache": (False, "bool", ()),
     "lock_lease": (120, "int", ()),
     "package_cap": (500, "int", ()),
-    "batch_chunk": (100, "int", ()),
+    "batch_chunk": (256, "int", ()),
 }
 
 # Smallest sensible value of whole-number keys: a lease of 0 s would be lost at once, a timeout

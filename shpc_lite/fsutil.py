@@ -7,6 +7,7 @@ so temp files are always created beside their target.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import os
 import secrets
@@ -95,14 +96,14 @@ def mkdir_new(path: str, mode: int) -> None:
         os.chmod(path, mode)
 
 
+@functools.lru_cache(maxsize=1)
 def _syncfs() -> Optional[Callable[[int], int]]:
-    """libc's syncfs(2) (Linux), or None where it cannot be had."""
+    """libc's syncfs(2) (Linux), or None where it cannot be had. Looked up once, in the symbols
+    the process already has (``find_library`` would run ldconfig)."""
     try:
         import ctypes
-        import ctypes.util
 
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fn = libc.syncfs
+        fn = ctypes.CDLL(None, use_errno=True).syncfs
     except (OSError, AttributeError):
         return None
     fn.argtypes = [ctypes.c_int]

@@ -37,11 +37,20 @@ def prepare_sif(config: Config, recipe: Recipe, version: str, sif: Path, *, defa
     return _prepare(config, recipe, version, pin.tag, lambda _digest: _imported(config, sif), default=default)
 
 
-def _imported(config: Config, sif: Path) -> "StoredImage":
+@dataclass(frozen=True)
+class _Imported:
+    """A SIF file's copy in the store, as ``_prepare`` uses a pulled ``StoredImage`` (without
+    importing the puller and its HTTP stack: ``install --sif`` starts faster)."""
+
+    path: Path
+    digest: str
+    pulled: bool
+    layers: tuple[str, ...] = ()
+
+
+def _imported(config: Config, sif: Path) -> _Imported:
     """``import_sif``, once per file and root in this process: a batch of many modules from one
     SIF hashes and checks it once (again if the stored copy went away meanwhile)."""
-    from shpc_lite.puller import StoredImage
-
     try:
         st = os.stat(sif)
     except OSError:
@@ -49,11 +58,11 @@ def _imported(config: Config, sif: Path) -> "StoredImage":
     key = (os.path.abspath(sif), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, str(config.layout.root)) if st else None
     known = _IMPORTED.get(key) if key else None
     if known is not None and os.path.exists(known):
-        return StoredImage(known, "", False)
+        return _Imported(known, "", False)
     stored, created = import_sif(config, sif)
     if key:
         _IMPORTED[key] = stored
-    return StoredImage(stored, "", created)
+    return _Imported(stored, "", created)
 
 
 _IMPORTED: dict[tuple, Path] = {}
@@ -147,13 +156,14 @@ def _install_stored(config: Config, recipe: Recipe, version: str, tag: str,
 
 @dataclass
 class Prepared:
-    """A module whose image is stored and held (its ref added): ready for ``commit``."""
+    """A module whose image is stored and whose spec is made: ready for ``commit``."""
 
     spec: ModuleSpec
     default: bool
     image: Path
     created: bool  # this install stored the image (dropped again if the module fails)
     previous: list[str]  # the images this version's earlier install used
+    restore: Callable[[], object]  # store the image again (a concurrent uninstall dropped it)
 
 
 @dataclass
@@ -184,14 +194,12 @@ def prepare_version(config: Config, recipe: Recipe, choice: ImageChoice, *, quie
 
 def _prepare(config: Config, recipe: Recipe, version: str, tag: str,
              store: Callable[[Optional[str]], StoredImage], *, default: bool = False) -> Prepared:
-    """Store the image (``store(None)``), add its ref (before the module can appear) and make
-    the module's spec; on failure, what this did is undone."""
+    """Store the image (``store(None)``) and make the module's spec; ``commit`` adds the ref
+    (before the module can appear) and writes it. On failure, what this did is undone."""
     layout = config.layout
     previous = [r.sif for r in installed(layout, recipe.name) if r.version == version]
     stored = store(None)
     try:
-        if not _hold(config, stored.path, recipe.name, version):
-            store(stored.digest)  # a concurrent uninstall dropped it before our module used it
         digest = stored.digest or pin_digest(recipe, version)
         spec = make_spec(recipe, version, tag, digest, stored.path, layout, config,
                          packages=image_packages(stored.path),
@@ -200,7 +208,7 @@ def _prepare(config: Config, recipe: Recipe, version: str, tag: str,
     except BaseException:
         _release(config, stored.path, recipe.name, version, previous, stored.pulled)
         raise
-    return Prepared(spec, default, stored.path, stored.pulled, previous)
+    return Prepared(spec, default, stored.path, stored.pulled, previous, lambda: store(stored.digest))
 
 
 def pin_digest(recipe: Recipe, version: str) -> str:
@@ -209,30 +217,45 @@ def pin_digest(recipe: Recipe, version: str) -> str:
 
 
 def commit(config: Config, prepared: list[Prepared]) -> list[Committed]:
-    """Write the modules of many prepared installs at once (``write_modules``: one flush for
-    all their files, defaults once per name); each one that fails is undone alone."""
+    """Hold the images (refs added, one digest lock per image) and write the modules of many
+    prepared installs at once (``write_modules``: one flush for all their files, defaults once
+    per name); each one that fails is undone alone."""
     layout = config.layout
-    results = write_modules([PendingModule(p.spec, p.default) for p in prepared], layout, config)
-    out = []
-    for p, written in zip(prepared, results):
-        if written.error is not None:
+    out = {id(p): Committed(p) for p in prepared}
+    groups: dict[Path, list[Prepared]] = {}
+    for p in prepared:
+        groups.setdefault(p.image, []).append(p)
+    for image, group in groups.items():
+        try:
+            if not _hold(config, image, group):
+                group[0].restore()  # a concurrent uninstall dropped it before our modules used it
+        except Exception as err:  # noqa: BLE001 - reported per module
+            for p in group:
+                out[id(p)].error = err
+    ready = [p for p in prepared if out[id(p)].error is None]
+    results = write_modules([PendingModule(p.spec, p.default) for p in ready], layout, config)
+    for p, written in zip(ready, results):
+        out[id(p)].record, out[id(p)].error = written.record, written.error
+    for p in prepared:
+        if out[id(p)].error is not None:
             _release(config, p.image, p.spec.name, p.spec.version, p.previous, p.created)
         else:
             _replaced(config, p.spec.name, p.spec.version, p.previous, p.image)
-        out.append(Committed(p, written.record, written.error))
-    return out
+    return [out[id(p)] for p in prepared]
 
 
-def _hold(config: Config, image: Path, name: str, version: str) -> bool:
-    """Add the ref name/version -> image before the module is written, under the image's digest
-    lock (what a deleter holds while it decides): returns whether the image is still there, so
-    a concurrent uninstall either sees our ref or has already dropped the image, never neither."""
+def _hold(config: Config, image: Path, modules: list[Prepared]) -> bool:
+    """Add the refs name/version -> image before the modules are written, under the image's
+    digest lock (what a deleter holds while it decides; taken once for all modules of the
+    image): returns whether the image is still there, so a concurrent uninstall either sees our
+    refs or has already dropped the image, never neither."""
     layout = config.layout
     digest = layout.image_digest(image)
     if digest is None:
         return True  # the central store's image: not ours to drop
     with digest_lock(layout, digest, config["lock_lease"]):
-        refs.add(layout, image, name, version)
+        for p in modules:
+            refs.add(layout, image, p.spec.name, p.spec.version)
         return image.exists()
 
 

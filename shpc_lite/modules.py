@@ -339,7 +339,8 @@ def write_modules(pending: list[PendingModule], layout: Layout, config: Config) 
     2. flush: one ``syncfs`` (else fsync of each file) makes all of it durable;
     3. publish, per module: the wrapper directory is renamed into place, then the modulefile
        (what users see);
-    4. defaults: ``.modulerc[.lua]`` once per name of the batch, staged, flushed, renamed;
+    4. defaults: ``.modulerc[.lua]`` once per name of the batch (staged in step 1 and flushed
+       in step 2 with the modules), renamed;
     5. the records (what ``list`` and a rerun see): a module with a record is complete, so a
        rerun after a crash anywhere before redoes the module and its defaults;
     6. one more flush (``syncfs``, else an fsync of every directory a rename changed).
@@ -361,34 +362,45 @@ def write_modules(pending: list[PendingModule], layout: Layout, config: Config) 
             if not isinstance(err, Exception):
                 _unstage([s for _, s in staged])
                 raise
-    fsutil.flush([f for _, s in staged for f in s.files], [d for _, s in staged for d in s.dirs])
-    changed: set[str] = set()
-    published: list[_Staged] = []
-    for i, (result, item) in enumerate(staged):
-        try:
-            _publish(item, layout, changed)
-            result.record = item.record
-            published.append(item)
-        except BaseException as err:  # noqa: BLE001
-            result.error = err
-            if not isinstance(err, Exception):
-                _unstage([s for _, s in staged[i + 1:]])
-                raise
-    done = [r for r in results if r.record is not None]
-    for result in done:
-        if result.pending.default:
-            spec = result.pending.spec
-            for other in installed(layout, spec.name):
-                if other.default and other.version != spec.version:
-                    _write_record(layout, dataclasses.replace(other, default=False))
-    # Defaults before the records: a module has its record only once everything about it is
-    # written, so a rerun after a crash anywhere before redoes the module and its defaults.
-    write_defaults_many(layout, [r.pending.spec.name for r in done], config, changed,
-                        [r.record for r in done if r.record is not None])
-    for item in published:
-        final = layout.version_dir(item.record.name, item.record.version)
-        os.rename(final / os.path.basename(item.stage_record), final / RECORD_NAME)
-    fsutil.flush((), sorted(changed))
+    # The defaults of every name, computed as if all staged modules publish, join the same flush.
+    rcs = _stage_defaults(layout, [s.pending.spec.name for _, s in staged], config, [s.record for _, s in staged])
+    try:
+        fsutil.flush([f for _, s in staged for f in s.files] + [rc.tmp for rc in rcs if rc.tmp],
+                     [d for _, s in staged for d in s.dirs])
+        changed: set[str] = set()
+        published: list[_Staged] = []
+        for i, (result, item) in enumerate(staged):
+            try:
+                _publish(item, layout, changed)
+                result.record = item.record
+                published.append(item)
+            except BaseException as err:  # noqa: BLE001
+                result.error = err
+                if not isinstance(err, Exception):
+                    _unstage([s for _, s in staged[i + 1:]])
+                    raise
+        for item in published:
+            if item.pending.default:
+                spec = item.pending.spec
+                for other in installed(layout, spec.name):
+                    if other.default and other.version != spec.version:
+                        _write_record(layout, dataclasses.replace(other, default=False))
+        # Defaults before the records: a module has its record only once everything about it is
+        # written, so a rerun after a crash anywhere before redoes the module and its defaults.
+        # A name where a module failed gets its defaults computed again from what is there.
+        failed = {r.pending.spec.name for r in results if r.error is not None}
+        _publish_defaults(layout, [rc for rc in rcs if rc.name not in failed], changed)
+        write_defaults_many(layout, sorted(failed & {s.record.name for s in published}), config, changed,
+                            [s.record for s in published])
+        for item in published:
+            final = layout.version_dir(item.record.name, item.record.version)
+            os.rename(final / os.path.basename(item.stage_record), final / RECORD_NAME)
+        fsutil.flush((), sorted(changed))
+    finally:
+        for rc in rcs:
+            if rc.tmp:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(rc.tmp)
     return results
 
 
@@ -528,44 +540,75 @@ def write_defaults(layout: Layout, name: str, config: Config) -> None:
     flush((), sorted(changed))
 
 
+@dataclass
+class _StagedRc:
+    """A name's defaults file: its new text staged at ``tmp``, or (``tmp`` empty) to be removed."""
+
+    name: str
+    path: Path
+    tmp: str = ""
+
+
 def write_defaults_many(layout: Layout, names: list[str], config: Config, changed: set[str],
                         new: list[Installed] = ()) -> None:
     """The defaults file of each name, once however many of its versions a batch wrote: all
     staged, one flush, then renamed (or removed where nothing is left to mark). Directories
-    changed are added to ``changed`` for the caller's final fsync. ``new``: records about to be
+    changed are added to ``changed`` for the caller's final flush. ``new``: records about to be
     published (they count as installed)."""
-    from shpc_lite.fsutil import flush, temp_name, write_new
+    from shpc_lite.fsutil import flush
 
-    staged: list[tuple[str, str]] = []
+    staged = _stage_defaults(layout, names, config, new)
+    try:
+        flush([rc.tmp for rc in staged if rc.tmp])
+        _publish_defaults(layout, staged, changed)
+    finally:
+        for rc in staged:
+            if rc.tmp:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(rc.tmp)
+
+
+def _stage_defaults(layout: Layout, names: list[str], config: Config, new: list[Installed]) -> list[_StagedRc]:
+    from shpc_lite.fsutil import temp_name, write_new
+
+    staged: list[_StagedRc] = []
     try:
         for name in dict.fromkeys(names):
-            rc = layout.modulerc(name)
+            rc = _StagedRc(name, layout.inside(layout.modulerc(name)))
             text = _defaults_text(layout, name, config, [r for r in new if r.name == name])
-            if text is None:
-                if layout.remove(rc):
-                    changed.add(str(rc.parent))
-                layout.remove_empty_parents(rc.parent, layout.modules)
-                continue
-            layout.make_dir(rc.parent)
-            tmp = os.path.join(rc.parent, temp_name("rc"))
-            write_new(tmp, text.encode(), 0o644)
-            staged.append((tmp, str(layout.inside(rc))))
-        flush([tmp for tmp, _ in staged])
-        while staged:
-            tmp, rc_path = staged[0]
-            os.replace(tmp, rc_path)
-            staged.pop(0)
-            changed.add(os.path.dirname(rc_path))
-    finally:
-        for tmp, _ in staged:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+            if text is not None:
+                layout.make_dir(rc.path.parent)
+                rc.tmp = os.path.join(rc.path.parent, temp_name("rc"))
+                write_new(rc.tmp, text.encode(), 0o644)
+            staged.append(rc)
+    except BaseException:
+        for rc in staged:
+            if rc.tmp:
+                os.unlink(rc.tmp)
+        raise
+    return staged
+
+
+def _publish_defaults(layout: Layout, staged: list[_StagedRc], changed: set[str]) -> None:
+    """Rename each staged defaults file into place, or remove one that marks nothing now."""
+    for rc in staged:
+        if rc.tmp:
+            os.replace(rc.tmp, rc.path)
+            rc.tmp = ""
+            changed.add(str(rc.path.parent))
+        else:
+            if layout.remove(rc.path):
+                changed.add(str(rc.path.parent))
+            layout.remove_empty_parents(rc.path.parent, layout.modules)
 
 
 def _defaults_text(layout: Layout, name: str, config: Config, new: list[Installed]) -> Optional[str]:
     """What ``.modulerc[.lua]`` of ``name`` says (default version, GPU tags); None for no file."""
     versions = {r.version for r in new}
-    records = [r for r in installed(layout, name) if r.version not in versions] + new
+    records = [r for r in installed(layout, name) if r.version not in versions]
+    if any(r.default for r in new):  # the site's new choice replaces an earlier one
+        records = [dataclasses.replace(r, default=False) for r in records]
+    records += new
     records = sorted((r for r in records if r.module_system == layout.system.name), key=lambda r: version_key(r.version))
     chosen = [r.version for r in records if r.default]
     default = chosen[0] if chosen else newest(r.version for r in records) if config["default_version"] == "newest" else None
