@@ -7,6 +7,7 @@ so temp files are always created beside their target.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import itertools
 import os
@@ -96,19 +97,35 @@ def mkdir_new(path: str, mode: int) -> None:
         os.chmod(path, mode)
 
 
-@functools.lru_cache(maxsize=1)
-def _syncfs() -> Optional[Callable[[int], int]]:
-    """libc's syncfs(2) (Linux), or None where it cannot be had. Looked up once, in the symbols
-    the process already has (``find_library`` would run ldconfig)."""
+@functools.lru_cache(maxsize=None)
+def _libc_function(name: str) -> Optional[Callable[..., int]]:
+    """A libc function (``syncfs``, ``renameat2``) or None where libc has none. Looked up once,
+    in the symbols the process already has (``find_library`` would run ldconfig)."""
     try:
         import ctypes
 
-        fn = ctypes.CDLL(None, use_errno=True).syncfs
+        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError):
         return None
-    fn.argtypes = [ctypes.c_int]
     fn.restype = ctypes.c_int
     return fn
+
+
+def exchange(a: str, b: str) -> bool:
+    """Swap two existing paths atomically (Linux ``renameat2`` RENAME_EXCHANGE); False where
+    the kernel or file system cannot (the caller then renames in two steps)."""
+    fn = _libc_function("renameat2")
+    if fn is None:
+        return False
+    import ctypes
+
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), a, None, b)
 
 
 def flush(files: Iterable[str], dirs: Iterable[str] = ()) -> None:
@@ -119,7 +136,7 @@ def flush(files: Iterable[str], dirs: Iterable[str] = ()) -> None:
     files, dirs = list(files), list(dirs)
     if not files and not dirs:
         return
-    syncfs = _syncfs()
+    syncfs = _libc_function("syncfs")
     if syncfs is not None:
         devices: dict[int, str] = {}
         for path in [*dirs, *(os.path.dirname(f) for f in files)]:

@@ -460,22 +460,32 @@ def _unstage(items: list[_Staged]) -> None:
 
 
 def _publish(item: _Staged, layout: Layout, changed: set[str]) -> None:
-    """Wrappers into place, then the modulefile (the record comes after the defaults); on failure the version's
-    previous files come back (the old wrapper directory is moved aside, not deleted, until the
-    new module is whole)."""
-    from shpc_lite.fsutil import temp_name
+    """Wrappers into place, then the modulefile (the record comes after the defaults). A
+    reinstall swaps the new wrapper directory with the old one in one step (``renameat2``
+    RENAME_EXCHANGE) where the file system can, so the old modulefile never names a missing
+    directory; else the old one is moved aside first. On failure the version's previous files
+    come back."""
+    from shpc_lite.fsutil import exchange, temp_name
 
     spec = item.pending.spec
     final = str(layout.inside(layout.version_dir(spec.name, spec.version)))
     modulefile = str(layout.inside(layout.modulefile(spec.name, spec.version)))
     old = None
+    swapped = False
     try:
-        if os.path.lexists(final):
+        if not os.path.lexists(final):
+            os.rename(item.stage, final)
+        elif exchange(item.stage, final):
+            old, swapped = item.stage, True  # the stage's name now holds the old directory
+        else:
             old = os.path.join(os.path.dirname(final), temp_name(f"old-{spec.version}"))
             os.rename(final, old)
-        os.rename(item.stage, final)
+            os.rename(item.stage, final)
         os.replace(item.modulefile_tmp, modulefile)
     except BaseException:
+        if swapped:
+            exchange(item.stage, final)
+            old = None
         _unstage([item])
         if old is not None:
             layout.remove(Path(final))

@@ -71,8 +71,10 @@ def _temps(root: Path) -> list[str]:
     return [str(p) for top in ("modules", "wrappers") for p in (root / top).rglob(TMP_PREFIX + "*")]
 
 
-def _kill_at(site, root: Path, manifest: Path, rng: random.Random, visible: int | None, deadline: float) -> None:
-    """Start the batch and SIGKILL it once ``visible`` modulefiles exist (or after a delay)."""
+def _kill_at(site, root: Path, manifest: Path, rng: random.Random, visible: int | None, deadline: float,
+             marker: bytes = b"") -> None:
+    """Start the batch and SIGKILL it once ``visible`` modulefiles exist (holding ``marker``,
+    when given), or after a random delay."""
     proc = subprocess.Popen(_batch(site, root, manifest), env=site.env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -81,11 +83,21 @@ def _kill_at(site, root: Path, manifest: Path, rng: random.Random, visible: int 
         else:
             end = time.monotonic() + 60
             while proc.poll() is None and time.monotonic() < end:
-                if (root / "modules").is_dir() and len(_modulefiles(root)) >= visible:
+                if (root / "modules").is_dir() and _count(root, marker) >= visible:
                     break
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait(timeout=60)
+
+
+def _count(root: Path, marker: bytes) -> int:
+    found = 0
+    for path in _modulefiles(root):
+        try:
+            found += not marker or marker in path.read_bytes()
+        except FileNotFoundError:
+            continue
+    return found
 
 
 def _check_visible_modules_complete(site, root: Path, reference: dict[str, bytes]) -> int:
@@ -155,3 +167,50 @@ def test_kill_9_mid_batch_leaves_no_half_written_module_and_a_rerun_completes(si
         assert "nothing to do" in again
     # the kills landed mid-batch, not only before or after it
     assert any(0 < n < COUNT for n in partial), partial
+
+
+def test_kill_9_mid_reinstall_onto_a_new_image_keeps_every_module_whole(site, small_sif, tmp_path):
+    """A batch that moves every module onto another image (the old wrapper directories are
+    swapped with the new ones), killed at random moments: each visible module's wrappers are all
+    complete (each one the old run's or the new run's, byte for byte), its image is there, and a
+    rerun leaves exactly the new tree."""
+    from tests.conftest import make_small_sif
+
+    _write_recipes(site)
+    other = make_small_sif(tmp_path / "other", "another image\n")
+    old_manifest = _manifest(site, small_sif)
+    new_manifest = site.tmp / "new.yaml"
+    new_manifest.write_text("modules:\n" + "".join(f"  - name: {n}\n    sif: {other}\n" for n in NAMES))
+    references = []
+    for manifest, where in ((old_manifest, "ref-old"), (new_manifest, "ref-new")):
+        start = time.monotonic()
+        subprocess.run(_batch(site, site.tmp / where, manifest), env=site.env, check=True, capture_output=True)
+        references.append((_tree(site.tmp / where), time.monotonic() - start))
+    (old_tree, _), (new_tree, whole) = references
+
+    rng = random.Random(1313)
+    new_image = next(v for k, v in new_tree.items() if k.endswith(".lua") and "/." not in k)
+    new_image = new_image.split(b"<root>/containers/")[1].split(b".sif")[0]
+    mixed = []
+    # killed once 3, 12 or 20 modules were moved onto the new image, and once at a random moment
+    for seed, moved in enumerate([3, 12, 20, None]):
+        root = site.tmp / f"root-{seed}"
+        subprocess.run(_batch(site, root, old_manifest), env=site.env, check=True, capture_output=True)
+        _kill_at(site, root, new_manifest, rng, moved, whole, marker=new_image)
+        mixed.append(_count(root, new_image))
+        tree = _tree(root)
+        for modulefile in _modulefiles(root):
+            name, version = modulefile.parent.name, modulefile.name[: -len(".lua")]
+            prefix = f"wrappers/{name}/{version}/bin/"
+            wrappers = {k: v for k, v in tree.items() if k.startswith(prefix)}
+            assert set(wrappers) == {k for k in new_tree if k.startswith(prefix)}, f"{name}/{version}: wrappers missing"
+            for key, text in wrappers.items():
+                assert text in (old_tree[key], new_tree[key]), f"{key} is not complete"
+                sif = text.split(b"'<root>/containers/")[1].split(b"'")[0].decode()
+                assert (root / "containers" / sif).is_file(), f"{key} runs an image that is gone"
+        rerun = subprocess.run(_batch(site, root, new_manifest), env=site.env, capture_output=True, text=True)
+        assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+        assert _tree(root) == new_tree, f"seed {seed}: the rerun's tree differs from an uninterrupted run's"
+        assert not _temps(root), f"seed {seed}: temp files left: {_temps(root)}"
+    assert any(0 < n < COUNT for n in mixed), mixed  # killed mid-batch: some moved, some not
+
