@@ -23,6 +23,7 @@ from shpc_lite.recipe import SAFE_NAME, SAFE_VERSION, Recipe
 
 if TYPE_CHECKING:
     from shpc_lite.choice import ImageChoice
+    from shpc_lite.install import Prepared
 
 ENTRY_KEYS = {"name", "versions", "newest", "bind", "default", "sif"}
 # Seconds a batch waits for more pulls to finish before writing the modules it has ready.
@@ -195,15 +196,15 @@ def _recipe_for(config: Config, task: Task) -> Recipe:
     return dataclasses.replace(recipe, bind=recipe.bind + task.bind) if task.bind else recipe
 
 
-def current_state(config: Config, task: Task, digest: Optional[str], image: Optional[Path] = None) -> str:
+def current_state(config: Config, task: Task, digest: Optional[str], image: Optional[str] = None) -> str:
     """'unchanged' when this version is installed from the same tag (and digest, when known; the
-    same stored image for a task from a SIF file)."""
+    same stored image, by file name in this or the central store, for a task from a SIF file)."""
     from shpc_lite.modules import installed
 
     for record in installed(config.layout, task.name):
         if record.version == task.version:
             same = record.tag == task.tag and (digest is None or record.digest == digest)
-            same = same and (image is None or record.sif == str(image))
+            same = same and (image is None or Path(record.sif).name == image)
             return "unchanged" if same and Path(record.sif).exists() else "update"
     return "install"
 
@@ -216,17 +217,17 @@ def _pinned(task: Task, client) -> "ImageChoice":
 
 @dataclass
 class _Ready:
-    """A task whose image is stored and held, waiting for its chunk to be written."""
+    """A task whose image is stored, waiting for its chunk to be written."""
 
     task: Task
-    prepared: Any  # shpc_lite.install.Prepared
+    prepared: "Prepared"
     state: str  # install | update
     start: float
 
 
 def prepare_task(config: Config, task: Task, client, quiet: bool = True) -> "Outcome | _Ready":
-    """Pull (once, under the store's lock) or import the task's image and hold it for the
-    module; an Outcome when there is nothing to write (unchanged, failed). Never raises
+    """Pull (once, under the store's lock) or import the task's image and make the module's
+    spec; an Outcome when there is nothing to write (unchanged, failed). Never raises
     ShpcLiteError."""
     from shpc_lite.install import prepare_sif, prepare_version
 
@@ -249,26 +250,22 @@ def prepare_task(config: Config, task: Task, client, quiet: bool = True) -> "Out
         return Outcome(task, task.label, "failed", str(err), time.monotonic() - start)
 
 
-def _sif_image(config: Config, sif: str) -> Optional[Path]:
-    """Where the store keeps a SIF file's copy (its name is the file's digest); None if unreadable."""
+def _sif_image(config: Config, sif: str) -> Optional[str]:
+    """The file name the store gives a SIF file's copy (from the file's digest, read once per
+    file and batch however many tasks name it); None when the file cannot be read."""
     from shpc_lite.store import file_digest
 
     try:
-        return config.layout.image(_file_digest(sif, file_digest), imported=True)
+        st = os.stat(sif)
+        key = (sif, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        if key not in _DIGESTS:
+            _DIGESTS[key] = file_digest(Path(sif))
+        return config.layout.image(_DIGESTS[key], imported=True).name
     except OSError:
         return None
 
 
-_DIGESTS: dict[tuple[str, int, int], str] = {}
-
-
-def _file_digest(sif: str, digest_of: Callable[[Path], str]) -> str:
-    """A SIF file's digest, read once per batch however many tasks name the file."""
-    st = os.stat(sif)
-    key = (sif, st.st_mtime_ns, st.st_size)
-    if key not in _DIGESTS:
-        _DIGESTS[key] = digest_of(Path(sif))
-    return _DIGESTS[key]
+_DIGESTS: dict[tuple, str] = {}
 
 
 def write_ready(config: Config, ready: list[_Ready]) -> list[Outcome]:
