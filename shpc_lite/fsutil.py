@@ -54,6 +54,17 @@ def atomic_copy(src: Path, dest: Path, mode: int = 0o644, gid: Optional[int] = N
         shutil.copyfileobj(fin, fout, 1 << 20)
 
 
+def identity(path: Path | str) -> Optional[tuple]:
+    """What tells one version of a file from another without reading it (path, device, inode,
+    size, mtime): the key of what a process reads once per file (recipes, a SIF's digest and
+    packages). None when it cannot be stat'ed."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (os.path.abspath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 # ---------------------------------------------------------------------------------------------
 # Batch writes: many files staged, one flush barrier, then the renames that publish them.
 # The crash-safety argument is in docs/site.md ("Crash safety of batch writes").

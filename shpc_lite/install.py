@@ -51,11 +51,10 @@ class _Imported:
 def _imported(config: Config, sif: Path) -> _Imported:
     """``import_sif``, once per file and root in this process: a batch of many modules from one
     SIF hashes and checks it once (again if the stored copy went away meanwhile)."""
-    try:
-        st = os.stat(sif)
-    except OSError:
-        st = None  # import_sif says what is wrong with it
-    key = (os.path.abspath(sif), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, str(config.layout.root)) if st else None
+    from shpc_lite.fsutil import identity
+
+    file = identity(sif)  # None: import_sif says what is wrong with it
+    key = (file, str(config.layout.root)) if file else None
     known = _IMPORTED.get(key) if key else None
     if known is not None and os.path.exists(known):
         return _Imported(known, "", False)
@@ -73,19 +72,18 @@ def image_packages(sif: Path) -> tuple[Package, ...]:
     find the module but the module works without them, so an image that cannot be listed
     (no squashfs-tools on this host) installs with none. Stored images never change in place,
     so a batch of modules of one image lists it once (keyed by the file's identity)."""
-    try:
-        st = os.stat(sif)
-    except OSError:
-        return ()
-    return _scan(str(sif), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    from shpc_lite.fsutil import identity
+
+    file = identity(sif)
+    return _scan(file) if file else ()
 
 
 @functools.lru_cache(maxsize=64)
-def _scan(sif: str, *_identity: int) -> tuple[Package, ...]:
+def _scan(file: tuple) -> tuple[Package, ...]:
     from shpc_lite.packages import scan_sif
 
     try:
-        return scan_sif(sif)
+        return scan_sif(file[0])
     except SifError:
         return ()
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import re
 import shlex
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
 from shpc_lite.errors import NotFoundError, RecipeError
+from shpc_lite.fsutil import identity
 
 # Names and versions become file names and words of generated code. Anchored with \A and \Z,
 # not ^ and $: Python's $ also matches before a final "\n" (and callers use .match).
@@ -269,15 +269,15 @@ def _yaml_load(text: str, source: str) -> Any:
 def load_recipe(path: Path) -> Recipe:
     path = Path(path)
     try:
-        with open(path, "rb") as fh:
-            st = os.fstat(fh.fileno())
-            key = (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-            if key in _LOADED:  # a batch asks for each recipe more than once (plan, install)
-                return _LOADED[key]
-            text = fh.read().decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")  # as read_text
+        key = identity(path)
+        if key in _LOADED:  # a batch asks for each recipe more than once (plan, install)
+            return _LOADED[key]
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise RecipeError(f"{path}: cannot read recipe: {getattr(err, 'strerror', None) or err}") from None
-    recipe = _LOADED[key] = _load_text(path, text)
+    recipe = _load_text(path, text)
+    if key is not None:
+        _LOADED[key] = recipe
     return recipe
 
 

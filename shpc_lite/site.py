@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -253,11 +252,13 @@ def prepare_task(config: Config, task: Task, client, quiet: bool = True) -> "Out
 def _sif_image(config: Config, sif: str) -> Optional[str]:
     """The file name the store gives a SIF file's copy (from the file's digest, read once per
     file and batch however many tasks name it); None when the file cannot be read."""
+    from shpc_lite.fsutil import identity
     from shpc_lite.store import file_digest
 
+    key = identity(sif)
     try:
-        st = os.stat(sif)
-        key = (sif, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        if key is None:
+            return None
         if key not in _DIGESTS:
             _DIGESTS[key] = file_digest(Path(sif))
         return config.layout.image(_DIGESTS[key], imported=True).name
