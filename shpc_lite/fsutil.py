@@ -139,15 +139,21 @@ def exchange(a: str, b: str) -> bool:
     raise OSError(err, os.strerror(err), a, None, b)
 
 
+FSYNC_AT_MOST = 32  # files and directories flushed one by one; more: one syncfs
+
+
 def flush(files: Iterable[str], dirs: Iterable[str] = ()) -> None:
     """Make the data of ``files`` and the entries of ``dirs`` durable, with as few flushes as
     the kernel offers: one ``syncfs`` per file system they live on (one journal commit on
-    ext4/XFS, one flush of this client's dirty pages on Lustre/NFS), else an ``fsync`` of each.
+    ext4/XFS, one flush of this client's dirty pages on Lustre/NFS), else (or for at most
+    FSYNC_AT_MOST of them) an ``fsync`` of each.
     Raises OSError when the kernel reports a write-back error."""
     files, dirs = list(files), list(dirs)
     if not files and not dirs:
         return
-    syncfs = _libc_function("syncfs")
+    # A few files (one module's) are cheaper to fsync than a whole file system whose other
+    # writers (a pull writing a SIF) may have much more dirty data than we do.
+    syncfs = _libc_function("syncfs") if len(files) + len(dirs) > FSYNC_AT_MOST else None
     if syncfs is not None:
         devices: dict[int, str] = {}
         for path in [*dirs, *(os.path.dirname(f) for f in files)]:
