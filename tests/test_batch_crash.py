@@ -6,7 +6,8 @@ Each run is killed at a different point: after the first k modules became visibl
 per seed, polled while the process runs), or after a random delay. Then, with real Lmod:
 every module Lmod lists loads and puts complete wrappers on PATH (byte for byte what an
 uninterrupted run writes), and no temp file is visible to it. The SIF is a real small one;
-the runtime behind the wrappers is never started here.
+the runtime behind the wrappers is never started here. The batches install from a SIF file
+named in the manifest (``sif:``), whose dry run and errors are checked last.
 """
 
 from __future__ import annotations
@@ -214,3 +215,23 @@ def test_kill_9_mid_reinstall_onto_a_new_image_keeps_every_module_whole(site, sm
         assert not _temps(root), f"seed {seed}: temp files left: {_temps(root)}"
     assert any(0 < n < COUNT for n in mixed), mixed  # killed mid-batch: some moved, some not
 
+
+
+def test_manifest_sif_entries_dry_run_and_errors(site, small_sif):
+    """``sif:`` in a manifest: the dry run says what would be installed from which file and
+    writes nothing; a value that is not a .sif path is one line naming the manifest entry."""
+    _write_recipes(site)
+    manifest = _manifest(site, small_sif)
+    dry = site.cli("batch", "install", str(manifest), "--dry-run", check=True).stdout
+    assert f"{COUNT} would-install" in dry and dry.count(f"from {small_sif}") == COUNT
+    assert not site.root.exists() or not list((site.root / "modules").glob("*"))
+    bad = site.tmp / "bad.yaml"
+    bad.write_text(f"modules:\n  - name: {NAMES[0]}\n    sif: {site.tmp}/image.tar\n")
+    proc = site.cli("batch", "install", str(bad))
+    assert proc.returncode != 0
+    assert proc.stderr.strip() == f"shpc-lite: error: {bad}: modules[0]: sif must be the path of a .sif file"
+    missing = site.tmp / "missing.yaml"
+    missing.write_text(f"modules:\n  - name: {NAMES[0]}\n    versions: ['1.0']\n    sif: nowhere.sif\n")
+    proc = site.cli("batch", "install", str(missing))
+    assert proc.returncode == 1 and "nowhere.sif: no such file" in proc.stdout
+    assert not list((site.root / "modules").glob(f"{NAMES[0]}/*.lua"))
