@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """shpc-lite against shpc (singularity-hpc from PyPI): the same 300 recipes, one small SIF, one run.
 
-    python3 bench/peer.py [--count 300] [--repeat 5] [--cli-samples 10] [--venv DIR]
+    python3 bench/peer.py [--count 300] [--install-runs 3] [--repeat 5] [--cli-samples 10] [--venv DIR]
 
 What is compared, all in this run and on the same machine:
 
@@ -34,6 +34,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -145,6 +146,14 @@ def timed(argv: list[str], env: dict, **kwargs) -> tuple[float, subprocess.Compl
     return elapsed, proc
 
 
+def cpu_timed(argv: list[str], env: dict) -> tuple[float, float]:
+    """(wall seconds, CPU seconds user+sys) of one command and its children."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    elapsed, _ = timed(argv, env, timeout=3600)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return elapsed, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
 def median_of(repeat: int, argv: list[str], env: dict) -> float:
     return statistics.median(timed(argv, env)[0] for _ in range(repeat))
 
@@ -154,6 +163,7 @@ def main() -> int:
     ap.add_argument("--count", type=int, default=300)
     ap.add_argument("--repeat", type=int, default=5, help="list/show/avail/load: median of this many runs")
     ap.add_argument("--cli-samples", type=int, default=10, help="per-command installs timed (median)")
+    ap.add_argument("--install-runs", type=int, default=3, help="installs of all modules per tool (median)")
     ap.add_argument("--venv", type=Path, default=Path(tempfile.gettempdir()) / "shpc-lite-bench-shpc-venv")
     opts = ap.parse_args()
     if not have("lmod"):
@@ -201,10 +211,17 @@ def main() -> int:
 
         rows: list[Row] = []
         n = len(picks)
-        # -- install all, each tool in a fresh process
-        shpc_seconds, _ = timed([str(venv_python), "-c", SHPC_INSTALL, str(settings), str(sif),
-                                 *[p.uri for p in picks]], base_env, timeout=3600)
-        lite_seconds, _ = timed([*lite, "-q", "batch", "install", str(manifest)], lite_env, timeout=3600)
+        # -- install all, each tool in a fresh process, into an empty tree; the runs alternate
+        # (shpc, shpc-lite, shpc, ...) so a busy moment of the machine does not hit one tool only
+        runs: dict[str, list[tuple[float, float]]] = {"shpc": [], "lite": []}
+        for _ in range(opts.install_runs):
+            for tree in (work / "shpc", lite_root):
+                shutil.rmtree(tree, ignore_errors=True)
+            runs["shpc"].append(cpu_timed([str(venv_python), "-c", SHPC_INSTALL, str(settings), str(sif),
+                                           *[p.uri for p in picks]], base_env))
+            runs["lite"].append(cpu_timed([*lite, "-q", "batch", "install", str(manifest)], lite_env))
+        shpc_seconds, lite_seconds = (statistics.median(w for w, _ in runs[k]) for k in ("shpc", "lite"))
+        shpc_cpu, lite_cpu = (statistics.median(c for _, c in runs[k]) for k in ("shpc", "lite"))
         shpc_modules = sorted((work / "shpc" / "modules").rglob("module.lua"))
         lite_modules = sorted(p for p in (lite_root / "modules").glob("*/[!.]*.lua"))
         shpc_wrappers = sum(1 for _ in (work / "shpc" / "wrappers").rglob("bin/*"))
@@ -217,7 +234,9 @@ def main() -> int:
             subprocess.run([str(bindir / "singularity"), "inspect", "--json", str(sif)], capture_output=True)
         standin = (time.perf_counter() - start) / 30 * 3 * n
         rows.append(Row(f"install {n} modules, one process", shpc_seconds, lite_seconds,
-                        f"wrappers: shpc {shpc_wrappers}, shpc-lite {lite_wrappers}; shpc-lite: batch install"))
+                        f"median of {opts.install_runs}; wrappers: shpc {shpc_wrappers}, shpc-lite {lite_wrappers}; "
+                        f"shpc-lite: batch install"))
+        rows.append(Row("  same, CPU time (user+sys)", shpc_cpu, lite_cpu, "less sensitive to other load"))
         rows.append(Row("  same, shpc without its stand-in calls", shpc_seconds - standin, lite_seconds,
                         f"stand-in singularity calls: {standin:.2f} s of shpc's"))
 
