@@ -202,14 +202,14 @@ def temp_name(label: str) -> str:
 def stale_temp(name: str, mtime: float, now: float, older_than: float) -> bool:
     """Whether a temp entry (named by ``temp_name``) was left by a writer that is gone: one of
     this host whose process no longer exists, or any older than ``older_than`` seconds (another
-    host's writer cannot be asked)."""
+    host's writer cannot be asked; a pid may have been reused)."""
     if not name.startswith(TMP_PREFIX):
         return False
     owner = name[len(TMP_PREFIX):].split("-", 1)[0]
     host, _, pid = owner.rpartition(".")
-    if host == _HOST and pid.isdigit():
-        return not _alive(int(pid))
-    return now - mtime > older_than
+    if host == _HOST and pid.isdigit() and not _alive(int(pid)):
+        return True
+    return now - mtime > older_than  # also a reused pid's
 
 
 def _alive(pid: int) -> bool:
