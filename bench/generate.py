@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from shpc_lite.config import load_config  # noqa: E402
-from shpc_lite.modules import PendingModule, make_spec, write_modules  # noqa: E402
+from shpc_lite.modules import make_spec  # noqa: E402
+from shpc_lite.publish import PendingModule, write_modules  # noqa: E402
 from shpc_lite.recipe import RecipeIndex, recipe_from_dict  # noqa: E402
 from shpc_lite.resources import builtin_registry  # noqa: E402
 

@@ -31,7 +31,6 @@ much of shpc's time it takes is measured and shown. shpc is installed into its o
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import resource

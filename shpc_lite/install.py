@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Callable, Optional
 from shpc_lite.choice import ImageChoice, choose
 from shpc_lite.config import Config
 from shpc_lite.errors import NotFoundError, SifError
-from shpc_lite.modules import (Installed, ModuleSpec, PendingModule, find_installed, installed, make_spec,
-                               remove_module, write_modules)
+from shpc_lite.modules import Installed, ModuleSpec, find_installed, installed, make_spec, remove_module
+from shpc_lite.publish import PendingModule, write_modules
 from shpc_lite.packages import Package
 from shpc_lite.recipe import Recipe, recipe_index
 from shpc_lite.runtime_images import prepare as prepare_runtime_image
