@@ -101,8 +101,12 @@ def write_modules(pending: list[PendingModule], layout: Layout, config: Config) 
     # The defaults of every name, computed as if all staged modules publish, join the same flush.
     rcs = _stage_defaults(layout, [s.pending.spec.name for _, s in staged], config, [s.record for _, s in staged])
     try:
-        fsutil.flush([f for _, s in staged for f in s.files] + [rc.tmp for rc in rcs if rc.tmp],
-                     [d for _, s in staged for d in s.dirs])
+        try:
+            fsutil.flush([f for _, s in staged for f in s.files] + [rc.tmp for rc in rcs if rc.tmp],
+                         [d for _, s in staged for d in s.dirs])
+        except BaseException:  # a write-back error: nothing was published
+            _unstage([s for _, s in staged])
+            raise
         changed: set[str] = set()
         published: list[_Staged] = []
         for i, (result, item) in enumerate(staged):
