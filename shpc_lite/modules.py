@@ -7,22 +7,18 @@ a subprocess or probe the filesystem at load time: every path is decided here.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
-import os
 import re
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from shpc_lite.config import Config
 from shpc_lite.errors import ConfigError, NotFoundError
-from shpc_lite.fsutil import TMP_PREFIX, atomic_write
+from shpc_lite.fsutil import atomic_write
 from shpc_lite.index import invalidate
-from shpc_lite.layout import KERNELS, Layout
+from shpc_lite.layout import Layout
 from shpc_lite.module_systems import MODULE_SYSTEMS, ModuleSystem
 from shpc_lite.packages import Package
 from shpc_lite.recipe import GENERATED, Alias, Recipe
@@ -237,6 +233,7 @@ def _environment() -> Any:
         undefined=jinja2.StrictUndefined,
         finalize=quoting.finalize,
         keep_trailing_newline=True,
+        auto_reload=False,  # templates are package data: not stat'ed again for every render
         trim_blocks=True,
         lstrip_blocks=True,
     )
@@ -312,85 +309,34 @@ def installed(layout: Layout, name: Optional[str] = None) -> list[Installed]:
     return sorted(found, key=lambda i: (i.name, version_key(i.version)))
 
 
-def write_module(spec: ModuleSpec, layout: Layout, config: Config, default: bool = False) -> Installed:
-    """Write wrappers (staged dir, then swapped in) and then the modulefile, atomically.
-
-    The modulefile goes last because it is what users see: a failure before it leaves the
-    previous state untouched.
-    """
-    from shpc_lite import mpi
-
-    invalidate(layout)  # Lmod walks the tree, not a spider cache without this module, until a refresh
-    final = layout.version_dir(spec.name, spec.version)
-    modulefile = layout.modulefile(spec.name, spec.version)
-    layout.make_dir(final.parent)
-    layout.make_dir(modulefile.parent)
-    stage = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=final.parent))
-    record = Installed(
-        name=spec.name,
-        version=spec.version,
-        image=spec.image,
-        tag=spec.tag,
-        digest=spec.digest,
-        sif=spec.sif,
-        module_system=layout.system.name,
-        modulefile=str(modulefile),
-        commands=tuple(spec.commands),
-        gpu=spec.gpu,
-        description=spec.description,
-        default=default,
-        packages=tuple(p.spec for p in spec.packages),
-        layers=spec.layers,
-        venv=spec.venv,
-        base=spec.base,
-        mpi="host" if spec.mpi else "none",
-        mpi_settings=mpi.settings_digest(config) if spec.mpi else "",
-    )
-    old = None
-    try:
-        bindir = stage / "bin"
-        bindir.mkdir()
-        for wrapper in spec.wrappers:
-            (bindir / wrapper.name).write_text(render_wrapper(spec, wrapper), encoding="utf-8")
-            os.chmod(bindir / wrapper.name, 0o755)
-        (stage / layout.record(spec.name, spec.version).name).write_text(_record_json(record))
-        if spec.jupyter_path:
-            from shpc_lite.kernels import module_kernel, write_kernelspec
-
-            kernel = module_kernel(spec)
-            kernels = stage / Path(spec.jupyter_path).relative_to(final) / KERNELS
-            kernels.mkdir(parents=True)
-            write_kernelspec(kernels, kernel)
-        os.chmod(stage, 0o755)
-        if os.path.lexists(final):
-            old = final.parent / f"{TMP_PREFIX}old-{spec.version}-{os.getpid()}"
-            os.rename(final, old)
-        os.rename(stage, final)
-        atomic_write(modulefile, render_modulefile(spec, layout.system))
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        if old is not None:
-            layout.remove(final)
-            os.rename(old, final)
-            old = None
-        raise
-    finally:
-        if old is not None:
-            layout.remove(old)
-    if default:
-        for other in installed(layout, spec.name):
-            if other.default and other.version != spec.version:
-                _write_record(layout, dataclasses.replace(other, default=False))
-    write_defaults(layout, spec.name, config)
-    return record
-
-
-def _record_json(record: Installed) -> str:
+def record_json(record: Installed) -> str:
+    """The text of ``install.json``."""
     return json.dumps(asdict(record), indent=2, sort_keys=True) + "\n"
 
 
-def _write_record(layout: Layout, record: Installed) -> None:
-    atomic_write(layout.inside(layout.record(record.name, record.version)), _record_json(record))
+def write_record(layout: Layout, record: Installed) -> None:
+    """Rewrite the record of an installed module in place (its ``default`` flag)."""
+    atomic_write(layout.inside(layout.record(record.name, record.version)), record_json(record))
+
+
+def write_module(spec: ModuleSpec, layout: Layout, config: Config, default: bool = False) -> Installed:
+    """Write one module: a batch of one (shpc_lite.publish.write_modules)."""
+    from shpc_lite.publish import write_one
+
+    return write_one(spec, layout, config, default)
+
+
+def write_defaults(layout: Layout, name: str, config: Config) -> None:
+    """Rewrite ``.modulerc.lua`` / ``.modulerc`` for one module: default version and GPU tags.
+
+    The last step of every change to a name: the spider cache is marked stale again after it, so a
+    refresh that looked at the tree before the change cannot leave a cache that hides it."""
+    from shpc_lite.publish import write_defaults as write
+
+    try:
+        write(layout, name, config)
+    finally:
+        invalidate(layout)
 
 
 def remove_module(layout: Layout, record: Installed, config: Config) -> None:
@@ -405,31 +351,6 @@ def remove_module(layout: Layout, record: Installed, config: Config) -> None:
     layout.remove(layout.version_dir(record.name, record.version))
     write_defaults(layout, record.name, config)
     layout.remove_empty_parents(layout.wrapper_root(record.name), layout.wrappers)
-
-
-def write_defaults(layout: Layout, name: str, config: Config) -> None:
-    """Rewrite ``.modulerc.lua`` / ``.modulerc`` for one module: default version and GPU tags.
-
-    The last step of every change to a name: the spider cache is marked stale again after it, so a
-    refresh that looked at the tree before the change cannot leave a cache that hides it."""
-    try:
-        _write_defaults(layout, name, config)
-    finally:
-        invalidate(layout)
-
-
-def _write_defaults(layout: Layout, name: str, config: Config) -> None:
-    records = [r for r in installed(layout, name) if r.module_system == layout.system.name]
-    rc = layout.modulerc(name)
-    chosen = [r.version for r in records if r.default]
-    default = chosen[0] if chosen else newest(r.version for r in records) if config["default_version"] == "newest" else None
-    gpu_versions = [r.version for r in records if r.gpu != "none"]
-    if not records or (default is None and not gpu_versions):
-        layout.remove(rc)
-        layout.remove_empty_parents(rc.parent, layout.modules)
-        return
-    layout.make_dir(rc.parent)
-    atomic_write(rc, render(layout.system.rc_template, name=name, default=default, gpu_versions=gpu_versions))
 
 
 def locate(config: Config, name: str, version: Optional[str] = None) -> tuple[Layout, Installed]:

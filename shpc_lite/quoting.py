@@ -51,16 +51,17 @@ def sh_quote(value: Any) -> Quoted:
     return Quoted("'" + _text(value).replace("'", "'\\''") + "'")
 
 
-def _double_quoted(value: Any, escapes: dict[str, str], control: Callable[[int], str]) -> Quoted:
-    out = []
-    for ch in _text(value):
-        if ch in escapes:
-            out.append(escapes[ch])
-        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
-            out.append(control(ord(ch)))
-        else:
-            out.append(ch)
-    return Quoted('"' + "".join(out) + '"')
+def _double_quoted(value: Any, escapes: dict[str, str], special: re.Pattern, control: Callable[[int], str]) -> Quoted:
+    """Escape what ``special`` matches (one character: from ``escapes``, else a control code);
+    most values have nothing to escape and are quoted without a pass per character."""
+    text = _text(value)
+    if special.search(text):
+        text = special.sub(lambda m: escapes.get(m.group()) or control(ord(m.group())), text)
+    return Quoted('"' + text + '"')
+
+
+def _special(escapes: dict[str, str]) -> re.Pattern:
+    return re.compile("[" + "".join(re.escape(ch) for ch in escapes) + "\x00-\x1f\x7f]")
 
 
 _COMMON = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
@@ -68,18 +69,19 @@ _LUA_ESCAPES = dict(_COMMON)
 # Braces are not special to a double-quoted word, but a braced body (proc, if) around it counts
 # them: escaped they are literal in both places.
 _TCL_ESCAPES = {**_COMMON, "$": "\\$", "[": "\\[", "]": "\\]", "{": "\\{", "}": "\\}"}
+_LUA_SPECIAL, _TCL_SPECIAL = _special(_LUA_ESCAPES), _special(_TCL_ESCAPES)
 
 
 def lua_quote(value: Any) -> Quoted:
     """A Lua double-quoted string; other control bytes as 3-digit decimal escapes (\\ddd)."""
-    return _double_quoted(value, _LUA_ESCAPES, lambda code: f"\\{code:03d}")
+    return _double_quoted(value, _LUA_ESCAPES, _LUA_SPECIAL, lambda code: f"\\{code:03d}")
 
 
 def tcl_quote(value: Any) -> Quoted:
     """A Tcl double-quoted word with $, [, ], {, }, \\ and " escaped: no substitution happens
     and no brace of the value closes an enclosing braced body. Raw newlines never appear (no
     backslash-newline either); other control bytes become 3-digit octal escapes."""
-    return _double_quoted(value, _TCL_ESCAPES, lambda code: f"\\{code:03o}")
+    return _double_quoted(value, _TCL_ESCAPES, _TCL_SPECIAL, lambda code: f"\\{code:03o}")
 
 
 def _breaks_line(ch: str) -> bool:

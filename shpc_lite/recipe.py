@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
 from shpc_lite.errors import NotFoundError, RecipeError
+from shpc_lite.fsutil import identity
 
 # Names and versions become file names and words of generated code. Anchored with \A and \Z,
 # not ^ and $: Python's $ also matches before a final "\n" (and callers use .match).
@@ -285,9 +286,23 @@ def _yaml_load(text: str, source: str) -> Any:
 def load_recipe(path: Path) -> Recipe:
     path = Path(path)
     try:
+        key = identity(path)
+        if key in _LOADED:  # a batch asks for each recipe more than once (plan, install)
+            return _LOADED[key]
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise RecipeError(f"{path}: cannot read recipe: {getattr(err, 'strerror', None) or err}") from None
+    recipe = _load_text(path, text)
+    if key is not None:
+        _LOADED[key] = recipe
+    return recipe
+
+
+# Recipes read by this process, by file identity: an edited file is read again.
+_LOADED: dict[tuple, Recipe] = {}
+
+
+def _load_text(path: Path, text: str) -> Recipe:
     recipe = recipe_from_dict(_yaml_load(text, str(path)), str(path))
     if recipe.name != path.stem:
         raise RecipeError(f"{path}: name {recipe.name!r} does not match the file name {path.stem!r}")

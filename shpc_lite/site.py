@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
@@ -22,8 +22,11 @@ from shpc_lite.recipe import SAFE_NAME, SAFE_VERSION, Recipe
 
 if TYPE_CHECKING:
     from shpc_lite.choice import ImageChoice
+    from shpc_lite.install import Prepared
 
-ENTRY_KEYS = {"name", "versions", "newest", "bind", "default"}
+ENTRY_KEYS = {"name", "versions", "newest", "bind", "default", "sif"}
+# Seconds a batch waits for more pulls to finish before writing the modules it has ready.
+FLUSH_AFTER = 0.5
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,7 @@ class Entry:
     newest: Optional[int] = None  # keep only the N newest of those
     bind: tuple[str, ...] = ()
     default: Optional[str] = None
+    sif: Optional[str] = None  # install from this SIF file (as ``install --sif``), not the registry
 
     @property
     def label(self) -> str:
@@ -50,6 +54,7 @@ class Task:
     image: str
     bind: tuple[str, ...] = ()
     default: bool = False
+    sif: Optional[str] = None
 
     @property
     def label(self) -> str:
@@ -121,7 +126,12 @@ def load_manifest(path: Path) -> list[Entry]:
         if not isinstance(bind, list) or not all(isinstance(b, str) and b for b in bind):
             raise SiteError(f"{where}: bind must be a list of paths")
         default = item.get("default")
-        entries.append(Entry(name, versions, newest, tuple(bind), None if default is None else str(default)))
+        sif = item.get("sif")
+        if sif is not None and (not isinstance(sif, str) or not sif.endswith(".sif")):
+            raise SiteError(f"{where}: sif must be the path of a .sif file")
+        if sif is not None:
+            sif = str((path.parent / Path(sif).expanduser()))
+        entries.append(Entry(name, versions, newest, tuple(bind), None if default is None else str(default), sif))
     return entries
 
 
@@ -165,6 +175,11 @@ def plan(config: Config, entries: list[Entry]) -> Plan:
             if entry.default and entry.default not in versions:
                 raise SiteError(f"{entry.name}: default {entry.default!r} is not among the versions installed")
             for version in versions:
+                if entry.sif:  # the tag the recipe pins is recorded, as ``install --sif`` does
+                    pin = recipe.version(version)
+                    result.tasks.append(Task(recipe.name, version, pin.tag, None, recipe.image, entry.bind,
+                                             default=entry.default == version, sif=entry.sif))
+                    continue
                 choice = choose_version(config, recipe, version)
                 result.tasks.append(Task(recipe.name, choice.version, choice.tag, choice.digest, recipe.image,
                                          entry.bind, default=entry.default == choice.version))
@@ -180,13 +195,15 @@ def _recipe_for(config: Config, task: Task) -> Recipe:
     return dataclasses.replace(recipe, bind=recipe.bind + task.bind) if task.bind else recipe
 
 
-def current_state(config: Config, task: Task, digest: Optional[str]) -> str:
-    """'unchanged' when this version is installed from the same tag (and digest, when known)."""
+def current_state(config: Config, task: Task, digest: Optional[str], image: Optional[str] = None) -> str:
+    """'unchanged' when this version is installed from the same tag (and digest, when known; the
+    same stored image, by file name in this or the central store, for a task from a SIF file)."""
     from shpc_lite.modules import installed
 
     for record in installed(config.layout, task.name):
         if record.version == task.version:
             same = record.tag == task.tag and (digest is None or record.digest == digest)
+            same = same and (image is None or Path(record.sif).name == image)
             return "unchanged" if same and Path(record.sif).exists() else "update"
     return "install"
 
@@ -197,36 +214,120 @@ def _pinned(task: Task, client) -> "ImageChoice":
     return choice if choice.digest else dataclasses.replace(choice, digest=client.head_digest(choice.ref))
 
 
-def install_task(config: Config, task: Task, client, quiet: bool = True) -> Outcome:
-    """Pull (once, under the store's lock) and generate one module; never raises ShpcLiteError."""
-    from shpc_lite.install import install_version
+@dataclass
+class _Ready:
+    """A task whose image is stored, waiting for its chunk to be written."""
+
+    task: Task
+    prepared: "Prepared"
+    state: str  # install | update
+    start: float
+
+
+def prepare_task(config: Config, task: Task, client, quiet: bool = True) -> "Outcome | _Ready":
+    """Pull (once, under the store's lock) or import the task's image and make the module's
+    spec; an Outcome when there is nothing to write (unchanged, failed). Never raises
+    ShpcLiteError."""
+    from shpc_lite.install import prepare_sif, prepare_version
 
     start = time.monotonic()
     try:
-        choice = _pinned(task, client)
-        state = current_state(config, task, choice.digest)
-        if state == "unchanged":
-            return Outcome(task, task.label, "unchanged", "", time.monotonic() - start)
-        record = install_version(config, _recipe_for(config, task), choice,
-                                 quiet=quiet, client=client, default=task.default)
-        status = "installed" if state == "install" else "updated"
-        return Outcome(task, task.label, status, record.sif, time.monotonic() - start)
+        recipe = _recipe_for(config, task)
+        if task.sif is not None:
+            state = current_state(config, task, None, _sif_image(config, task.sif))
+            if state == "unchanged":
+                return Outcome(task, task.label, "unchanged", "", time.monotonic() - start)
+            prepared = prepare_sif(config, recipe, task.version, Path(task.sif), default=task.default)
+        else:
+            choice = _pinned(task, client)
+            state = current_state(config, task, choice.digest)
+            if state == "unchanged":
+                return Outcome(task, task.label, "unchanged", "", time.monotonic() - start)
+            prepared = prepare_version(config, recipe, choice, quiet=quiet, client=client, default=task.default)
+        return _Ready(task, prepared, state, start)
     except ShpcLiteError as err:
         return Outcome(task, task.label, "failed", str(err), time.monotonic() - start)
 
 
+def _sif_image(config: Config, sif: str) -> Optional[str]:
+    """The file name the store gives a SIF file's copy (from the file's digest, read once per
+    file and batch however many tasks name it); None when the file cannot be read."""
+    from shpc_lite.fsutil import identity
+    from shpc_lite.store import file_digest
+
+    key = identity(sif)
+    try:
+        if key is None:
+            return None
+        if key not in _DIGESTS:
+            _DIGESTS[key] = file_digest(Path(sif))
+        return config.layout.image(_DIGESTS[key], imported=True).name
+    except OSError:
+        return None
+
+
+_DIGESTS: dict[tuple, str] = {}
+
+
+def write_ready(config: Config, ready: list[_Ready]) -> list[Outcome]:
+    """Write the modules of ready tasks together (one flush barrier, defaults once per name)."""
+    from shpc_lite.install import commit
+
+    outcomes = []
+    for item, done in zip(ready, commit(config, [r.prepared for r in ready])):
+        seconds = time.monotonic() - item.start
+        if done.error is None:
+            status = "installed" if item.state == "install" else "updated"
+            outcomes.append(Outcome(item.task, item.task.label, status, str(done.prepared.image), seconds))
+        elif isinstance(done.error, ShpcLiteError):
+            outcomes.append(Outcome(item.task, item.task.label, "failed", str(done.error), seconds))
+        elif isinstance(done.error, OSError):
+            outcomes.append(Outcome(item.task, item.task.label, "failed",
+                                    f"writing {item.task.label}: {done.error}", seconds))
+        else:
+            raise done.error
+    return outcomes
+
+
 def run(config: Config, the_plan: Plan, *, jobs: int, quiet: bool = True,
         on_done: Optional[Callable[[Outcome], None]] = None) -> list[Outcome]:
+    """Carry out a plan: images pulled by a pool of ``jobs``, modules written in chunks of up
+    to config ``batch_chunk`` (one flush barrier each; a chunk is written as soon as it is full
+    or no pull has finished for FLUSH_AFTER seconds). Outcomes come in plan order."""
     from shpc_lite.resolve import client_from_config
 
-    client = client_from_config(config)
-    outcomes = list(the_plan.errors)
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        for outcome in pool.map(lambda t: install_task(config, t, client, quiet), the_plan.tasks):
-            outcomes.append(outcome)
+    client = client_from_config(config) if any(t.sif is None for t in the_plan.tasks) else None
+    chunk = config["batch_chunk"]
+    order = {id(t): i for i, t in enumerate(the_plan.tasks)}
+    outcomes: list[Outcome] = []
+
+    def finished(done: list[Outcome]) -> None:
+        outcomes.extend(done)
+        for outcome in done:
             if on_done:
                 on_done(outcome)
-    return outcomes
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        pending = {pool.submit(prepare_task, config, t, client, quiet) for t in the_plan.tasks}
+        ready: list[_Ready] = []
+        while pending:
+            done, pending = wait(pending, timeout=FLUSH_AFTER, return_when=FIRST_COMPLETED)
+            for future in sorted(done, key=lambda f: order[id(_task_of(f.result()))]):
+                step = future.result()
+                if isinstance(step, Outcome):
+                    finished([step])
+                else:
+                    ready.append(step)
+            while len(ready) >= chunk or (ready and (not done or not pending)):
+                finished(write_ready(config, ready[:chunk]))
+                ready = ready[chunk:]
+    outcomes.sort(key=lambda o: order[id(o.task)])
+    return list(the_plan.errors) + outcomes
+
+
+def _task_of(step: "Outcome | _Ready") -> Task:
+    assert step.task is not None
+    return step.task
 
 
 def dry_run(config: Config, the_plan: Plan, *, jobs: int) -> list[Outcome]:
@@ -234,10 +335,15 @@ def dry_run(config: Config, the_plan: Plan, *, jobs: int) -> list[Outcome]:
     from shpc_lite.puller import find_stored
     from shpc_lite.resolve import client_from_config
 
-    client = client_from_config(config)
+    client = client_from_config(config) if any(t.sif is None for t in the_plan.tasks) else None
 
     def look(task: Task) -> Outcome:
         try:
+            if task.sif is not None:
+                state = current_state(config, task, None, _sif_image(config, task.sif))
+                if state == "unchanged":
+                    return Outcome(task, task.label, "unchanged")
+                return Outcome(task, task.label, f"would-{state}", f"from {task.sif}")
             choice = _pinned(task, client)
             state = current_state(config, task, choice.digest)
             if state == "unchanged":

@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import os
 import re
+import secrets
 import stat
 import time
 from pathlib import Path
@@ -61,11 +62,43 @@ def digest_lock(layout: Layout, digest: str, lease_seconds: float, timeout: floa
 
     path = layout.digest_lock(digest)
     layout.make_dir(path.parent)
+    deadline = time.monotonic() + timeout
+    while True:
+        _break_empty_marker(path, lease_seconds)
+        try:
+            held = lease(path, lease_seconds, min(lease_seconds, max(0.0, deadline - time.monotonic())))
+            held.acquire()
+            break
+        except Timeout:
+            if time.monotonic() >= deadline:
+                raise StoreError(f"timed out waiting for another process to store {digest}") from None
     try:
-        with lease(path, lease_seconds, timeout):
-            yield
-    except Timeout:
-        raise StoreError(f"timed out waiting for another process to store {digest}") from None
+        yield
+    finally:
+        held.release()
+
+
+def _break_empty_marker(path: Path, lease_seconds: float) -> None:
+    """Remove a lock marker left empty by a holder killed between creating it and writing its
+    owner record (filelock never breaks one): no live holder leaves it empty for a whole lease,
+    since it writes the record right after creating the file and renews it every lease."""
+    def stale(st: os.stat_result) -> bool:
+        return stat.S_ISREG(st.st_mode) and st.st_size == 0 and time.time() - st.st_mtime > lease_seconds
+
+    try:
+        if not stale(os.lstat(path)):
+            return
+        # Moved aside first, so only the inode judged stale is deleted: if another contender broke
+        # it and a new holder created the marker in between, that one is put back (link: never
+        # over a newer one).
+        aside = f"{path}.{os.getpid()}-{secrets.token_hex(4)}.broken"
+        os.rename(path, aside)
+        if not stale(os.lstat(aside)):
+            with contextlib.suppress(FileExistsError):
+                os.link(aside, path)
+        os.unlink(aside)
+    except FileNotFoundError:
+        pass
 
 
 def stored_image_ok(path: Path, digest: str, imported: bool) -> bool:

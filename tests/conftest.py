@@ -103,16 +103,20 @@ def read_record(site: Site) -> tuple[list[bytes], dict[bytes, bytes]]:
 @pytest.fixture(scope="session")
 def small_sif(tmp_path_factory) -> Path:
     """A real, small SIF: a squashfs made by mksquashfs wrapped by shpc-lite's SIF writer."""
+    return make_small_sif(tmp_path_factory.mktemp("sif"), "hello from the image\n")
+
+
+def make_small_sif(tmp: Path, hello: str) -> Path:
+    """A small SIF whose image holds ``hello.txt`` (another text, another image digest)."""
     if not shutil.which("mksquashfs"):
         from tests.needs import missing
 
         missing("mksquashfs (squashfs-tools) is not installed")
     from shpc_lite.sif import build_container_sif
 
-    tmp = tmp_path_factory.mktemp("sif")
     rootfs = tmp / "rootfs"
     (rootfs / "bin").mkdir(parents=True)
-    (rootfs / "hello.txt").write_text("hello from the image\n")
+    (rootfs / "hello.txt").write_text(hello)
     squash = tmp / "fs.squashfs"
     subprocess.run(["mksquashfs", str(rootfs), str(squash), "-noappend", "-quiet", "-all-root"], check=True,
                    capture_output=True)

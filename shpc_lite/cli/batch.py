@@ -136,6 +136,7 @@ def _submit(args, config, the_plan, jobs) -> int:
 def _task(args, config) -> int:
     """One array task: pull its image into the shared store (modules come in ``finish``)."""
     import time
+    from pathlib import Path
 
     from shpc_lite import site, slurm
     from shpc_lite.errors import ShpcLiteError
@@ -145,8 +146,13 @@ def _task(args, config) -> int:
     task = tasks[args.index]
     start = time.monotonic()
     try:
-        stored = pull(config, task.choice.ref, task.digest, quiet=True)
-        outcome = site.Outcome(task, task.label, "pulled", str(stored.path), time.monotonic() - start)
+        if task.sif is not None:  # a SIF file: stored once, as ``install --sif`` does
+            from shpc_lite.store import import_sif
+
+            path, _ = import_sif(config, Path(task.sif))
+        else:
+            path = pull(config, task.choice.ref, task.digest, quiet=True).path
+        outcome = site.Outcome(task, task.label, "pulled", str(path), time.monotonic() - start)
     except ShpcLiteError as err:
         outcome = site.Outcome(task, task.label, "failed", str(err), time.monotonic() - start)
     slurm.record_result(args.directory, args.index, outcome)

@@ -1,32 +1,35 @@
-"""Container registries: image references, credentials and the OCI distribution API client."""
+"""Container registries: image references, credentials and the OCI distribution API client.
 
-from .client import (
-    DOCKER_MANIFEST,
-    DOCKER_MANIFEST_LIST,
-    OCI_INDEX,
-    OCI_MANIFEST,
-    Descriptor,
-    Manifest,
-    Platform,
-    RegistryClient,
-    ResolvedImage,
-)
-from .credentials import Credential, DockerCredentials, StaticCredentials
-from .reference import ImageReference, parse_reference
+The names below are loaded on first use (PEP 562): importing ``shpc_lite.oci.reference`` to
+check a digest must not import the HTTP client and ``requests`` (most of a command's start-up).
+"""
 
-__all__ = [
-    "DOCKER_MANIFEST",
-    "DOCKER_MANIFEST_LIST",
-    "OCI_INDEX",
-    "OCI_MANIFEST",
-    "Credential",
-    "Descriptor",
-    "DockerCredentials",
-    "ImageReference",
-    "Manifest",
-    "Platform",
-    "RegistryClient",
-    "ResolvedImage",
-    "StaticCredentials",
-    "parse_reference",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "DOCKER_MANIFEST": "client",
+    "DOCKER_MANIFEST_LIST": "client",
+    "OCI_INDEX": "client",
+    "OCI_MANIFEST": "client",
+    "Descriptor": "client",
+    "Manifest": "client",
+    "Platform": "client",
+    "RegistryClient": "client",
+    "ResolvedImage": "client",
+    "Credential": "credentials",
+    "DockerCredentials": "credentials",
+    "StaticCredentials": "credentials",
+    "ImageReference": "reference",
+    "parse_reference": "reference",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
