@@ -251,6 +251,11 @@ print(json.dumps({"specs": specs, "status": reply["content"]["status"], "out": "
 """
 
 
+def _pyk_sif(site) -> Path:
+    """pyk's stored image, from its record (the store also holds pybare's, in no set order)."""
+    return Path(json.loads((site.root / "wrappers/pyk/3.11/install.json").read_text())["sif"])
+
+
 @pytest.mark.parametrize("system", ["lmod", "tcl"])
 def test_jupyter_feature_puts_the_kernel_on_jupyter_path(site, system, tmp_path):
     """``jupyter: true``: after `module load`, jupyter_client finds the module's kernel on
@@ -258,7 +263,7 @@ def test_jupyter_feature_puts_the_kernel_on_jupyter_path(site, system, tmp_path)
     need_system(system)
     root = site.root if system == "lmod" else tmp_path / "tcl-root"
     if system == "tcl":
-        sif = next((site.root / "containers").glob("*.sif"))
+        sif = _pyk_sif(site)
         site.cli("--root", str(root), "--module-system", "tcl", "install", "pyk:3.11", "--sif", str(sif))
     (tmp_path / "elsewhere.py").write_text(JUPYTER_ELSEWHERE)
     proc = run_bash(system, f"""
@@ -349,7 +354,7 @@ def test_personal_venvs(site, tmp_path):
 
         # the base module reinstalled by the admin (its image removed, then pulled again): the
         # venv lives outside the container and keeps working
-        sif = next((site.root / "containers").glob("*.sif"))
+        sif = _pyk_sif(site)
         site.cli("uninstall", "pyk:3.11")
         assert not sif.exists()
         site.cli("install", "pyk:3.11")

@@ -154,16 +154,16 @@ def test_a_change_is_never_hidden_by_a_stale_cache(site, small_sif):
 
 def test_a_crash_mid_write_leaves_the_cache_distrusted(site, small_sif, monkeypatch):
     """A process killed while it writes a module (after its first step) leaves Lmod walking."""
-    from shpc_lite import modules
+    from shpc_lite import publish
 
     _setup(site)
     _install(site, "alpha:1.0", small_sif)
     config = _config(site)
 
     def killed(*args, **kwargs):
-        raise KeyboardInterrupt  # stands in for the kill: nothing after the wrappers is written
+        raise KeyboardInterrupt  # stands in for the kill: nothing after the cache is marked is written
 
-    monkeypatch.setattr(modules, "render_modulefile", killed)
+    monkeypatch.setattr(publish, "render_modulefile", killed)
     with pytest.raises(KeyboardInterrupt):
         install_sif(config, "alpha", "2.0", small_sif)
     timestamp = site.root / "cache" / "lmod" / "timestamp"

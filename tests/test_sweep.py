@@ -19,14 +19,12 @@ from tests.conftest import Site
 
 KILL_BEFORE_THE_MODULE = """
 import os, signal, sys
-from shpc_lite import modules
+import shpc_lite.install
 from shpc_lite.config import load_config
 from shpc_lite.install import install_sif
 def killed(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)
-modules.write_module = killed
-import shpc_lite.install
-shpc_lite.install.write_module = killed
+shpc_lite.install.write_modules = killed  # after the ref is added, before any module file
 install_sif(load_config(), sys.argv[1], "1.0", sys.argv[2])
 """
 
