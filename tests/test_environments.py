@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.chenv import charliecloud_env
 from tests.modsys import have, run_bash
 from tests.needs import need_system, requires
 from tests.pyimage import IMAGE_PKG, available
@@ -87,22 +88,7 @@ def site(python_images, tmp_path_factory):
         f"name: pybare\nimage: {python_images.bare}\ndescription: Python alone\nversions:\n  '3.11': '3.11'\n")
     mounts = base / "mounts"
     mounts.mkdir()
-    env = {
-        "PATH": f"{os.environ['PATH']}:/usr/sbin:/sbin",
-        "HOME": str(base / "home"),
-        "USER": "root",
-        "XDG_CONFIG_HOME": str(base / "xdg-config"),
-        "XDG_DATA_HOME": str(base / "xdg-data"),
-        "SHPC_LITE_SYSTEM_CONFIG": str(base / "etc-config.yaml"),
-        "SHPC_LITE_ROOT": str(base / "root"),
-        "SHPC_LITE_REGISTRY": str(recipes),
-        "SHPC_LITE_PULLER": "builtin",
-        "SHPC_LITE_RUNTIME": "ch-run",
-        "SHPC_LITE_MOUNT_DIR": str(mounts),
-        "SHPC_LITE_MOUNT_LINGER": "0.2",
-        "PYTHONPATH": str(REPO),
-        "LANG": "C.UTF-8",
-    }
+    env = charliecloud_env(base, recipes, home=base / "home", mounts=mounts)
     (base / "home").mkdir()
     s = Site(base, base / "root", env, mounts)
     s.cli("install", "pyk:3.11")

@@ -34,6 +34,7 @@ from pathlib import Path
 import pytest
 
 from tests import imagetools as it
+from tests.chenv import charliecloud_env
 from tests.modsys import have, run_bash
 from tests.needs import need_system, requires
 from tests.test_container_runs import BUSYBOX
@@ -152,26 +153,12 @@ class World:
             (recipes / f"{name}.yaml").write_text(
                 f"name: {name}\nimage: {self.image}\ndescription: MPI hello\nversions:\n  '1.0': '1.0'\n"
                 f"aliases:\n  hello{'' if name == 'mpihello' else '-image'}: /usr/local/bin/hello\n{features}")
-        env = {
-            "PATH": f"{self.bin}:{os.environ['PATH']}:/usr/sbin:/sbin",
-            "HOME": str(self.work),
-            "USER": "root",
-            "XDG_CONFIG_HOME": str(top / "xdg-config"),
-            "XDG_DATA_HOME": str(top / "xdg-data"),
-            "SHPC_LITE_SYSTEM_CONFIG": str(top / "etc-config.yaml"),
-            "SHPC_LITE_ROOT": str(top / "root"),
-            "SHPC_LITE_REGISTRY": str(recipes),
-            "SHPC_LITE_PULLER": "builtin",
-            "SHPC_LITE_MODULE_SYSTEM": system,
-            "SHPC_LITE_RUNTIME": "ch-run" if kind == "charliecloud" else str(self.bin / kind),
-            "SHPC_LITE_TEST_STANDIN_MNT": str(self.mounts),
-            "SHPC_LITE_MPI_BINDS": f"{LIBDIR}:{INSIDE}",
-            "SHPC_LITE_MPI_ENV": f"LD_LIBRARY_PATH={INSIDE},UCX_POSIX_USE_PROC_LINK=n",
-            "SHPC_LITE_MOUNT_DIR": str(self.mounts),
-            "SHPC_LITE_MOUNT_LINGER": "0.2",
-            "PYTHONPATH": str(REPO),
-            "LANG": "C.UTF-8",
-        }
+        env = charliecloud_env(
+            top, recipes, home=self.work, mounts=self.mounts, bin_dir=self.bin,
+            SHPC_LITE_MODULE_SYSTEM=system,
+            SHPC_LITE_RUNTIME="ch-run" if kind == "charliecloud" else str(self.bin / kind),
+            SHPC_LITE_MPI_BINDS=f"{LIBDIR}:{INSIDE}",
+            SHPC_LITE_MPI_ENV=f"LD_LIBRARY_PATH={INSIDE},UCX_POSIX_USE_PROC_LINK=n")
         for name in ("mpihello", "plainhello"):
             proc = subprocess.run([sys.executable, "-m", "shpc_lite", "install", f"{name}:1.0"], env=env,
                                   capture_output=True, text=True, timeout=120)

@@ -33,6 +33,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.chenv import charliecloud_env
 from tests.modsys import have, preamble, run_bash
 from tests.needs import need_system, need_tools, requires
 from tests.test_container_runs import BUSYBOX, busybox_image
@@ -109,26 +110,12 @@ class World:
             "features:\n  gpu: nvidia\n"
             f"env:\n  GREETING: '{GREETING}'\n"
             f"bind:\n  - '{self.recipe_bind}:/srv/recipe'\n")
-        env = {
-            "PATH": f"{self.bin}:{os.environ['PATH']}:/usr/sbin:/sbin",
-            "HOME": str(self.home),
-            "USER": "root",
-            "XDG_CONFIG_HOME": str(top / "xdg-config"),
-            "XDG_DATA_HOME": str(top / "xdg-data"),
-            "SHPC_LITE_SYSTEM_CONFIG": str(top / "etc-config.yaml"),
-            "SHPC_LITE_ROOT": str(top / "root"),
-            "SHPC_LITE_REGISTRY": str(recipes),
-            "SHPC_LITE_PULLER": "builtin",
-            "SHPC_LITE_MODULE_SYSTEM": system,
-            "SHPC_LITE_RUNTIME": "ch-run" if kind == "charliecloud" else str(self.bin / kind),
-            "SHPC_LITE_BIND_PATHS": f"{self.cfg_bind}:/mnt/cfg",
-            "SHPC_LITE_MOUNT_DIR": str(self.mounts),
-            "SHPC_LITE_MOUNT_LINGER": "0.2",
-            "SHPC_LITE_TEST_STANDIN_MNT": str(self.mounts),
-            "SHPC_LITE_TEST_GPU_RECORD": str(top / "gpu-record"),
-            "PYTHONPATH": str(REPO),
-            "LANG": "C.UTF-8",
-        }
+        env = charliecloud_env(
+            top, recipes, home=self.home, mounts=self.mounts, bin_dir=self.bin,
+            SHPC_LITE_MODULE_SYSTEM=system,
+            SHPC_LITE_RUNTIME="ch-run" if kind == "charliecloud" else str(self.bin / kind),
+            SHPC_LITE_BIND_PATHS=f"{self.cfg_bind}:/mnt/cfg",
+            SHPC_LITE_TEST_GPU_RECORD=str(top / "gpu-record"))
         proc = subprocess.run([sys.executable, "-m", "shpc_lite", "install", "tiny:1.0"], env=env,
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
