@@ -33,3 +33,12 @@ def charliecloud_env(top: Path, recipes: Path, *, home: Path, mounts: Path, bin_
         "LANG": "C.UTF-8",
         **extra,
     }
+
+
+def release_mounts(base: Path) -> None:
+    """Unmount (lazily) every squashfuse mount a test left below ``base``."""
+    import subprocess
+
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        if line.split()[1].startswith(str(base)):
+            subprocess.run(["fusermount3", "-u", "-z", line.split()[1]], capture_output=True, timeout=30)

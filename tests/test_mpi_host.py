@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 
 from tests import imagetools as it
-from tests.chenv import charliecloud_env
+from tests.chenv import charliecloud_env, release_mounts
 from tests.modsys import have, run_bash
 from tests.needs import need_system, requires
 from tests.test_container_runs import BUSYBOX
@@ -167,9 +167,7 @@ class World:
         return env
 
     def close(self) -> None:
-        for line in Path("/proc/self/mounts").read_text().splitlines():
-            if line.split()[1].startswith(str(self.base)):
-                subprocess.run(["fusermount3", "-u", "-z", line.split()[1]], capture_output=True, timeout=30)
+        release_mounts(self.base)
         shutil.rmtree(self.work, ignore_errors=True)
 
 

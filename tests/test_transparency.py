@@ -33,7 +33,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.chenv import charliecloud_env
+from tests.chenv import charliecloud_env, release_mounts
 from tests.modsys import have, preamble, run_bash
 from tests.needs import need_system, need_tools, requires
 from tests.test_container_runs import BUSYBOX, busybox_image
@@ -134,8 +134,7 @@ class World:
         return self.live_mounts()
 
     def close(self) -> None:
-        for mnt in self.live_mounts():
-            subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True, timeout=30)
+        release_mounts(self.base)
         shutil.rmtree(self.home, ignore_errors=True)
         shutil.rmtree(self.outside, ignore_errors=True)
 
