@@ -45,6 +45,7 @@ import zstandard
 
 from ..errors import LayerError
 from .apptainer_files import ExtraEntry
+from .ustar import next_member
 
 log = logging.getLogger(__name__)
 
@@ -169,13 +170,30 @@ class _Sequential:
     def __init__(self, stream: IO[bytes]):
         self._s = stream
         self._pos = 0
+        self._back = b""  # a block given back by unread, read again first
         self.name = None
+
+    def unread(self, data: bytes) -> None:
+        """Give back the bytes just read (the fast header reader does, for tarfile to read them)."""
+        self._back = data + self._back
+        self._pos -= len(data)
 
     def read(self, n: Optional[int] = -1) -> bytes:
         if n is None or n < 0 or n > MAX_HEADER_READ:
             # tarfile reads whole entries only for metadata (pax, GNU long names): refuse a
             # decompression bomb there; file data is always read in small chunks
             raise OSError(errno.EFBIG, "tar metadata entry too large")
+        if self._back:
+            data, self._back = self._back[:n], self._back[n:]
+            if len(data) < n:
+                data += self._read(n - len(data))
+            self._pos += len(data)
+            return data
+        data = self._read(n)
+        self._pos += len(data)
+        return data
+
+    def _read(self, n: int) -> bytes:
         data = self._s.read(n)
         if 0 < len(data) < n:
             parts, got = [data], len(data)
@@ -186,7 +204,6 @@ class _Sequential:
                 parts.append(more)
                 got += len(more)
             data = b"".join(parts)
-        self._pos += len(data)
         return data
 
     def seek(self, pos: int, whence: int = 0) -> int:
@@ -196,6 +213,10 @@ class _Sequential:
             raise OSError(errno.ESPIPE, "cannot seek from the end of a layer stream")
         if pos < self._pos:
             raise OSError(errno.ESPIPE, "cannot seek backwards in a layer stream")
+        if self._back and pos > self._pos:
+            dropped = self._back[:pos - self._pos]
+            self._back = self._back[len(dropped):]
+            self._pos += len(dropped)
         while pos > self._pos:
             chunk = self._s.read(min(pos - self._pos, COPY_CHUNK))
             if not chunk:
@@ -370,7 +391,7 @@ def iter_members(blob: LayerBlob) -> Iterator[Tuple[int, tarfile.TarInfo, tarfil
         last = None
         while True:
             try:
-                member = tf.next()
+                member = next_member(tf, fileobj)
             except _SparseError as exc:
                 raise _entry_error(blob, exc.name, exc.reason) from None
             except _READ_ERRORS as exc:
