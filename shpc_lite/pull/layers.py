@@ -45,6 +45,7 @@ import zstandard
 
 from ..errors import LayerError
 from .apptainer_files import ExtraEntry
+from .ustar import checksum as header_checksum
 from .ustar import next_member
 
 log = logging.getLogger(__name__)
@@ -988,7 +989,7 @@ def _fast_header(path: str, node: _Node, kind: bytes, linkname: str = "", size: 
         linkname.encode().ljust(100, b"\0"),
         _USTAR_TAIL,
     ))
-    chksum = sum(block)  # the checksum field counts as eight spaces, as written above
+    chksum = header_checksum(block)
     return block[:148] + b"%06o\0" % chksum + block[155:]
 
 

@@ -35,8 +35,9 @@ def _byte_sum(data: bytes) -> int:
     return (zlib.adler32(data) & 0xFFFF) - 1
 
 
-def _unsigned_checksum(buf: bytes) -> int:
-    """tarfile's unsigned header checksum: every byte, the checksum field counted as eight spaces."""
+def checksum(buf: bytes) -> int:
+    """A header's (unsigned) checksum: every byte, the checksum field counted as eight spaces, as
+    tarfile computes and writes it."""
     return 256 + _byte_sum(buf[:148]) + _byte_sum(buf[156:384]) + _byte_sum(buf[384:512])
 
 
@@ -55,7 +56,7 @@ def parse_header(buf: bytes, cls: type, encoding: str, errors: str) -> Optional[
         numbers = [int(f, 8) if f.strip(b" ") else 0 for f in fields]  # an empty field is 0, as in tarfile
     except ValueError:  # spaces between digits
         return None
-    if numbers[5] != _unsigned_checksum(buf):
+    if numbers[5] != checksum(buf):
         return None  # a signed-only match, a bad checksum, or an all-zero end block
     ti = cls()
     ti.name = name.partition(b"\0")[0].decode(encoding, errors)
@@ -102,4 +103,4 @@ def next_member(tf: tarfile.TarFile, fileobj: IO[bytes]) -> Optional[tarfile.Tar
     return ti
 
 
-__all__ = ["next_member", "parse_header"]
+__all__ = ["checksum", "next_member", "parse_header"]
