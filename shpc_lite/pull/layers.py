@@ -483,6 +483,10 @@ class RootfsTree:
         # per layer being applied: paths it created, and their ancestors (for same-layer whiteout rules)
         self._touched: Set[Tuple[str, ...]] = set()
         self._touched_prefixes: Set[Tuple[str, ...]] = set()
+        # the last parent directory an entry was put in: (its path as archived, _resolve_dir's result).
+        # Entries of one directory mostly come in a row; adding entries cannot change how an existing
+        # path resolves, so it stays valid until a node is replaced or removed (then it is dropped).
+        self._last_parent: Optional[Tuple[List[str], Tuple[List[str], _Dir]]] = None
 
     # ---- path resolution inside the tree
 
@@ -575,6 +579,7 @@ class RootfsTree:
         index = len(self.layers)
         self.layers.append(blob)
         self._touched, self._touched_prefixes = set(), set()
+        self._last_parent = None
         skipped: List[str] = []
         if headers is None:
             for ordinal, member, _tf in iter_members(blob):
@@ -649,19 +654,28 @@ class RootfsTree:
             node = _Fifo(mode, m.uid, m.gid, mtime)
         else:  # char/block devices, anything else: not created; a lower entry there is removed
             skipped.append(name)
+            self._last_parent = None
             res = self._resolve_dir(parts[:-1], create=False, mtime=mtime, blob=blob, name=name)
             if res is not None:
                 res[1].children.pop(base, None)
             return
 
-        res = self._resolve_dir(parts[:-1], create=True, mtime=mtime, blob=blob, name=name)
-        assert res is not None
+        dir_parts = parts[:-1]
+        cached = self._last_parent
+        if cached is not None and cached[0] == dir_parts:
+            res = cached[1]
+        else:
+            res = self._resolve_dir(dir_parts, create=True, mtime=mtime, blob=blob, name=name)
+            assert res is not None
+            self._last_parent = (dir_parts, res)
         names, parent = res
         existing = parent.children.get(base)
         if isinstance(node, _Dir) and isinstance(existing, _Dir):
             existing.mode, existing.uid, existing.gid, existing.mtime = node.mode, node.uid, node.gid, node.mtime
         else:
             parent.children[base] = node
+            if existing is not None:
+                self._last_parent = None  # a replaced node may have been on the cached path
         self._mark(tuple(names) + (base,))
 
     @staticmethod
@@ -685,6 +699,7 @@ class RootfsTree:
             raise _entry_error(blob, name, f"malformed sparse map: it maps {total} bytes, the entry stores {stored}")
 
     def _whiteout(self, blob: LayerBlob, name: str, parts: List[str]) -> None:
+        self._last_parent = None  # what it removes may have been on the cached path
         base = parts[-1]
         victim = base[len(WHITEOUT_PREFIX):]
         if victim in ("", ".", ".."):
@@ -715,6 +730,7 @@ class RootfsTree:
         """Add generated entries (after all layers). They replace what is there unless ``only_if_absent``."""
         index = len(self.layers)
         self._touched, self._touched_prefixes = set(), set()
+        self._last_parent = None
         mtime = _clamp_time(mtime)
         for path, e in extras.items():
             parts = split_path(path)
