@@ -185,6 +185,27 @@ def test_type_changes(tmp_path):
     assert t["c"][0] == "dir"
 
 
+def test_a_directory_replaced_mid_layer_is_not_written_into(tmp_path):
+    """Entries of the same directory in a row reuse its resolved path; once that directory is
+    replaced (symlink, file) or removed within the layer, later entries resolve afresh."""
+    l1 = make_layer(tmp_path, [E("a", "dir"), E("b", "dir"), E("c", "dir"), E("c/old", data=b"o")])
+    l2 = make_layer(tmp_path, [
+        E("a/x", data=b"x"), E("a", "symlink", link="b"), E("a/y", data=b"y"),  # a/y lands in b
+        E("c/z", data=b"z"), E("c", data=b"now a file"), E("c/w", data=b"w"),  # c/w: parent is a file
+    ])
+    with pytest.raises(LayerError, match="not a directory"):
+        build_tree([l1, l2])
+    l3 = make_layer(tmp_path, [E("c/z", data=b"z"), E(".wh.c"), E("c/w", data=b"w"), E("a/x", data=b"x"),
+                               E("a", "symlink", link="b"), E("a/y", data=b"y")])
+    t = disk_tree(apply_to_dir(tmp_path, [l1, l3]))
+    assert t["a"][0] == "symlink" and t["b/y"][4] == b"y" and "a/x" not in t and "b/x" not in t
+    assert t["c/w"][4] == b"w" and t["c/z"][4] == b"z" and "c/old" not in t
+    # a device node (not created) removes the directory it replaces; e/y then makes a new one
+    l4 = make_layer(tmp_path, [E("e/x", data=b"x"), E("e", "chr"), E("e/y", data=b"y")])
+    t = disk_tree(apply_to_dir(tmp_path, [l4], "rootfs-e"))
+    assert t["e"][0] == "dir" and t["e/y"][4] == b"y" and "e/x" not in t
+
+
 @pytest.mark.parametrize("compression,media_type", [
     ("gzip", "application/vnd.docker.image.rootfs.diff.tar.gzip"),
     ("zstd", "application/vnd.oci.image.layer.v1.tar+gzip"),  # wrong media type: magic bytes win

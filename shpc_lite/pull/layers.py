@@ -45,6 +45,8 @@ import zstandard
 
 from ..errors import LayerError
 from .apptainer_files import ExtraEntry
+from .ustar import checksum as header_checksum
+from .ustar import next_member
 
 log = logging.getLogger(__name__)
 
@@ -169,13 +171,30 @@ class _Sequential:
     def __init__(self, stream: IO[bytes]):
         self._s = stream
         self._pos = 0
+        self._back = b""  # a block given back by unread, read again first
         self.name = None
+
+    def unread(self, data: bytes) -> None:
+        """Give back the bytes just read (the fast header reader does, for tarfile to read them)."""
+        self._back = data + self._back
+        self._pos -= len(data)
 
     def read(self, n: Optional[int] = -1) -> bytes:
         if n is None or n < 0 or n > MAX_HEADER_READ:
             # tarfile reads whole entries only for metadata (pax, GNU long names): refuse a
             # decompression bomb there; file data is always read in small chunks
             raise OSError(errno.EFBIG, "tar metadata entry too large")
+        if self._back:
+            data, self._back = self._back[:n], self._back[n:]
+            if len(data) < n:
+                data += self._read(n - len(data))
+            self._pos += len(data)
+            return data
+        data = self._read(n)
+        self._pos += len(data)
+        return data
+
+    def _read(self, n: int) -> bytes:
         data = self._s.read(n)
         if 0 < len(data) < n:
             parts, got = [data], len(data)
@@ -186,7 +205,6 @@ class _Sequential:
                 parts.append(more)
                 got += len(more)
             data = b"".join(parts)
-        self._pos += len(data)
         return data
 
     def seek(self, pos: int, whence: int = 0) -> int:
@@ -196,6 +214,10 @@ class _Sequential:
             raise OSError(errno.ESPIPE, "cannot seek from the end of a layer stream")
         if pos < self._pos:
             raise OSError(errno.ESPIPE, "cannot seek backwards in a layer stream")
+        if self._back and pos > self._pos:
+            dropped = self._back[:pos - self._pos]
+            self._back = self._back[len(dropped):]
+            self._pos += len(dropped)
         while pos > self._pos:
             chunk = self._s.read(min(pos - self._pos, COPY_CHUNK))
             if not chunk:
@@ -370,7 +392,7 @@ def iter_members(blob: LayerBlob) -> Iterator[Tuple[int, tarfile.TarInfo, tarfil
         last = None
         while True:
             try:
-                member = tf.next()
+                member = next_member(tf, fileobj)
             except _SparseError as exc:
                 raise _entry_error(blob, exc.name, exc.reason) from None
             except _READ_ERRORS as exc:
@@ -461,6 +483,10 @@ class RootfsTree:
         # per layer being applied: paths it created, and their ancestors (for same-layer whiteout rules)
         self._touched: Set[Tuple[str, ...]] = set()
         self._touched_prefixes: Set[Tuple[str, ...]] = set()
+        # the last parent directory an entry was put in: (its path as archived, _resolve_dir's result).
+        # Entries of one directory mostly come in a row; adding entries cannot change how an existing
+        # path resolves, so it stays valid until a node is replaced or removed (then it is dropped).
+        self._last_parent: Optional[Tuple[List[str], Tuple[List[str], _Dir]]] = None
 
     # ---- path resolution inside the tree
 
@@ -553,6 +579,7 @@ class RootfsTree:
         index = len(self.layers)
         self.layers.append(blob)
         self._touched, self._touched_prefixes = set(), set()
+        self._last_parent = None
         skipped: List[str] = []
         if headers is None:
             for ordinal, member, _tf in iter_members(blob):
@@ -627,19 +654,28 @@ class RootfsTree:
             node = _Fifo(mode, m.uid, m.gid, mtime)
         else:  # char/block devices, anything else: not created; a lower entry there is removed
             skipped.append(name)
+            self._last_parent = None
             res = self._resolve_dir(parts[:-1], create=False, mtime=mtime, blob=blob, name=name)
             if res is not None:
                 res[1].children.pop(base, None)
             return
 
-        res = self._resolve_dir(parts[:-1], create=True, mtime=mtime, blob=blob, name=name)
-        assert res is not None
+        dir_parts = parts[:-1]
+        cached = self._last_parent
+        if cached is not None and cached[0] == dir_parts:
+            res = cached[1]
+        else:
+            res = self._resolve_dir(dir_parts, create=True, mtime=mtime, blob=blob, name=name)
+            assert res is not None
+            self._last_parent = (dir_parts, res)
         names, parent = res
         existing = parent.children.get(base)
         if isinstance(node, _Dir) and isinstance(existing, _Dir):
             existing.mode, existing.uid, existing.gid, existing.mtime = node.mode, node.uid, node.gid, node.mtime
         else:
             parent.children[base] = node
+            if existing is not None:
+                self._last_parent = None  # a replaced node may have been on the cached path
         self._mark(tuple(names) + (base,))
 
     @staticmethod
@@ -663,6 +699,7 @@ class RootfsTree:
             raise _entry_error(blob, name, f"malformed sparse map: it maps {total} bytes, the entry stores {stored}")
 
     def _whiteout(self, blob: LayerBlob, name: str, parts: List[str]) -> None:
+        self._last_parent = None  # what it removes may have been on the cached path
         base = parts[-1]
         victim = base[len(WHITEOUT_PREFIX):]
         if victim in ("", ".", ".."):
@@ -693,6 +730,7 @@ class RootfsTree:
         """Add generated entries (after all layers). They replace what is there unless ``only_if_absent``."""
         index = len(self.layers)
         self._touched, self._touched_prefixes = set(), set()
+        self._last_parent = None
         mtime = _clamp_time(mtime)
         for path, e in extras.items():
             parts = split_path(path)
@@ -967,7 +1005,7 @@ def _fast_header(path: str, node: _Node, kind: bytes, linkname: str = "", size: 
         linkname.encode().ljust(100, b"\0"),
         _USTAR_TAIL,
     ))
-    chksum = sum(block)  # the checksum field counts as eight spaces, as written above
+    chksum = header_checksum(block)
     return block[:148] + b"%06o\0" % chksum + block[155:]
 
 
