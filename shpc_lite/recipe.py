@@ -113,7 +113,8 @@ def _validator() -> Any:
 def _fast_validator() -> Any:
     import fastjsonschema
 
-    return fastjsonschema.compile(_schema())
+    # no defaults written into the document; no rule copied into each (caught) exception
+    return fastjsonschema.compile(_schema(), use_default=False, detailed_exceptions=False)
 
 
 def _schema_errors(data: Any) -> list:
