@@ -90,11 +90,19 @@ def _breaks_line(ch: str) -> bool:
     return unicodedata.category(ch) in ("Cc", "Zl", "Zp")
 
 
+# What ``comment`` changes: a backslash, and exactly the characters of categories Cc
+# (U+0000-U+001F, U+007F-U+009F), Zl (U+2028) and Zp (U+2029) that ``_breaks_line`` finds.
+_COMMENT_SPECIAL = re.compile("[\\\\\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
 def comment(value: Any) -> Quoted:
     """Text for one comment line: control characters and line breaks shown as escapes, and
     backslashes doubled so the line never ends in a Tcl backslash-newline continuation."""
+    text = _text(value)
+    if not _COMMENT_SPECIAL.search(text):  # most values: nothing to change, no pass per character
+        return Quoted(text)
     out = []
-    for ch in _text(value):
+    for ch in text:
         if ch == "\\":
             out.append("\\\\")
         elif _breaks_line(ch):

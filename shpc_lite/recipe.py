@@ -98,11 +98,37 @@ class Recipe:
 
 
 @functools.lru_cache(maxsize=1)
+def _schema() -> dict:
+    return json.loads((Path(__file__).parent / "schemas" / "recipe.json").read_text())
+
+
+@functools.lru_cache(maxsize=1)
 def _validator() -> Any:
     import jsonschema
 
-    schema = json.loads((Path(__file__).parent / "schemas" / "recipe.json").read_text())
-    return jsonschema.Draft202012Validator(schema)
+    return jsonschema.Draft202012Validator(_schema())
+
+
+@functools.lru_cache(maxsize=1)
+def _fast_validator() -> Any:
+    import fastjsonschema
+
+    # no defaults written into the document; no rule copied into each (caught) exception
+    return fastjsonschema.compile(_schema(), use_default=False, detailed_exceptions=False)
+
+
+def _schema_errors(data: Any) -> list:
+    """The schema's errors for ``data``, most useful first (empty: valid).
+
+    A batch validates hundreds of recipes: the schema compiled to Python (fastjsonschema) says
+    yes about four times faster than jsonschema walks it. Only a yes is taken from it: on
+    anything else jsonschema decides, so the verdict and the error message are jsonschema's
+    (tests/test_recipe_schema.py checks that the fast one never accepts what jsonschema refuses)."""
+    try:
+        _fast_validator()(data)
+        return []
+    except Exception:  # noqa: BLE001 - JsonSchemaException, or a value it cannot handle
+        return sorted(_validator().iter_errors(data), key=lambda e: (len(e.absolute_path), str(e.absolute_path)))
 
 
 _PLAIN_KEY = re.compile(r"[\w.+-]+")
@@ -197,7 +223,7 @@ def recipe_from_dict(data: Any, source: str) -> Recipe:
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: expected a mapping of fields, got {type(data).__name__}")
     _check_text(data, source)
-    errors = sorted(_validator().iter_errors(data), key=lambda e: (len(e.absolute_path), str(e.absolute_path)))
+    errors = _schema_errors(data)
     if errors:
         raise RecipeError(f"{source}: {_explain(errors[0])}")
     versions = []

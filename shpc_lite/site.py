@@ -294,9 +294,11 @@ def run(config: Config, the_plan: Plan, *, jobs: int, quiet: bool = True,
     """Carry out a plan: images pulled by a pool of ``jobs``, modules written in chunks of up
     to config ``batch_chunk`` (one flush barrier each; a chunk is written as soon as it is full
     or no pull has finished for FLUSH_AFTER seconds). Outcomes come in plan order."""
-    from shpc_lite.resolve import client_from_config
+    client = None
+    if any(t.sif is None for t in the_plan.tasks):  # a batch of SIF files needs no registry client
+        from shpc_lite.resolve import client_from_config
 
-    client = client_from_config(config) if any(t.sif is None for t in the_plan.tasks) else None
+        client = client_from_config(config)
     chunk = config["batch_chunk"]
     order = {id(t): i for i, t in enumerate(the_plan.tasks)}
     outcomes: list[Outcome] = []

@@ -4,6 +4,7 @@ inside a braced Tcl body, and comment text never ends its comment line."""
 from __future__ import annotations
 
 import subprocess
+import unicodedata
 
 import pytest
 import yaml
@@ -81,6 +82,18 @@ def test_comment_backslash_does_not_continue_a_tcl_comment():
     """A Tcl comment ending in an odd number of backslashes swallows the next line."""
     out = _run([need_program("tclsh8.6")], f"{TCL_BINARY}## {comment('x' + chr(92))}\nputs -nonewline ok\n")
     assert out == b"ok"
+
+
+def test_comment_escapes_every_line_breaking_character():
+    """Every code point (surrogates and NUL aside): a comment escapes it exactly when it is a
+    backslash or a control/line/paragraph separator (Unicode categories Cc, Zl, Zp); the rest
+    is kept as is (the fast path for plain text must not let one through)."""
+    for code in range(1, 0x110000):
+        if 0xD800 <= code <= 0xDFFF:
+            continue
+        ch = chr(code)
+        breaks = ch == "\\" or unicodedata.category(ch) in ("Cc", "Zl", "Zp")
+        assert (comment(f"a{ch}b") != f"a{ch}b") == breaks, hex(code)
 
 
 @pytest.mark.parametrize("check, good, bad", [
