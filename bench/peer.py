@@ -180,6 +180,12 @@ def main() -> int:
         (bindir / "singularity").chmod(0o755)
         base_env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "HOME": str(work / "home"),
                     "XDG_CONFIG_HOME": str(work / "xdg"), "XDG_DATA_HOME": str(work / "xdg-data")}
+        # Both tools start as installed ones do, from their bytecode: pip wrote shpc's .pyc files
+        # into its venv, and shpc-lite's are written here once (a shell with
+        # PYTHONDONTWRITEBYTECODE=1 would otherwise make shpc-lite compile itself at every start).
+        base_env.pop("PYTHONDONTWRITEBYTECODE", None)
+        subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "shpc_lite")], check=True,
+                       env=base_env, timeout=300)
         lite_root = work / "lite"
         lite_env = {**base_env, "PYTHONPATH": str(REPO), "SHPC_LITE_SYSTEM_CONFIG": "/nonexistent",
                     "SHPC_LITE_ROOT": str(lite_root), "SHPC_LITE_REGISTRY": str(work / "lite-recipes"),
