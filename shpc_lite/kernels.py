@@ -20,13 +20,12 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Optional, Sequence
 
 from shpc_lite.errors import EnvError
-from shpc_lite.fsutil import TMP_PREFIX
+from shpc_lite.fsutil import atomic_write
 from shpc_lite.layout import KERNELS, kernel_dir
 
 if TYPE_CHECKING:
@@ -137,31 +136,15 @@ def _owner(directory: Path) -> Optional[dict]:
 
 
 def write_kernelspec(kernels: Path, kernel: Kernel) -> Path:
-    """Write ``kernels/<name>/kernel.json`` whole or not at all (a staged dir renamed into
-    place); an existing kernelspec of ours is replaced, anyone else's refused."""
+    """Write ``kernels/<name>/kernel.json``, replaced in one rename (Jupyter lists a kernel dir only
+    once it holds a kernel.json, so a new one is never seen half-made); an existing kernelspec of
+    ours is replaced, anyone else's refused."""
     target = kernel_dir(kernels, check_name(kernel.name))
     if os.path.lexists(target) and _owner(target) is None:
         raise EnvError(f"{target} exists and is not a kernel shpc-lite wrote: refusing to replace it "
                        f"(choose another --name)")
-    Path(kernels).mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=kernels))
-    old = None
-    try:
-        (stage / SPEC_FILE).write_text(kernel.to_json(), encoding="utf-8")
-        os.chmod(stage, 0o755)
-        os.chmod(stage / SPEC_FILE, 0o644)
-        if os.path.lexists(target):
-            old = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + "old-", dir=kernels))
-            os.rename(target, old / "k")
-        os.rename(stage, target)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        if old is not None and not os.path.lexists(target):
-            os.rename(old / "k", target)
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+    target.mkdir(mode=0o755, parents=True, exist_ok=True)
+    atomic_write(target / SPEC_FILE, kernel.to_json(), 0o644)
     return target
 
 
