@@ -17,7 +17,6 @@ from typing import Any, Optional
 from shpc_lite.config import Config
 from shpc_lite.errors import ConfigError, NotFoundError
 from shpc_lite.fsutil import atomic_write
-from shpc_lite.index import invalidate
 from shpc_lite.layout import Layout
 from shpc_lite.module_systems import MODULE_SYSTEMS, ModuleSystem
 from shpc_lite.packages import Package
@@ -336,16 +335,10 @@ def write_module(spec: ModuleSpec, layout: Layout, config: Config, default: bool
 
 
 def write_defaults(layout: Layout, name: str, config: Config) -> None:
-    """Rewrite ``.modulerc.lua`` / ``.modulerc`` for one module: default version and GPU tags.
-
-    The last step of every change to a name: the spider cache is marked stale again after it, so a
-    refresh that looked at the tree before the change cannot leave a cache that hides it."""
+    """Rewrite ``.modulerc.lua`` / ``.modulerc`` for one module (shpc_lite.publish.write_defaults)."""
     from shpc_lite.publish import write_defaults as write
 
-    try:
-        write(layout, name, config)
-    finally:
-        invalidate(layout)
+    write(layout, name, config)
 
 
 def remove_module(layout: Layout, record: Installed, config: Config) -> None:
@@ -353,6 +346,8 @@ def remove_module(layout: Layout, record: Installed, config: Config) -> None:
 
     What is removed is derived from (name, version) through the layout, never from paths stored
     in the record, and nothing is followed through a symlink out of the root."""
+    from shpc_lite.index import invalidate  # not at the top: ``list`` and ``show`` start without it
+
     invalidate(layout)
     systems = {layout.system, MODULE_SYSTEMS.get(record.module_system, layout.system)}
     for system in systems:

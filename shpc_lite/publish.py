@@ -336,12 +336,18 @@ def _sweep(layout: Layout, name: str) -> None:
 
 
 def write_defaults(layout: Layout, name: str, config: Config) -> None:
-    """Rewrite ``.modulerc.lua`` / ``.modulerc`` for one module: default version and GPU tags."""
-    changed: set[str] = set()
-    write_defaults_many(layout, [name], config, changed)
+    """Rewrite ``.modulerc.lua`` / ``.modulerc`` for one module: default version and GPU tags.
+
+    The last step of every change to a name: the spider cache is marked stale again after it, so a
+    refresh that looked at the tree before the change cannot leave a cache that hides it."""
     from shpc_lite.fsutil import flush
 
-    flush((), sorted(changed))
+    try:
+        changed: set[str] = set()
+        write_defaults_many(layout, [name], config, changed)
+        flush((), sorted(changed))
+    finally:
+        invalidate(layout)
 
 
 @dataclass
