@@ -64,11 +64,12 @@ KEYS: dict[str, tuple[Any, str, tuple[str, ...]]] = {
     "mpi_binds": ([], "list", ()),
     "mpi_env": ({}, "map", ()),
     "batch_chunk": (256, "int", ()),
+    "batch_workers": (0, "int", ()),  # 0: one per usable core (large batches only)
 }
 
 # Smallest sensible value of whole-number keys: a lease of 0 s would be lost at once, a timeout
 # of 0 s fails every request; a negative package cap means nothing.
-_MINIMUM = {"lock_lease": 1, "timeout": 1, "package_cap": 0, "batch_chunk": 1}
+_MINIMUM = {"lock_lease": 1, "timeout": 1, "package_cap": 0, "batch_chunk": 1, "batch_workers": 0}
 
 _ENV_NAME = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]*\Z")
 _TRUE = {"1", "true", "yes", "on"}

@@ -213,6 +213,8 @@ def stale_temp(name: str, mtime: float, now: float, older_than: float) -> bool:
 
 
 def _alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs. A zombie does not: a killed writer whose parent is
+    gone stays one where PID 1 does not reap orphans (containers without an init)."""
     if pid == os.getpid():
         return True
     try:
@@ -220,8 +222,12 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rpartition(b")")[2].split()[:1] not in ([b"Z"], [b"X"])
+    except OSError:  # no /proc (or it just exited): as kill said
         return True
-    return True
 
 
 # Unique per process without a random read per name: pid (fork changes it), a token drawn

@@ -327,6 +327,53 @@ def run(config: Config, the_plan: Plan, *, jobs: int, quiet: bool = True,
     return list(the_plan.errors) + outcomes
 
 
+# A batch is split over worker processes only when each gets at least this many manifest
+# entries (forking and returning results cost about as much as writing a few modules).
+MIN_SHARD = 16
+
+
+def shards(entries: list[Entry], count: int, minimum: int = MIN_SHARD) -> list[list[Entry]]:
+    """``entries`` split into at most ``count`` shards of at least ``minimum`` entries, by
+    module name (every entry of a name in one shard: one process writes a name's files and its
+    defaults), balanced by the number of entries. One shard when the batch is too small."""
+    groups: dict[str, list[Entry]] = {}
+    for entry in entries:
+        groups.setdefault(entry.name, []).append(entry)
+    count = max(1, min(count, len(groups), len(entries) // max(1, minimum)))
+    parts: list[list[Entry]] = [[] for _ in range(count)]
+    for group in sorted(groups.values(), key=len, reverse=True):
+        min(parts, key=len).extend(group)
+    return [p for p in parts if p]
+
+
+def install(config: Config, entries: list[Entry], *, jobs: int, quiet: bool = True) -> list[Outcome]:
+    """Plan and run ``entries``; a large batch split by module name over worker processes
+    (config ``batch_workers``, 0: one per usable core; shpc_lite.workers), the pulls' ``jobs``
+    shared among them. Outcomes in manifest order."""
+    from shpc_lite.workers import map_forked, usable_cores
+
+    explicit = config["batch_workers"]
+    parts = shards(entries, explicit or usable_cores(), minimum=1 if explicit else MIN_SHARD)
+    share = max(1, jobs // len(parts))
+
+    def one(part: list[Entry]) -> list[Outcome]:
+        return run(config, plan(config, part), jobs=share, quiet=quiet)
+
+    def lost(part: list[Entry], reason: str) -> list[Outcome]:
+        return [Outcome(None, e.label, "failed", reason) for e in part]
+
+    results = map_forked(one, parts, lost)
+    first: dict[str, int] = {}
+    for i, entry in enumerate(entries):
+        first.setdefault(entry.name, i)
+    merged = [(first.get(_name_of(o), 0), j, o) for part in results for j, o in enumerate(part)]
+    return [o for _, _, o in sorted(merged, key=lambda m: m[:2])]
+
+
+def _name_of(outcome: Outcome) -> str:
+    return outcome.task.name if outcome.task is not None else outcome.label.split(":")[0]
+
+
 def _task_of(step: "Outcome | _Ready") -> Task:
     assert step.task is not None
     return step.task

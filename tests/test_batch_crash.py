@@ -12,7 +12,6 @@ named in the manifest (``sif:``), whose dry run and errors are checked last.
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import subprocess
@@ -20,7 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 from tests.modsys import have, run_bash
 from tests.needs import requires
@@ -45,9 +43,10 @@ def _manifest(site, sif: Path) -> Path:
     return path
 
 
-def _batch(site, root: Path, manifest: Path) -> list[str]:
+def _batch(site, root: Path, manifest: Path, workers: int = 1) -> list[str]:
+    """The batch; ``workers`` 2: split over two worker processes (12 names, 6 each)."""
     return [sys.executable, "-m", "shpc_lite", "--root", str(root), "--set", "batch_chunk=5", "--set", "lock_lease=1",
-            "batch", "install", str(manifest), "--jobs", "2"]
+            "--set", f"batch_workers={workers}", "batch", "install", str(manifest), "--jobs", "2"]
 
 
 def _modulefiles(root: Path) -> list[Path]:
@@ -73,10 +72,11 @@ def _temps(root: Path) -> list[str]:
 
 
 def _kill_at(site, root: Path, manifest: Path, rng: random.Random, visible: int | None, deadline: float,
-             marker: bytes = b"") -> None:
+             marker: bytes = b"", workers: int = 1) -> None:
     """Start the batch and SIGKILL it once ``visible`` modulefiles exist (holding ``marker``,
-    when given), or after a random delay."""
-    proc = subprocess.Popen(_batch(site, root, manifest), env=site.env,
+    when given), or after a random delay. With workers, only the CLI's process is killed: its
+    workers must stop with it (they would otherwise go on writing)."""
+    proc = subprocess.Popen(_batch(site, root, manifest, workers), env=site.env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         if visible is None:
@@ -89,6 +89,26 @@ def _kill_at(site, root: Path, manifest: Path, rng: random.Random, visible: int 
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait(timeout=60)
+    end = time.monotonic() + 10
+    while _writers(root) and time.monotonic() < end:
+        time.sleep(0.05)
+    assert not _writers(root), f"worker processes outlived the killed batch: {_writers(root)}"
+
+
+def _writers(root: Path) -> list[int]:
+    """Live processes (not zombies) whose command line names ``root``: the batch and its workers."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if str(root).encode() + b"\0" in cmdline and state != "Z":
+            found.append(int(entry.name))
+    return found
 
 
 def _count(root: Path, marker: bytes) -> int:
@@ -149,13 +169,15 @@ def test_kill_9_mid_batch_leaves_no_half_written_module_and_a_rerun_completes(si
 
     rng = random.Random(13)
     partial = []
-    # kill once k modules are visible (k spread over the batch), and twice at a random moment
-    for seed, visible in enumerate([1, 6, 11, 17, 23, None, None]):
+    # kill once k modules are visible (k spread over the batch), and at random moments; every
+    # other run split over two worker processes (the tree must be the same either way)
+    for seed, visible in enumerate([1, 6, 11, 17, 23, None, None, 4, 15, None]):
         root = site.tmp / f"root-{seed}"
-        _kill_at(site, root, manifest, rng, visible, whole)
+        _kill_at(site, root, manifest, rng, visible, whole, workers=1 + seed % 2)
         partial.append(_check_visible_modules_complete(site, root, reference))
 
-        rerun = subprocess.run(_batch(site, root, manifest), env=site.env, capture_output=True, text=True)
+        rerun = subprocess.run(_batch(site, root, manifest, workers=2 - seed % 2), env=site.env,
+                               capture_output=True, text=True)
         assert rerun.returncode == 0, rerun.stdout + rerun.stderr
         assert _tree(root) == reference, f"seed {seed}: the rerun's tree differs from an uninterrupted run's"
         assert not _temps(root), f"seed {seed}: temp files left: {_temps(root)}"
@@ -197,7 +219,7 @@ def test_kill_9_mid_reinstall_onto_a_new_image_keeps_every_module_whole(site, sm
     for seed, moved in enumerate([3, 12, 20, None]):
         root = site.tmp / f"root-{seed}"
         subprocess.run(_batch(site, root, old_manifest), env=site.env, check=True, capture_output=True)
-        _kill_at(site, root, new_manifest, rng, moved, whole, marker=new_image)
+        _kill_at(site, root, new_manifest, rng, moved, whole, marker=new_image, workers=1 + seed % 2)
         mixed.append(_count(root, new_image))
         tree = _tree(root)
         for modulefile in _modulefiles(root):

@@ -64,6 +64,9 @@ def run(args: argparse.Namespace, config) -> int:
         return _status(args, config)
     jobs = args.jobs or config["jobs"]
     entries = site.load_manifest(args.manifest)
+    if args.action == "install" and args.slurm is None and not args.dry_run:
+        outcomes = site.install(config, entries, jobs=jobs, quiet=args.quiet or args.json)
+        return _report(args, config, outcomes)
     the_plan = site.plan(config, entries)
     if args.action == "install" and args.slurm is not None:
         return _submit(args, config, the_plan, jobs)
@@ -76,6 +79,11 @@ def run(args: argparse.Namespace, config) -> int:
     outcomes = site.run(config, the_plan, jobs=jobs, quiet=args.quiet or args.json)
     if args.action == "sync":
         outcomes += _remove_unlisted(args, config, entries, the_plan)
+    return _report(args, config, outcomes)
+
+
+def _report(args, config, outcomes) -> int:
+    """After a batch changed the tree: the indexes refreshed once, the summary printed."""
     changed = any(o.status in ("installed", "updated", "removed") for o in outcomes)
     extra = _refresh(config) if changed else []
     if not changed and not _failed(outcomes):

@@ -1,0 +1,123 @@
+"""Issue 13: a large batch install split over forked worker processes (shpc_lite.workers).
+
+What a user would notice: every shard's work is done (in other processes, on other cores), the
+results come back in order, a worker that dies or fails turns into failed lines for its modules
+rather than a hang or a traceback, and no worker outlives a ``kill -9`` of the command.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from shpc_lite.site import Entry, shards
+from shpc_lite.workers import map_forked
+
+
+def _lost(shard, reason):
+    return ("lost", shard, reason)
+
+
+def test_every_shard_runs_in_its_own_process_and_results_come_back_in_order():
+    results = map_forked(lambda n: (n, n * n, os.getpid()), [1, 2, 3], _lost)
+    assert [r[:2] for r in results] == [(1, 1), (2, 4), (3, 9)]
+    pids = [r[2] for r in results]
+    assert pids[0] == os.getpid() and len(set(pids)) == 3  # the first here, the others forked
+
+
+def test_a_worker_killed_or_failing_becomes_a_lost_shard_not_a_hang():
+    def work(n):
+        if n == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if n == 3:
+            raise RuntimeError("disk on fire")
+        return n
+
+    results = map_forked(work, [1, 2, 3], _lost)
+    assert results[0] == 1
+    assert results[1][:2] == ("lost", 2) and "killed by signal 9" in results[1][2]
+    assert results[2][:2] == ("lost", 3) and results[2][2].endswith("RuntimeError: disk on fire")
+
+
+def test_a_large_result_crosses_the_pipe_whole():
+    results = map_forked(lambda n: [n] * 200_000, [1, 2], _lost)
+    assert results == [[1] * 200_000, [2] * 200_000]
+
+
+def test_workers_die_with_a_killed_parent(tmp_path):
+    """kill -9 of the CLI's process: its workers stop at once (PR_SET_PDEATHSIG), so none goes
+    on writing modules while an admin reruns the batch."""
+    script = tmp_path / "parent.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, sys, time
+        sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
+        from shpc_lite.workers import map_forked
+
+        def work(n):
+            open(os.path.join({str(tmp_path)!r}, f"pid-{{n}}"), "w").write(str(os.getpid()))
+            time.sleep(60)
+
+        map_forked(work, [0, 1, 2], lambda s, r: None)
+    """))
+    proc = subprocess.Popen([sys.executable, str(script)])
+    try:
+        end = time.monotonic() + 30
+        while len(list(tmp_path.glob("pid-*"))) < 3 and time.monotonic() < end:
+            time.sleep(0.05)
+        pids = [int(p.read_text()) for p in sorted(tmp_path.glob("pid-*"))]
+        assert len(pids) == 3 and pids[0] == proc.pid
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    end = time.monotonic() + 10
+    while any(_running(p) for p in pids[1:]) and time.monotonic() < end:
+        time.sleep(0.05)
+    assert not any(_running(p) for p in pids[1:]), "a worker outlived its killed parent"
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+def test_shards_keep_a_name_in_one_process_and_balance_the_rest():
+    entries = [Entry(f"n{i}", (f"{v}.0",)) for i in range(40) for v in range(1 + (i == 0) * 9)]
+    parts = shards(entries, 2, minimum=4)
+    assert len(parts) == 2 and sorted((e for p in parts for e in p), key=repr) == sorted(entries, key=repr)
+    owner = {e.name: i for i, p in enumerate(parts) for e in p}
+    assert all(owner[e.name] == i for i, p in enumerate(parts) for e in p)  # every version of a name together
+    assert abs(len(parts[0]) - len(parts[1])) <= 9
+    assert shards(entries, 2, minimum=40) == [entries]  # too small to be worth a fork
+    assert len(shards(entries[:3], 8, minimum=1)) == 1  # never more shards than names
+
+
+def test_batch_install_split_over_workers_reports_in_manifest_order(site, small_sif):
+    """``batch_workers: 2``: the modules are written by two processes, the summary lists them in
+    manifest order, an entry that fails is its own line, and the tree is the one a single
+    process writes."""
+    names = [f"w{i}" for i in range(6)]
+    for name in names:
+        site.write_recipe(name, f"name: {name}\nimage: docker.io/library/busybox\ndescription: {name}\nversions:\n  '1.0': '1.36'\n"
+                                f"aliases:\n  {name}-sh: /bin/sh\n")
+    listed = names[:3] + ["nosuchrecipe"] + names[3:]
+    manifest = site.tmp / "site.yaml"
+    manifest.write_text("modules:\n" + "".join(f"  - name: {n}\n    sif: {small_sif}\n" for n in listed))
+    trees = []
+    for workers in (2, 1):
+        root = site.tmp / f"root-{workers}"
+        proc = site.cli("--root", str(root), "--set", f"batch_workers={workers}", "batch", "install", str(manifest))
+        assert proc.returncode == 1, proc.stdout + proc.stderr  # the unknown recipe
+        rows = [line.split()[0] for line in proc.stdout.splitlines()[1:-1]]
+        assert rows == [f"{n}/1.0" for n in names[:3]] + ["nosuchrecipe"] + [f"{n}/1.0" for n in names[3:]], rows
+        assert "unknown recipe 'nosuchrecipe'" in proc.stdout and "1 failed, 6 installed" in proc.stdout
+        trees.append({str(p.relative_to(root)): p.read_bytes().replace(str(root).encode(), b"<root>")
+                      for top in ("modules", "wrappers") for p in sorted((root / top).rglob("*")) if p.is_file()})
+    assert trees[0] == trees[1] and len([k for k in trees[0] if k.endswith(".lua") and "/." not in k]) == 6
