@@ -5,6 +5,7 @@ Every value remembers where it came from, so ``config show`` can answer "why is 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -181,9 +182,10 @@ class Config:
     def __getitem__(self, key: str) -> Any:
         return self.values[key]
 
-    @property
+    @functools.cached_property
     def layout(self) -> "Layout":
-        """Every on-disk name under this config's root, for its module system."""
+        """Every on-disk name under this config's root, for its module system (made once: a
+        batch asks for it thousands of times)."""
         from shpc_lite.layout import Layout
 
         return Layout(Path(self.values["root"]).expanduser(), MODULE_SYSTEMS[self.values["module_system"]])

@@ -3,6 +3,7 @@ may only say yes where jsonschema (the one whose messages users see) says yes to
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -81,3 +82,22 @@ def test_one_changed_value_of_a_full_recipe(place, value, new_key):
     except Exception:  # noqa: BLE001
         return
     assert not list(_validator().iter_errors(doc)), doc
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("ab -_/.=$\t\r\n\x0b\x0c\x1c\x1f\u00a0\u2003é'\"\\#")), max_size=24))
+def test_alias_words_split_as_shlex_does(text):
+    """An alias given as one string is split as a shell would (shlex), whatever the fast path
+    for plain text takes: quotes, backslashes and every kind of whitespace agree."""
+    import shlex
+
+    from shpc_lite.errors import RecipeError
+    from shpc_lite.recipe import _words
+
+    try:
+        expected = tuple(shlex.split(text))
+    except ValueError:
+        with pytest.raises(RecipeError):
+            _words(text, "aliases.x", "r.yaml")
+        return
+    assert _words(text, "aliases.x", "r.yaml") == expected
