@@ -15,7 +15,8 @@ What is compared, all in this run and on the same machine:
   a fresh process:
     - shpc through its own API in one Python process (``get_client().install(uri,
       container_image=SIF)``, what ``shpc install URI SIF`` does, without 300 start-ups),
-    - shpc-lite through ``shpc-lite batch install`` of a manifest naming the SIF (``sif:``);
+    - shpc-lite through ``shpc-lite batch install`` of a manifest naming the SIF (``sif:``), as
+      installed (its worker processes, one per usable core) and in one process (``batch_workers=1``);
   and per-command CLI installs (``shpc install URI SIF`` / ``shpc-lite install NAME:VER --sif
   SIF``), the median of ``--cli-samples`` into the full tree;
 * ``list``, ``show``, Lmod ``module -t avail`` and ``module load`` on the two trees (same size),
@@ -52,6 +53,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from batch import time_command  # noqa: E402  (bench/batch.py: a module command in a fresh bash)
 from scale import small_sif  # noqa: E402  (bench/scale.py: a real SIF of a few KB)
 from shpc_lite.recipe import SAFE_VERSION  # noqa: E402
+from shpc_lite.workers import usable_cores  # noqa: E402
 from tests.modsys import have  # noqa: E402
 
 RECIPES = REPO.parent / "shared" / "data" / "shpc-recipes"
@@ -218,14 +220,20 @@ def main() -> int:
         n = len(picks)
         # -- install all, each tool in a fresh process, into an empty tree; the runs alternate
         # (shpc, shpc-lite, shpc, ...) so a busy moment of the machine does not hit one tool only
-        runs: dict[str, list[tuple[float, float]]] = {"shpc": [], "lite": []}
+        # shpc-lite as installed: its worker processes, one per usable core (config batch_workers
+        # 0); and in one process (batch_workers=1), the row that compares one core with one core
+        runs: dict[str, list[tuple[float, float]]] = {"shpc": [], "lite": [], "lite1": []}
+        one_process = {**lite_env, "SHPC_LITE_BATCH_WORKERS": "1"}
         for _ in range(opts.install_runs):
             for tree in (work / "shpc", lite_root):
                 shutil.rmtree(tree, ignore_errors=True)
             runs["shpc"].append(cpu_timed([str(venv_python), "-c", SHPC_INSTALL, str(settings), str(sif),
                                            *[p.uri for p in picks]], base_env))
             runs["lite"].append(cpu_timed([*lite, "-q", "batch", "install", str(manifest)], lite_env))
-        shpc_seconds, lite_seconds = (statistics.median(w for w, _ in runs[k]) for k in ("shpc", "lite"))
+            shutil.rmtree(lite_root)
+            runs["lite1"].append(cpu_timed([*lite, "-q", "batch", "install", str(manifest)], one_process))
+        shpc_seconds, lite_seconds, lite1_seconds = (statistics.median(w for w, _ in runs[k])
+                                                     for k in ("shpc", "lite", "lite1"))
         shpc_cpu, lite_cpu = (statistics.median(c for _, c in runs[k]) for k in ("shpc", "lite"))
         shpc_modules = sorted((work / "shpc" / "modules").rglob("module.lua"))
         lite_modules = sorted(p for p in (lite_root / "modules").glob("*/[!.]*.lua"))
@@ -240,8 +248,10 @@ def main() -> int:
         standin = (time.perf_counter() - start) / 30 * 3 * n
         rows.append(Row(f"install {n} modules, one process", shpc_seconds, lite_seconds,
                         f"median of {opts.install_runs}; wrappers: shpc {shpc_wrappers}, shpc-lite {lite_wrappers}; "
-                        f"shpc-lite: batch install"))
+                        f"shpc-lite: batch install, {usable_cores()} worker process(es)"))
         rows.append(Row("  same, CPU time (user+sys)", shpc_cpu, lite_cpu, "less sensitive to other load"))
+        rows.append(Row("  same, shpc-lite in one process", shpc_seconds, lite1_seconds,
+                        "batch_workers=1: one core each"))
         rows.append(Row("  same, shpc without its stand-in calls", shpc_seconds - standin, lite_seconds,
                         f"stand-in singularity calls: {standin:.2f} s of shpc's"))
 
