@@ -156,7 +156,7 @@ def flush(files: Iterable[str], dirs: Iterable[str] = ()) -> None:
     syncfs = _libc_function("syncfs") if len(files) + len(dirs) > FSYNC_AT_MOST else None
     if syncfs is not None:
         devices: dict[int, str] = {}
-        for path in [*dirs, *(os.path.dirname(f) for f in files)]:
+        for path in dict.fromkeys([*dirs, *(os.path.dirname(f) for f in files)]):  # a stat per directory
             with contextlib.suppress(OSError):
                 devices.setdefault(os.stat(path).st_dev, path)
         for directory in devices.values():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import itertools
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
@@ -55,16 +56,18 @@ def _imported(config: Config, sif: Path) -> _Imported:
 
     file = identity(sif)  # None: import_sif says what is wrong with it
     key = (file, str(config.layout.root)) if file else None
-    known = _IMPORTED.get(key) if key else None
-    if known is not None and os.path.exists(known):
-        return _Imported(known, "", False)
-    stored, created = import_sif(config, sif)
-    if key:
-        _IMPORTED[key] = stored
-    return _Imported(stored, "", created)
+    with _IMPORTING.setdefault(key, threading.Lock()):  # the batch's other threads wait here, not on the store's lock
+        known = _IMPORTED.get(key) if key else None
+        if known is not None and os.path.exists(known):
+            return _Imported(known, "", False)
+        stored, created = import_sif(config, sif)
+        if key:
+            _IMPORTED[key] = stored
+        return _Imported(stored, "", created)
 
 
 _IMPORTED: dict[tuple, Path] = {}
+_IMPORTING: dict[Optional[tuple], threading.Lock] = {}
 
 
 def image_packages(sif: Path) -> tuple[Package, ...]:

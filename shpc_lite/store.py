@@ -55,6 +55,12 @@ def is_held(path: Path, lease_seconds: float) -> bool:
         return True
 
 
+# Most holds of a digest lock are short (a batch chunk adding its refs: milliseconds) and are
+# waited for closely; one still held after QUICK_WAIT is a pull, polled at filelock's pace.
+QUICK_POLL = 0.002
+QUICK_WAIT = 0.25
+
+
 @contextlib.contextmanager
 def digest_lock(layout: Layout, digest: str, lease_seconds: float, timeout: float = 6 * 3600) -> Iterator[None]:
     """Hold the per-digest lock; a second process waits here and then finds the file made."""
@@ -63,13 +69,16 @@ def digest_lock(layout: Layout, digest: str, lease_seconds: float, timeout: floa
     path = layout.digest_lock(digest)
     layout.make_dir(path.parent)
     deadline = time.monotonic() + timeout
+    poll: Optional[float] = QUICK_POLL
     while True:
         _break_empty_marker(path, lease_seconds)
+        budget = max(0.0, deadline - time.monotonic())
         try:
-            held = lease(path, lease_seconds, min(lease_seconds, max(0.0, deadline - time.monotonic())))
-            held.acquire()
+            held = lease(path, lease_seconds, min(QUICK_WAIT if poll else lease_seconds, budget))
+            held.acquire(poll_interval=poll)
             break
         except Timeout:
+            poll = None  # a long hold (a pull): filelock's own pace from now on
             if time.monotonic() >= deadline:
                 raise StoreError(f"timed out waiting for another process to store {digest}") from None
     try:
