@@ -19,11 +19,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 
 from tests.modsys import have, run_bash
-from tests.needs import requires
+from tests.needs import need_system, requires
 
 pytestmark = requires(have("lmod"), reason="Lmod is not installed")
+SUFFIX = {"lmod": ".lua", "tcl": ""}  # a modulefile's name: <version><suffix>
 
 COUNT = 24  # modules: 12 names, two versions each (so defaults are written per name)
 NAMES = [f"crash{i:02d}" for i in range(COUNT // 2)]
@@ -43,10 +45,11 @@ def _manifest(site, sif: Path) -> Path:
     return path
 
 
-def _batch(site, root: Path, manifest: Path, workers: int = 1) -> list[str]:
+def _batch(site, root: Path, manifest: Path, workers: int = 1, system: str = "lmod") -> list[str]:
     """The batch; ``workers`` 2: split over two worker processes (12 names, 6 each)."""
     return [sys.executable, "-m", "shpc_lite", "--root", str(root), "--set", "batch_chunk=5", "--set", "lock_lease=1",
-            "--set", f"batch_workers={workers}", "batch", "install", str(manifest), "--jobs", "2"]
+            "--set", f"batch_workers={workers}", "--set", f"module_system={system}",
+            "batch", "install", str(manifest), "--jobs", "2"]
 
 
 def _modulefiles(root: Path) -> list[Path]:
@@ -72,11 +75,11 @@ def _temps(root: Path) -> list[str]:
 
 
 def _kill_at(site, root: Path, manifest: Path, rng: random.Random, visible: int | None, deadline: float,
-             marker: bytes = b"", workers: int = 1) -> None:
+             marker: bytes = b"", workers: int = 1, system: str = "lmod") -> None:
     """Start the batch and SIGKILL it once ``visible`` modulefiles exist (holding ``marker``,
     when given), or after a random delay. With workers, only the CLI's process is killed: its
     workers must stop with it (they would otherwise go on writing)."""
-    proc = subprocess.Popen(_batch(site, root, manifest, workers), env=site.env,
+    proc = subprocess.Popen(_batch(site, root, manifest, workers, system), env=site.env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         if visible is None:
@@ -121,11 +124,11 @@ def _count(root: Path, marker: bytes) -> int:
     return found
 
 
-def _check_visible_modules_complete(site, root: Path, reference: dict[str, bytes]) -> int:
+def _check_visible_modules_complete(site, root: Path, reference: dict[str, bytes], system: str = "lmod") -> int:
     tree = _tree(root)
     visible = _modulefiles(root)
     for modulefile in visible:
-        name, version = modulefile.parent.name, modulefile.name[: -len(".lua")]
+        name, version = modulefile.parent.name, modulefile.name[: len(modulefile.name) - len(SUFFIX[system])]
         key = str(modulefile.relative_to(root))
         assert tree[key] == reference[key], f"{key} differs from an uninterrupted run's"
         wrappers = f"wrappers/{name}/{version}/bin/"
@@ -138,17 +141,18 @@ def _check_visible_modules_complete(site, root: Path, reference: dict[str, bytes
         assert f"{name}@{version}" in refs, f"{name}/{version} is visible without its image ref"
     for record in (root / "wrappers").glob("*/*/install.json"):  # a record means a whole module
         name, version = record.parent.parent.name, record.parent.name
-        assert (root / "modules" / name / f"{version}.lua").is_file(), f"{record} without its modulefile"
+        assert (root / "modules" / name / f"{version}{SUFFIX[system]}").is_file(), f"{record} without its modulefile"
     if not visible:
         return 0
-    # Real Lmod: what it lists is exactly what is complete, and every listed module loads.
-    modules = [f"{p.parent.name}/{p.name[:-4]}" for p in visible]
+    # Real Lmod / Environment Modules: what it lists is exactly what is complete, and every
+    # listed module loads.
+    modules = [f"{p.parent.name}/{p.name[: len(p.name) - len(SUFFIX[system])]}" for p in visible]
     aliases = " ".join(f"{m.split('/')[0]}-sh {m.split('/')[0]}-ls" for m in modules)
     script = (f"module use {root}/modules\nmodule -t avail 2>&1 | grep -v ':$' | sort\necho ---\n"
               + "".join(f"module load {m} || exit 3\nfor c in {m.split('/')[0]}-sh {m.split('/')[0]}-ls; do "
                         f"p=$(command -v $c) || exit 4; [ -x \"$p\" ] || exit 5; done\nmodule purge\n"
                         for m in modules))
-    proc = run_bash("lmod", script, {**site.env, "HOME": str(site.tmp / "home")}, timeout=120)
+    proc = run_bash(system, script, {**site.env, "HOME": str(site.tmp / "home")}, timeout=120)
     out = proc.stdout.decode()
     assert proc.returncode == 0, out + proc.stderr.decode() + aliases
     listed = [line.replace("(default)", "") for line in out.split("---")[0].split()
@@ -157,12 +161,19 @@ def _check_visible_modules_complete(site, root: Path, reference: dict[str, bytes
     return len(visible)
 
 
-def test_kill_9_mid_batch_leaves_no_half_written_module_and_a_rerun_completes(site, small_sif):
+# Lmod trees at ten points; Tcl (Environment Modules) trees, written by the same steps, at four.
+KILL_POINTS = {"lmod": [1, 6, 11, 17, 23, None, None, 4, 15, None], "tcl": [3, 12, 20, None]}
+
+
+@pytest.mark.parametrize("system", ["lmod", "tcl"])
+def test_kill_9_mid_batch_leaves_no_half_written_module_and_a_rerun_completes(site, small_sif, system):
+    need_system(system)
     _write_recipes(site)
     manifest = _manifest(site, small_sif)
     reference_root = site.tmp / "reference"
     start = time.monotonic()
-    subprocess.run(_batch(site, reference_root, manifest), env=site.env, check=True, capture_output=True)
+    subprocess.run(_batch(site, reference_root, manifest, system=system), env=site.env, check=True,
+                   capture_output=True)
     whole = time.monotonic() - start
     reference = _tree(reference_root)
     assert len(_modulefiles(reference_root)) == COUNT and not _temps(reference_root)
@@ -171,12 +182,12 @@ def test_kill_9_mid_batch_leaves_no_half_written_module_and_a_rerun_completes(si
     partial = []
     # kill once k modules are visible (k spread over the batch), and at random moments; every
     # other run split over two worker processes (the tree must be the same either way)
-    for seed, visible in enumerate([1, 6, 11, 17, 23, None, None, 4, 15, None]):
+    for seed, visible in enumerate(KILL_POINTS[system]):
         root = site.tmp / f"root-{seed}"
-        _kill_at(site, root, manifest, rng, visible, whole, workers=1 + seed % 2)
-        partial.append(_check_visible_modules_complete(site, root, reference))
+        _kill_at(site, root, manifest, rng, visible, whole, workers=1 + seed % 2, system=system)
+        partial.append(_check_visible_modules_complete(site, root, reference, system))
 
-        rerun = subprocess.run(_batch(site, root, manifest, workers=2 - seed % 2), env=site.env,
+        rerun = subprocess.run(_batch(site, root, manifest, workers=2 - seed % 2, system=system), env=site.env,
                                capture_output=True, text=True)
         assert rerun.returncode == 0, rerun.stdout + rerun.stderr
         assert _tree(root) == reference, f"seed {seed}: the rerun's tree differs from an uninterrupted run's"
@@ -184,9 +195,10 @@ def test_kill_9_mid_batch_leaves_no_half_written_module_and_a_rerun_completes(si
         assert len(list((root / "containers").glob("*.sif"))) == 1
         refs = sorted(p.name for p in (root / "containers" / ".refs").glob("*/*"))
         assert refs == sorted(f"{n}@{v}" for n in NAMES for v in ("1.0", "2.0"))
-        listed = site.cli("--root", str(root), "list", check=True).stdout
+        flags = ("--root", str(root), "--set", f"module_system={system}")
+        listed = site.cli(*flags, "list", check=True).stdout
         assert all(f"{n}" in listed for n in NAMES)
-        again = site.cli("--root", str(root), "batch", "install", str(manifest), check=True).stdout
+        again = site.cli(*flags, "batch", "install", str(manifest), check=True).stdout
         assert "nothing to do" in again
     # the kills landed mid-batch, not only before or after it
     assert any(0 < n < COUNT for n in partial), partial
