@@ -343,7 +343,7 @@ def shards(entries: list[Entry], count: int, minimum: int = MIN_SHARD) -> list[l
     parts: list[list[Entry]] = [[] for _ in range(count)]
     for group in sorted(groups.values(), key=len, reverse=True):
         min(parts, key=len).extend(group)
-    return [p for p in parts if p]
+    return [p for p in parts if p] or [list(entries)]
 
 
 def install(config: Config, entries: list[Entry], *, jobs: int, quiet: bool = True) -> list[Outcome]:
@@ -409,12 +409,14 @@ def dry_run(config: Config, the_plan: Plan, *, jobs: int) -> list[Outcome]:
         return list(the_plan.errors) + list(pool.map(look, the_plan.tasks))
 
 
-def unlisted(config: Config, entries: list[Entry], the_plan: Plan) -> list:
-    """Installed records that the manifest no longer asks for (what ``sync`` removes)."""
+def unlisted(config: Config, outcomes: list[Outcome]) -> list:
+    """Installed records that the manifest no longer asks for (what ``sync`` removes), from the
+    outcomes of planning (and running) it: a name whose entry could not be planned keeps all
+    its versions."""
     from shpc_lite.modules import installed
 
-    wanted = {(t.name, t.version) for t in the_plan.tasks}
-    failed_names = {o.label.split(":")[0] for o in the_plan.errors}
+    wanted = {(o.task.name, o.task.version) for o in outcomes if o.task is not None}
+    failed_names = {_name_of(o) for o in outcomes if o.task is None}
     return [r for r in installed(config.layout)  # a venv module is its user's, not the manifest's
             if (r.name, r.version) not in wanted and r.name not in failed_names and not r.venv]
 

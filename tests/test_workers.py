@@ -121,3 +121,23 @@ def test_batch_install_split_over_workers_reports_in_manifest_order(site, small_
         trees.append({str(p.relative_to(root)): p.read_bytes().replace(str(root).encode(), b"<root>")
                       for top in ("modules", "wrappers") for p in sorted((root / top).rglob("*")) if p.is_file()})
     assert trees[0] == trees[1] and len([k for k in trees[0] if k.endswith(".lua") and "/." not in k]) == 6
+
+
+def test_batch_sync_split_over_workers_removes_only_what_the_manifest_dropped(site, small_sif):
+    """``batch sync`` with two workers: what the manifest no longer lists is uninstalled, what
+    it lists stays, and an entry that cannot be planned (its recipe broke) keeps its modules."""
+    names = [f"s{i}" for i in range(6)]
+    for name in names:
+        site.write_recipe(name, f"name: {name}\nimage: docker.io/library/busybox\ndescription: {name}\n"
+                                f"versions:\n  '1.0': '1.36'\naliases:\n  {name}-sh: /bin/sh\n")
+    manifest = site.tmp / "site.yaml"
+    flags = ("--set", "batch_workers=2")
+    manifest.write_text("modules:\n" + "".join(f"  - name: {n}\n    sif: {small_sif}\n" for n in names))
+    site.cli(*flags, "batch", "install", str(manifest), check=True)
+    site.write_recipe("s5", "name: s5\nimage: [broken\n")  # s5's entry now fails to plan
+    manifest.write_text("modules:\n" + "".join(f"  - name: {n}\n    sif: {small_sif}\n" for n in names[2:]))
+    proc = site.cli(*flags, "batch", "sync", str(manifest), "--yes")
+    assert proc.returncode == 1 and "s5" in proc.stdout  # the broken recipe, in one line
+    left = sorted(p.parent.name for p in (site.root / "modules").glob("*/1.0.lua"))
+    assert left == names[2:], proc.stdout  # s0, s1 removed; s5 kept although it failed
+    assert "2 removed" in proc.stdout and "3 unchanged" in proc.stdout

@@ -64,22 +64,21 @@ def run(args: argparse.Namespace, config) -> int:
         return _status(args, config)
     jobs = args.jobs or config["jobs"]
     entries = site.load_manifest(args.manifest)
-    if args.action == "install" and args.slurm is None and not args.dry_run:
+    slurm_options = getattr(args, "slurm", None)  # install only
+    if slurm_options is None and not args.dry_run:  # install, sync
         outcomes = site.install(config, entries, jobs=jobs, quiet=args.quiet or args.json)
+        if args.action == "sync":
+            outcomes += _remove_unlisted(args, config, outcomes)
         return _report(args, config, outcomes)
     the_plan = site.plan(config, entries)
-    if args.action == "install" and args.slurm is not None:
+    if slurm_options is not None:
         return _submit(args, config, the_plan, jobs)
-    if args.dry_run:
-        outcomes = site.dry_run(config, the_plan, jobs=jobs)
-        removals = site.unlisted(config, entries, the_plan) if args.action == "sync" else []
-        outcomes += [site.Outcome(None, f"{r.name}/{r.version}", "would-remove") for r in removals]
-        _print(args, outcomes)
-        return _failed(outcomes)
-    outcomes = site.run(config, the_plan, jobs=jobs, quiet=args.quiet or args.json)
+    outcomes = site.dry_run(config, the_plan, jobs=jobs)
     if args.action == "sync":
-        outcomes += _remove_unlisted(args, config, entries, the_plan)
-    return _report(args, config, outcomes)
+        removals = site.unlisted(config, [*the_plan.errors, *(site.Outcome(t, t.label, "") for t in the_plan.tasks)])
+        outcomes += [site.Outcome(None, f"{r.name}/{r.version}", "would-remove") for r in removals]
+    _print(args, outcomes)
+    return _failed(outcomes)
 
 
 def _report(args, config, outcomes) -> int:
@@ -92,13 +91,13 @@ def _report(args, config, outcomes) -> int:
     return _failed(outcomes)
 
 
-def _remove_unlisted(args, config, entries, the_plan):
+def _remove_unlisted(args, config, outcomes):
     import sys
 
     from shpc_lite import site
     from shpc_lite.install import uninstall
 
-    removals = site.unlisted(config, entries, the_plan)
+    removals = site.unlisted(config, outcomes)
     if not removals:
         return []
     names = ", ".join(f"{r.name}/{r.version}" for r in removals)
