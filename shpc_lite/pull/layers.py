@@ -35,6 +35,7 @@ import logging
 import lzma
 import os
 import re
+import struct
 import tarfile
 import zlib
 from dataclasses import dataclass, field
@@ -411,6 +412,8 @@ def iter_members(blob: LayerBlob) -> Iterator[Tuple[int, tarfile.TarInfo, tarfil
 
 
 class _Node:
+    """What every entry of the model is (directories, symlinks, FIFOs keep their metadata in slots)."""
+
     __slots__ = ("mode", "uid", "gid", "mtime")
 
     def __init__(self, mode: int, uid: int, gid: int, mtime: int):
@@ -422,7 +425,7 @@ class _Dir(_Node):
 
     def __init__(self, mode: int, uid: int, gid: int, mtime: int):
         super().__init__(mode, uid, gid, mtime)
-        self.children: Dict[str, _Node] = {}
+        self.children: Dict[str, "_Entry"] = {}
 
 
 class _Symlink(_Node):
@@ -439,19 +442,57 @@ class _Fifo(_Node):
     __slots__ = ()
 
 
-class _File(_Node):
-    """A regular file's inode: the same object under several names is a hard link."""
+# mode uid gid mtime size offset layer ordinal, packed into one bytes object per file
+_FILE_META = struct.Struct("<HIIqQQIi")
 
-    __slots__ = ("size", "layer", "ordinal", "data", "offset", "sparse")
+
+def _meta_field(index: int) -> property:
+    unpack = _FILE_META.unpack_from
+    return property(lambda self: unpack(self._m)[index])
+
+
+class _File:
+    """A regular file's inode: the same object under several names is a hard link.
+
+    Files are most of an image's entries and the model holds them all until the data is written,
+    so their numbers live packed in one bytes object (48 + 80 bytes a file, against 112 + five int
+    objects of ~32 as plain slots); ``offset`` is where the data starts in the layer's uncompressed
+    stream (pass 2 reads it from there without parsing a tar header again). ``linked`` is set once a
+    hard link names it, so only such files are tracked by identity when the tree is walked."""
+
+    __slots__ = ("_m", "linked")
+    data: Optional[bytes] = None  # generated files only (:class:`_FileExtra`)
+    sparse: Optional[List[Tuple[int, int]]] = None  # sparse files only: the map of data segments
+
+    mode, uid, gid, mtime, size, offset, layer, ordinal = (_meta_field(i) for i in range(8))
+
+    def __new__(cls, mode: int, uid: int, gid: int, mtime: int, size: int, layer: int, ordinal: int,
+                data: Optional[bytes] = None, offset: int = 0,
+                sparse: Optional[List[Tuple[int, int]]] = None) -> "_File":
+        if cls is _File and (data is not None or sparse is not None):
+            cls = _FileExtra
+        return object.__new__(cls)
 
     def __init__(self, mode: int, uid: int, gid: int, mtime: int, size: int, layer: int, ordinal: int,
                  data: Optional[bytes] = None, offset: int = 0,
                  sparse: Optional[List[Tuple[int, int]]] = None):
-        super().__init__(mode, uid, gid, mtime)
-        self.size, self.layer, self.ordinal, self.data = size, layer, ordinal, data
-        # where the data starts in the layer's uncompressed stream, and the sparse map if any:
-        # pass 2 reads the data from there without parsing a single tar header again
-        self.offset, self.sparse = offset, sparse
+        self._m = _FILE_META.pack(mode, uid, gid, mtime, size, offset, layer, ordinal)
+        self.linked = False
+
+
+class _FileExtra(_File):
+    """A generated file (its bytes in memory) or a sparse one (its map): few in any image."""
+
+    __slots__ = ("data", "sparse")  # type: ignore[assignment]
+
+    def __init__(self, mode: int, uid: int, gid: int, mtime: int, size: int, layer: int, ordinal: int,
+                 data: Optional[bytes] = None, offset: int = 0,
+                 sparse: Optional[List[Tuple[int, int]]] = None):
+        super().__init__(mode, uid, gid, mtime, size, layer, ordinal, offset=offset)
+        self.data, self.sparse = data, sparse
+
+
+_Entry = Union[_Node, _File]  # what a directory's children are
 
 
 def split_path(name: str) -> List[str]:
@@ -533,7 +574,7 @@ class RootfsTree:
             names.append(comp)
         return names, stack[-1]
 
-    def lookup(self, path: str, *, follow: bool = False) -> Optional[_Node]:
+    def lookup(self, path: str, *, follow: bool = False) -> Optional[_Entry]:
         """The node at ``path``: parents resolved inside the tree, the last component followed if ``follow``."""
         todo = path.split("/")
         base: List[str] = []  # resolved directory the remaining path is relative to
@@ -624,7 +665,7 @@ class RootfsTree:
         mode = m.mode & 0o7777
         self.newest_mtime = max(self.newest_mtime, mtime)
 
-        node: _Node
+        node: _Entry
         if m.type == tarfile.GNUTYPE_SPARSE or m.sparse is not None:
             self._check_sparse(blob, name, m)
         if m.isreg():
@@ -650,6 +691,7 @@ class RootfsTree:
                 node = _Fifo(target.mode, target.uid, target.gid, target.mtime)
             else:
                 node = target
+                target.linked = True
         elif m.isfifo():
             node = _Fifo(mode, m.uid, m.gid, mtime)
         else:  # char/block devices, anything else: not created; a lower entry there is removed
@@ -742,7 +784,7 @@ class RootfsTree:
                                     name=path)
             assert res is not None
             parent = res[1]
-            node: _Node
+            node: _Entry
             if e.kind == "dir":
                 node = _Dir(e.mode, 0, 0, mtime)
             elif e.kind == "symlink":
@@ -757,51 +799,75 @@ class RootfsTree:
     # ---- walking the result
 
     def plan(self) -> "Plan":
+        """The final tree in writing order. A file costs the plan one tuple of references to what
+        the tree already holds (its directory's path, its name): full paths of files are only made
+        as they are written, and only hard-linked inodes are tracked by identity."""
         plan = Plan()
-        names_of: Dict[int, List[str]] = {}
-        inodes: Dict[int, _File] = {}
+        by_layer, links, generated = plan.by_layer, plan.links, plan.generated
         stack: List[Tuple[str, _Dir]] = [("", self.root)]
         while stack:
             prefix, d = stack.pop()
             subdirs = []
             for name in sorted(d.children):
                 node = d.children[name]
+                if isinstance(node, _File):
+                    if node.linked:
+                        names = links.get(id(node))
+                        if names is not None:
+                            names.append(prefix + name)
+                            continue
+                        links[id(node)] = [prefix + name]
+                    if node.data is not None:
+                        generated.append((node, [prefix + name]))
+                    else:
+                        by_layer.setdefault(node.layer, []).append((node, prefix, name))
+                    continue
                 path = prefix + name
                 if isinstance(node, _Dir):
                     plan.dirs.append((path, node))
                     subdirs.append((path + "/", node))
                 elif isinstance(node, _Symlink):
                     plan.symlinks.append((path, node))
-                elif isinstance(node, _Fifo):
-                    plan.fifos.append((path, node))
                 else:
-                    assert isinstance(node, _File)
-                    key = id(node)
-                    if key not in inodes:
-                        inodes[key] = node
-                        names_of[key] = []
-                    names_of[key].append(path)
+                    assert isinstance(node, _Fifo)
+                    plan.fifos.append((path, node))
             stack.extend(reversed(subdirs))
-        for key, node in inodes.items():
-            item = (node, names_of[key])
-            if node.data is not None:
-                plan.generated.append(item)
-            else:
-                plan.by_layer.setdefault(node.layer, {})[node.ordinal] = item
+        for items in by_layer.values():
+            items.sort(key=_ordinal_of)
         plan.root_mtime = self.root.mtime or self.newest_mtime
         return plan
 
 
+def _ordinal_of(item: Tuple[_File, str, str]) -> int:
+    return item[0].ordinal
+
+
 @dataclass
 class Plan:
-    """The final tree in writing order: directories (parents first), symlinks, FIFOs, file inodes by source."""
+    """The final tree in writing order: directories (parents first), symlinks, FIFOs, file inodes by source.
+
+    ``by_layer``: per layer, ``(inode, its directory's path with a trailing "/" or "", its name)``
+    in the order of the layer's stream; ``links``: every name of each inode a hard link named
+    (``id(inode)`` -> names, the first one written with the data)."""
 
     dirs: List[Tuple[str, _Dir]] = field(default_factory=list)
     symlinks: List[Tuple[str, _Symlink]] = field(default_factory=list)
     fifos: List[Tuple[str, _Fifo]] = field(default_factory=list)
-    by_layer: Dict[int, Dict[int, Tuple[_File, List[str]]]] = field(default_factory=dict)
+    by_layer: Dict[int, List[Tuple[_File, str, str]]] = field(default_factory=dict)
+    links: Dict[int, List[str]] = field(default_factory=dict)
     generated: List[Tuple[_File, List[str]]] = field(default_factory=list)
     root_mtime: int = 0
+
+    def names(self, node: _File, prefix: str, name: str) -> List[str]:
+        """Every name of a file inode of ``by_layer``."""
+        return self.links.get(id(node)) or [prefix + name] if node.linked else [prefix + name]
+
+    def inodes(self) -> Iterator[Tuple[_File, List[str]]]:
+        """Every file inode with its names: layer by layer in stream order, then the generated ones."""
+        for index in sorted(self.by_layer):
+            for node, prefix, name in self.by_layer[index]:
+                yield node, self.names(node, prefix, name)
+        yield from self.generated
 
 
 @dataclass
@@ -881,8 +947,8 @@ def _iter_file_data(tree: RootfsTree, plan: Plan) -> Iterator[Tuple[_File, List[
         try:
             with open_layer(blob) as stream:
                 src = stream if isinstance(stream, io.BufferedReader) else _Sequential(stream)  # as pass 1 read it
-                for ordinal in sorted(wanted):
-                    node, names = wanted[ordinal]
+                for node, prefix, name in wanted:
+                    names = plan.names(node, prefix, name)
                     if src.seek(node.offset) != node.offset:
                         raise LayerError(f"layer {blob.label}: ended before all its entries were read (truncated?)")
                     if node.sparse is not None:
@@ -967,7 +1033,7 @@ def _label(tree: RootfsTree, node: _File) -> str:
 # ---- writer (b): one merged tar stream
 
 
-def _tarinfo(path: str, node: _Node, kind: bytes, linkname: str = "", size: int = 0) -> tarfile.TarInfo:
+def _tarinfo(path: str, node: _Entry, kind: bytes, linkname: str = "", size: int = 0) -> tarfile.TarInfo:
     ti = tarfile.TarInfo(path)
     ti.type = kind
     ti.mode = node.mode
@@ -987,7 +1053,7 @@ _USTAR_TAIL = b"ustar\x0000" + b"\0" * 247  # magic, version; no owner names, de
 _OCTAL_MAX_7, _OCTAL_MAX_11 = 8 ** 7, 8 ** 11
 
 
-def _fast_header(path: str, node: _Node, kind: bytes, linkname: str = "", size: int = 0) -> bytes:
+def _fast_header(path: str, node: _Entry, kind: bytes, linkname: str = "", size: int = 0) -> bytes:
     """``_header(_tarinfo(...))`` without building a TarInfo, for the common entry that fits a
     plain ustar header (ASCII names of at most 100 bytes, numbers that fit their octal fields);
     anything else goes through tarfile's pax writer. Byte-identical to tarfile's output
