@@ -616,7 +616,7 @@ class RootfsTree:
 
     def apply_layer(self, blob: LayerBlob, headers: Optional["LayerHeaders"] = None) -> None:
         """Pass 1 for one layer (call in order, lowest first): settle its entries in the tree.
-        ``headers``: the layer's entries read beforehand (``read_headers``, e.g. in another thread)."""
+        ``headers``: the layer's entries as another thread reads them (:class:`LayerHeaders`)."""
         index = len(self.layers)
         self.layers.append(blob)
         self._touched, self._touched_prefixes = set(), set()
@@ -625,11 +625,9 @@ class RootfsTree:
         if headers is None:
             for ordinal, member, _tf in iter_members(blob):
                 self._apply_member(blob, index, ordinal, member, skipped)
-        else:
-            for ordinal, member in enumerate(headers.members):
+        else:  # an error of the reader is raised where reading stopped, as if read right here
+            for ordinal, member in enumerate(headers):
                 self._apply_member(blob, index, ordinal, member, skipped)
-            if headers.error is not None:  # raised where reading stopped, as if read right here
-                raise headers.error
         if skipped:
             shown = ", ".join(repr(s) for s in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
             note = f"layer {blob.label}: skipped {len(skipped)} device node(s)/unsupported entries: {shown}"
@@ -860,7 +858,8 @@ class Plan:
 
     def names(self, node: _File, prefix: str, name: str) -> List[str]:
         """Every name of a file inode of ``by_layer``."""
-        return self.links.get(id(node)) or [prefix + name] if node.linked else [prefix + name]
+        names = self.links.get(id(node)) if node.linked else None
+        return names if names is not None else [prefix + name]
 
     def inodes(self) -> Iterator[Tuple[_File, List[str]]]:
         """Every file inode with its names: layer by layer in stream order, then the generated ones."""
@@ -870,27 +869,73 @@ class Plan:
         yield from self.generated
 
 
-@dataclass
-class LayerHeaders:
-    """A layer's tar entries in order, read ahead of their turn; ``error``: why reading stopped early."""
-
-    members: List[tarfile.TarInfo]
-    error: Optional[LayerError] = None
-
-
-def read_headers(blob: LayerBlob) -> LayerHeaders:
-    """Read every entry's header (the data is decompressed and skipped); never raises LayerError."""
-    headers = LayerHeaders([])
-    try:
-        for _ordinal, member, _tf in iter_members(blob):
-            headers.members.append(member)
-    except LayerError as exc:
-        headers.error = exc
-    return headers
-
-
 HEADER_READERS = 2  # layers whose headers are read at once, ahead of the merge
-READ_AHEAD = 4  # layers read ahead and not yet merged, at most (their headers are in memory)
+READ_AHEAD = 4  # layers read ahead and not yet merged, at most
+HEADER_CHUNK = 256  # headers a reader hands to the merge at once
+HEADER_CHUNKS = 8  # chunks a reader may hold before it waits for the merge to take them
+
+
+class LayerHeaders:
+    """A layer's tar entries, read in a worker thread and handed to the merge in order, in chunks.
+
+    Why chunks and not the whole layer: a reader more than ``HEADER_CHUNKS`` chunks ahead of the
+    merge waits, so read-ahead holds at most ``READ_AHEAD * HEADER_CHUNK * HEADER_CHUNKS`` headers
+    whatever a layer holds (a TarInfo is ~1 KB of heap: a 100,000-file layer read ahead whole took
+    200 MB more peak RSS than ten layers of 10,000). Whatever stopped the reading (a LayerError,
+    or anything else) is handed over last, so the merge raises it where it gets there."""
+
+    def __init__(self) -> None:
+        import queue
+        import threading
+
+        self._queue: "queue.Queue[object]" = queue.Queue(HEADER_CHUNKS)
+        self._full = queue.Full
+        self._cancelled = threading.Event()
+        self._finished = False
+
+    def read(self, blob: LayerBlob) -> None:
+        """Read every entry's header (the data is decompressed and skipped); runs in a worker thread."""
+        chunk: List[tarfile.TarInfo] = []
+        end: Optional[BaseException] = None
+        try:
+            for _ordinal, member, _tf in iter_members(blob):
+                chunk.append(member)
+                if len(chunk) == HEADER_CHUNK:
+                    if not self._put(chunk):
+                        return
+                    chunk = []
+        except BaseException as exc:  # handed to the merge thread, which raises it in its turn
+            end = exc
+        if self._put(chunk) and self._put(end):
+            self._finished = True
+
+    def _put(self, item: object) -> bool:
+        while not self._cancelled.is_set():
+            try:
+                self._queue.put(item, timeout=0.2)
+                return True
+            except self._full:
+                continue
+        return False
+
+    def ready(self) -> bool:
+        """Whether the merge can take this layer without waiting for more than the reader's next chunk."""
+        return self._finished or self._queue.full()
+
+    def cancel(self) -> None:
+        """Stop the reader at its next hand-over (the merge has failed)."""
+        self._cancelled.set()
+
+    def __iter__(self) -> Iterator[tarfile.TarInfo]:
+        while True:
+            item = self._queue.get()
+            if isinstance(item, list):
+                yield from item
+            elif item is None:
+                return
+            else:
+                assert isinstance(item, BaseException)
+                raise item
 
 
 def build_tree(layers: Iterable[LayerBlob], extras: Optional[Mapping[str, ExtraEntry]] = None,
@@ -901,23 +946,28 @@ def build_tree(layers: Iterable[LayerBlob], extras: Optional[Mapping[str, ExtraE
     layer's headers are read in a worker thread as soon as it arrives, while later layers still
     download and earlier ones are merged; inflating, most of the work, runs without the GIL. The
     merge itself applies the layers strictly in order in this thread, with the same errors, in the
-    same order, as reading them here would give."""
+    same order, as reading them here would give. (A layer's reader always runs by the time the
+    merge waits for it: the pool starts readers in layer order and every earlier one is done.)"""
     from collections import deque
-    from concurrent.futures import Future, ThreadPoolExecutor
+    from concurrent.futures import ThreadPoolExecutor
 
     tree = RootfsTree()
-    ahead: "deque[Tuple[LayerBlob, Future]]" = deque()
+    ahead: "deque[Tuple[LayerBlob, LayerHeaders]]" = deque()
+    readers: List[LayerHeaders] = []
     pool = ThreadPoolExecutor(max_workers=HEADER_READERS, thread_name_prefix="layer-headers")
     try:
         for blob in layers:
-            ahead.append((blob, pool.submit(read_headers, blob)))
-            while ahead and (ahead[0][1].done() or len(ahead) >= READ_AHEAD):
-                first, future = ahead.popleft()
-                tree.apply_layer(first, future.result())
+            headers = LayerHeaders()
+            readers.append(headers)
+            pool.submit(headers.read, blob)
+            ahead.append((blob, headers))
+            while ahead and (ahead[0][1].ready() or len(ahead) >= READ_AHEAD):
+                tree.apply_layer(*ahead.popleft())
         while ahead:
-            first, future = ahead.popleft()
-            tree.apply_layer(first, future.result())
+            tree.apply_layer(*ahead.popleft())
     except BaseException:
+        for headers in readers:
+            headers.cancel()
         pool.shutdown(wait=False, cancel_futures=True)  # a layer being read is not waited for
         raise
     pool.shutdown(wait=True)
@@ -1060,13 +1110,14 @@ def _fast_header(path: str, node: _Entry, kind: bytes, linkname: str = "", size:
     (tests/test_layers.py): a 2 GB image has tens of thousands of files, and tarfile took ~35 us
     per header."""
     name = path + "/" if kind == tarfile.DIRTYPE and not path.endswith("/") else path  # as tarfile does
+    mode, uid, gid, mtime = node.mode, node.uid, node.gid, node.mtime  # each one an unpack for a _File
     if (len(name) > 100 or len(linkname) > 100 or not path.isascii() or not linkname.isascii()
-            or not (node.uid < _OCTAL_MAX_7 and node.gid < _OCTAL_MAX_7 and size < _OCTAL_MAX_11
-                    and 0 <= node.mtime < _OCTAL_MAX_11)):
+            or not (uid < _OCTAL_MAX_7 and gid < _OCTAL_MAX_7 and size < _OCTAL_MAX_11
+                    and 0 <= mtime < _OCTAL_MAX_11)):
         return _header(_tarinfo(path, node, kind, linkname=linkname, size=size))
     block = b"".join((
         name.encode().ljust(100, b"\0"),
-        b"%07o\0%07o\0%07o\0%011o\0%011o\0        " % (node.mode & 0o7777, node.uid, node.gid, size, node.mtime),
+        b"%07o\0%07o\0%07o\0%011o\0%011o\0        " % (mode & 0o7777, uid, gid, size, mtime),
         kind,
         linkname.encode().ljust(100, b"\0"),
         _USTAR_TAIL,
