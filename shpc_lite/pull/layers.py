@@ -521,8 +521,10 @@ class RootfsTree:
         self.layers: List[LayerBlob] = []
         self.notes: List[str] = []
         self.newest_mtime = 0
-        # per layer being applied: paths it created, and their ancestors (for same-layer whiteout rules)
-        self._touched: Set[Tuple[str, ...]] = set()
+        # per layer being applied: the names it created in each directory (by path), and the
+        # ancestors of those (for same-layer whiteout rules). Keyed by directory, not by whole path:
+        # an entry then costs one set slot, not a tuple of its path (~20 MB a 100,000-file layer).
+        self._touched: Dict[Tuple[str, ...], Set[str]] = {}
         self._touched_prefixes: Set[Tuple[str, ...]] = set()
         # the last parent directory an entry was put in: (its path as archived, _resolve_dir's result).
         # Entries of one directory mostly come in a row; adding entries cannot change how an existing
@@ -595,7 +597,11 @@ class RootfsTree:
         return None
 
     def _mark(self, path: Tuple[str, ...]) -> None:
-        self._touched.add(path)
+        created = self._touched.get(path[:-1])
+        if created is not None:  # its parent and their ancestors are marked already
+            created.add(path[-1])
+            return
+        self._touched[path[:-1]] = {path[-1]}
         for i in range(len(path) - 1, 0, -1):
             prefix = path[:i]
             if prefix in self._touched_prefixes:
@@ -604,9 +610,10 @@ class RootfsTree:
 
     def _hide_lower(self, directory: _Dir, path: Tuple[str, ...]) -> None:
         """Remove from ``directory`` everything not created by the layer being applied."""
+        created = self._touched.get(path, ())
         for name, child in list(directory.children.items()):
             p = path + (name,)
-            if p in self._touched or p in self._touched_prefixes:
+            if name in created or p in self._touched_prefixes:
                 if isinstance(child, _Dir):
                     self._hide_lower(child, p)
                 continue
@@ -619,7 +626,7 @@ class RootfsTree:
         ``headers``: the layer's entries as another thread reads them (:class:`LayerHeaders`)."""
         index = len(self.layers)
         self.layers.append(blob)
-        self._touched, self._touched_prefixes = set(), set()
+        self._touched, self._touched_prefixes = {}, set()
         self._last_parent = None
         skipped: List[str] = []
         if headers is None:
@@ -633,7 +640,7 @@ class RootfsTree:
             note = f"layer {blob.label}: skipped {len(skipped)} device node(s)/unsupported entries: {shown}"
             self.notes.append(note)
             log.info("%s", note)
-        self._touched, self._touched_prefixes = set(), set()
+        self._touched, self._touched_prefixes = {}, set()
 
     def _check_name(self, blob: LayerBlob, name: str) -> None:
         if "\0" in name:
@@ -757,7 +764,7 @@ class RootfsTree:
         if child is None:
             return
         path = tuple(names) + (victim,)
-        if path in self._touched or path in self._touched_prefixes:
+        if victim in self._touched.get(path[:-1], ()) or path in self._touched_prefixes:
             # created by this same layer: only what lower layers had there goes
             if isinstance(child, _Dir):
                 self._hide_lower(child, path)
@@ -769,7 +776,7 @@ class RootfsTree:
     def add_extras(self, extras: Mapping[str, ExtraEntry], mtime: int) -> None:
         """Add generated entries (after all layers). They replace what is there unless ``only_if_absent``."""
         index = len(self.layers)
-        self._touched, self._touched_prefixes = set(), set()
+        self._touched, self._touched_prefixes = {}, set()
         self._last_parent = None
         mtime = _clamp_time(mtime)
         for path, e in extras.items():
