@@ -21,8 +21,9 @@ in the same run:
   mksquashfs alone   on the tree umoci unpacked
   floor              download alone + mksquashfs alone: what a pull cannot beat
 
-and the peak RSS of a builtin cold pull of a ``--rss-mb`` image (default 200 MB) beside the big one,
-for Python and mksquashfs separately. Every mksquashfs call uses the same compression (zstd level
+and the peak RSS of a builtin cold pull of a ``--rss-mb`` image (default 200 MB) beside the big one
+(its last round), for Python and mksquashfs separately, with each image's file count and the
+growth: both grow with the number of files, not with their bytes (docs/registries.md). Every mksquashfs call uses the same compression (zstd level
 3 unless --compression/--level) and all cores. Everything is on loopback, so the times show local
 work, not network latency. Scratch space: about 3x the image size (registry, blob cache, umoci's
 rootfs); check ``df -h`` first.

@@ -887,8 +887,8 @@ class LayerHeaders:
 
     Why chunks and not the whole layer: a reader more than ``HEADER_CHUNKS`` chunks ahead of the
     merge waits, so read-ahead holds at most ``READ_AHEAD * HEADER_CHUNK * HEADER_CHUNKS`` headers
-    whatever a layer holds (a TarInfo is ~1 KB of heap: a 100,000-file layer read ahead whole took
-    200 MB more peak RSS than ten layers of 10,000). Whatever stopped the reading (a LayerError,
+    whatever a layer holds (TarInfos are large: one 100,000-file layer read ahead whole peaked 50-200
+    MB higher than ten layers of 10,000). Whatever stopped the reading (a LayerError,
     or anything else) is handed over last, so the merge raises it where it gets there."""
 
     def __init__(self) -> None:
