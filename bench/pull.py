@@ -21,8 +21,9 @@ in the same run:
   mksquashfs alone   on the tree umoci unpacked
   floor              download alone + mksquashfs alone: what a pull cannot beat
 
-and the peak RSS of a builtin cold pull of a ``--rss-mb`` image (default 200 MB) beside the big one,
-for Python and mksquashfs separately. Every mksquashfs call uses the same compression (zstd level
+and the peak RSS of a builtin cold pull of a ``--rss-mb`` image (default 200 MB) beside the big one
+(its last round), for Python and mksquashfs separately, with each image's file count and the
+growth: both grow with the number of files, not with their bytes (docs/registries.md). Every mksquashfs call uses the same compression (zstd level
 3 unless --compression/--level) and all cores. Everything is on loopback, so the times show local
 work, not network latency. Scratch space: about 3x the image size (registry, blob cache, umoci's
 rootfs); check ``df -h`` first.
@@ -139,13 +140,14 @@ def make_and_push(pusher: Pusher, repo: str, size_mb: int, n_layers: int, seed: 
     # a few 100 MB-class files (only in images big enough to hold them), spread over the layers
     n_big = max(0, size_mb // 400)
     big_at = {round((k + 0.5) * n_layers / max(1, n_big)): k for k in range(n_big)}
-    descriptors, diff_ids, blob_bytes, file_bytes = [], [], 0, 0
+    descriptors, diff_ids, blob_bytes, file_bytes, n_files = [], [], 0, 0, 0
     for index in range(n_layers):
         big = []
         if index in big_at:
             k = big_at[index]
             big = [(f"l{index}/big/model{k}.bin", maker.rng.randint(90, 140) << 20, k % 3 == 0)]
         files = maker.layer_files(index, budget, big)
+        n_files += len(files)
         raw = io.BytesIO()
         with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tf:
             if index >= 2:  # whiteouts of a few files two layers down, an opaque dir
@@ -183,7 +185,7 @@ def make_and_push(pusher: Pusher, repo: str, size_mb: int, n_layers: int, seed: 
                            "config": {"mediaType": OCI_CONFIG, "digest": config_digest, "size": len(config)},
                            "layers": descriptors}).encode()
     pusher.push_manifest(repo, TAG, manifest, OCI_MANIFEST)
-    return {"blob_bytes": blob_bytes, "tar_bytes": file_bytes, "layers": n_layers,
+    return {"blob_bytes": blob_bytes, "tar_bytes": file_bytes, "layers": n_layers, "files": n_files,
             "zstd": sum(1 for d in descriptors if d["mediaType"].endswith("zstd"))}
 
 
@@ -291,14 +293,14 @@ def main() -> int:
         ref = f"{host}/bench/big:{TAG}"
 
         rows: dict[str, list[tuple]] = {}  # name -> [(wall s, CPU s)] per round
-        rss: dict[str, dict] = {}
+        rss: dict[int, dict] = {}  # image size in MB -> the peaks of its cold pull
         sizes: dict[str, int] = {}
         for rnd in range(opts.rounds):
             root = work / f"root-{rnd}"
             env = {**base_env, "SHPC_LITE_ROOT": str(root)}
             cold = pull_child(env, ref, work)
             rows.setdefault("builtin cold (download + SIF)", []).append((cold["seconds"], cold["cpu"]))
-            rss[f"builtin cold, {opts.size_mb} MB image"] = cold
+            rss[opts.size_mb] = cold
             sif = next((root / "containers").glob("*.sif"))
             sizes["builtin"] = sif.stat().st_size
             sif.unlink()
@@ -332,7 +334,7 @@ def main() -> int:
 
         if small is not None:
             root = work / "root-small"
-            rss[f"builtin cold, {opts.rss_mb} MB image"] = pull_child(
+            rss[opts.rss_mb] = pull_child(
                 {**base_env, "SHPC_LITE_ROOT": str(root)}, f"{host}/bench/small:{TAG}", work)
             shutil.rmtree(root)
 
@@ -348,9 +350,14 @@ def main() -> int:
         print(f"\nbuiltin cold / floor = {cold[0] / floor[0]:.2f} wall, {cold[1] / floor[1]:.2f} CPU (target <= 1.5); "
               f"builtin cold / skopeo+umoci+mksquashfs = {cold[0] / peer[0]:.2f} wall, {cold[1] / peer[1]:.2f} CPU")
         print(f"builtin SIF {sizes['builtin'] / 1e6:.1f} MB, peer squashfs {sizes['peer'] / 1e6:.1f} MB")
-        print(f"\n{'peak RSS':<40}{'python MB':>10}{'mksquashfs MB':>15}")
-        for name, r in rss.items():
-            print(f"{name:<40}{r['python_kb'] / 1024:>10.0f}{r['children_kb'] / 1024:>15.0f}")
+        images = {opts.size_mb: big, **({opts.rss_mb: small} if small else {})}
+        sizes_mb = sorted(rss)
+        columns = [f"{mb} MB image, {images[mb]['files']} files" for mb in sizes_mb]
+        head = "".join(f"{c:>30}" for c in columns)
+        print(f"\n{'peak RSS of a builtin cold pull, MB':<40}{head}{'growth':>10}")
+        for label, key in (("python (the pulling process)", "python_kb"), ("mksquashfs", "children_kb")):
+            peaks = [rss[mb][key] / 1024 for mb in sizes_mb]
+            print(f"{label:<40}" + "".join(f"{p:>30.0f}" for p in peaks) + f"{peaks[-1] - peaks[0]:>+10.0f}")
         return 0
     finally:
         if proc is not None:

@@ -109,7 +109,6 @@ def rootfs_entries(tree: "RootfsTree") -> Iterator[Entry]:
         yield Entry("/" + path, "l", target=link.target)
     for path, _fifo in plan.fifos:
         yield Entry("/" + path, "o")
-    inodes = [*(item for by_ordinal in plan.by_layer.values() for item in by_ordinal.values()), *plan.generated]
-    for node, names in inodes:
+    for node, names in plan.inodes():
         for path in names:
             yield Entry("/" + path, "f", executable=bool(node.mode & 0o111))

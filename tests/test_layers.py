@@ -544,3 +544,53 @@ def test_stdlib_gzip_fallback_gives_the_same_merged_tar(tmp_path, monkeypatch):
     assert merged() == fast
     names = tarfile.open(fileobj=io.BytesIO(fast)).getnames()
     assert "d/gone" not in names and {"d/a", "d/b", "d/link", "big", "top"} <= set(names)
+
+
+# ---- issue 13: bounded read-ahead of headers
+
+
+def test_layers_larger_than_the_read_ahead_window_merge_the_same(tmp_path, monkeypatch):
+    """Readers hand headers over a few at a time and wait for the merge: layers many times that
+    window (whiteouts, an opaque dir, hard links to lower layers, a replaced directory) give the
+    same merged tar as reading each layer in the merge thread, and the hard links keep all names."""
+    from shpc_lite.pull import layers as L
+
+    def layer(i: int) -> LayerBlob:
+        entries = [E(f"d{i}/f{j}", data=b"%d-%d" % (i, j)) for j in range(40)]
+        if i:
+            entries += [E(f"d{i - 1}/.wh.f{j}") for j in range(0, 40, 7)] + [E(f"d{i - 1}/sub/.wh..wh..opq"),
+                                                                            E(f"d{i}/ln", "hardlink", link=f"d{i - 1}/f1")]
+        entries += [E(f"d{i}/sub/x", data=b"x"), E(f"d{i}/rep", "dir" if i % 2 else "file", data=b"r")]
+        return make_layer(tmp_path / str(i), entries, "zstd" if i % 2 else "gzip")
+
+    for i in range(6):
+        (tmp_path / str(i)).mkdir()
+    layers = [layer(i) for i in range(6)]
+    expected = io.BytesIO()
+    tree = L.RootfsTree()
+    for blob in layers:
+        tree.apply_layer(blob)  # read in this thread, no read-ahead
+    write_merged_tar(tree, expected)
+    monkeypatch.setattr(L, "HEADER_CHUNK", 3)
+    monkeypatch.setattr(L, "HEADER_CHUNKS", 2)
+    merged = io.BytesIO()
+    write_merged_tar(build_tree(iter(layers)), merged)
+    assert merged.getvalue() == expected.getvalue()
+    with tarfile.open(fileobj=io.BytesIO(merged.getvalue())) as tf:
+        names = set(tf.getnames())
+    assert {"d4/f1", "d5/ln"} <= names and "d4/f7" not in names and "d3/sub/x" not in names
+
+
+def test_a_bad_layer_behind_waiting_readers_fails_without_hanging(tmp_path, monkeypatch):
+    """A broken layer stops the merge with its one-line error while later readers are blocked on a
+    full hand-over (they are cancelled, not waited for forever)."""
+    from shpc_lite.pull import layers as L
+
+    monkeypatch.setattr(L, "HEADER_CHUNK", 2)
+    monkeypatch.setattr(L, "HEADER_CHUNKS", 1)
+    good = [make_layer(tmp_path, [E(f"g{i}/f{j}", data=b"g") for j in range(50)]) for i in range(3)]
+    bad = tmp_path / "bad.tar.gz"
+    bad.write_bytes(gzip.compress(tar_bytes([E("a", data=b"a" * 600)]))[:-40])
+    layers = [good[0], LayerBlob(bad, "application/vnd.oci.image.layer.v1.tar+gzip", "sha256:bad"), *good[1:]]
+    with pytest.raises(LayerError, match="sha256:bad"):
+        build_tree(iter(layers))

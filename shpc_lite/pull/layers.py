@@ -35,6 +35,7 @@ import logging
 import lzma
 import os
 import re
+import struct
 import tarfile
 import zlib
 from dataclasses import dataclass, field
@@ -411,6 +412,8 @@ def iter_members(blob: LayerBlob) -> Iterator[Tuple[int, tarfile.TarInfo, tarfil
 
 
 class _Node:
+    """What every entry of the model is (directories, symlinks, FIFOs keep their metadata in slots)."""
+
     __slots__ = ("mode", "uid", "gid", "mtime")
 
     def __init__(self, mode: int, uid: int, gid: int, mtime: int):
@@ -422,7 +425,7 @@ class _Dir(_Node):
 
     def __init__(self, mode: int, uid: int, gid: int, mtime: int):
         super().__init__(mode, uid, gid, mtime)
-        self.children: Dict[str, _Node] = {}
+        self.children: Dict[str, "_Entry"] = {}
 
 
 class _Symlink(_Node):
@@ -439,19 +442,57 @@ class _Fifo(_Node):
     __slots__ = ()
 
 
-class _File(_Node):
-    """A regular file's inode: the same object under several names is a hard link."""
+# mode uid gid mtime size offset layer ordinal, packed into one bytes object per file
+_FILE_META = struct.Struct("<HIIqQQIi")
 
-    __slots__ = ("size", "layer", "ordinal", "data", "offset", "sparse")
+
+def _meta_field(index: int) -> property:
+    unpack = _FILE_META.unpack_from
+    return property(lambda self: unpack(self._m)[index])
+
+
+class _File:
+    """A regular file's inode: the same object under several names is a hard link.
+
+    Files are most of an image's entries and the model holds them all until the data is written,
+    so their numbers live packed in one bytes object (48 + 80 bytes a file, against 112 + five int
+    objects of ~32 as plain slots); ``offset`` is where the data starts in the layer's uncompressed
+    stream (pass 2 reads it from there without parsing a tar header again). ``linked`` is set once a
+    hard link names it, so only such files are tracked by identity when the tree is walked."""
+
+    __slots__ = ("_m", "linked")
+    data: Optional[bytes] = None  # generated files only (:class:`_FileExtra`)
+    sparse: Optional[List[Tuple[int, int]]] = None  # sparse files only: the map of data segments
+
+    mode, uid, gid, mtime, size, offset, layer, ordinal = (_meta_field(i) for i in range(8))
+
+    def __new__(cls, mode: int, uid: int, gid: int, mtime: int, size: int, layer: int, ordinal: int,
+                data: Optional[bytes] = None, offset: int = 0,
+                sparse: Optional[List[Tuple[int, int]]] = None) -> "_File":
+        if cls is _File and (data is not None or sparse is not None):
+            cls = _FileExtra
+        return object.__new__(cls)
 
     def __init__(self, mode: int, uid: int, gid: int, mtime: int, size: int, layer: int, ordinal: int,
                  data: Optional[bytes] = None, offset: int = 0,
                  sparse: Optional[List[Tuple[int, int]]] = None):
-        super().__init__(mode, uid, gid, mtime)
-        self.size, self.layer, self.ordinal, self.data = size, layer, ordinal, data
-        # where the data starts in the layer's uncompressed stream, and the sparse map if any:
-        # pass 2 reads the data from there without parsing a single tar header again
-        self.offset, self.sparse = offset, sparse
+        self._m = _FILE_META.pack(mode, uid, gid, mtime, size, offset, layer, ordinal)
+        self.linked = False
+
+
+class _FileExtra(_File):
+    """A generated file (its bytes in memory) or a sparse one (its map): few in any image."""
+
+    __slots__ = ("data", "sparse")  # type: ignore[assignment]
+
+    def __init__(self, mode: int, uid: int, gid: int, mtime: int, size: int, layer: int, ordinal: int,
+                 data: Optional[bytes] = None, offset: int = 0,
+                 sparse: Optional[List[Tuple[int, int]]] = None):
+        super().__init__(mode, uid, gid, mtime, size, layer, ordinal, offset=offset)
+        self.data, self.sparse = data, sparse
+
+
+_Entry = Union[_Node, _File]  # what a directory's children are
 
 
 def split_path(name: str) -> List[str]:
@@ -480,8 +521,10 @@ class RootfsTree:
         self.layers: List[LayerBlob] = []
         self.notes: List[str] = []
         self.newest_mtime = 0
-        # per layer being applied: paths it created, and their ancestors (for same-layer whiteout rules)
-        self._touched: Set[Tuple[str, ...]] = set()
+        # per layer being applied: the names it created in each directory (by path), and the
+        # ancestors of those (for same-layer whiteout rules). Keyed by directory, not by whole path:
+        # an entry then costs one set slot, not a tuple of its path (~20 MB a 100,000-file layer).
+        self._touched: Dict[Tuple[str, ...], Set[str]] = {}
         self._touched_prefixes: Set[Tuple[str, ...]] = set()
         # the last parent directory an entry was put in: (its path as archived, _resolve_dir's result).
         # Entries of one directory mostly come in a row; adding entries cannot change how an existing
@@ -533,7 +576,7 @@ class RootfsTree:
             names.append(comp)
         return names, stack[-1]
 
-    def lookup(self, path: str, *, follow: bool = False) -> Optional[_Node]:
+    def lookup(self, path: str, *, follow: bool = False) -> Optional[_Entry]:
         """The node at ``path``: parents resolved inside the tree, the last component followed if ``follow``."""
         todo = path.split("/")
         base: List[str] = []  # resolved directory the remaining path is relative to
@@ -554,7 +597,11 @@ class RootfsTree:
         return None
 
     def _mark(self, path: Tuple[str, ...]) -> None:
-        self._touched.add(path)
+        created = self._touched.get(path[:-1])
+        if created is not None:  # its parent and their ancestors are marked already
+            created.add(path[-1])
+            return
+        self._touched[path[:-1]] = {path[-1]}
         for i in range(len(path) - 1, 0, -1):
             prefix = path[:i]
             if prefix in self._touched_prefixes:
@@ -563,9 +610,10 @@ class RootfsTree:
 
     def _hide_lower(self, directory: _Dir, path: Tuple[str, ...]) -> None:
         """Remove from ``directory`` everything not created by the layer being applied."""
+        created = self._touched.get(path, ())
         for name, child in list(directory.children.items()):
             p = path + (name,)
-            if p in self._touched or p in self._touched_prefixes:
+            if name in created or p in self._touched_prefixes:
                 if isinstance(child, _Dir):
                     self._hide_lower(child, p)
                 continue
@@ -575,26 +623,24 @@ class RootfsTree:
 
     def apply_layer(self, blob: LayerBlob, headers: Optional["LayerHeaders"] = None) -> None:
         """Pass 1 for one layer (call in order, lowest first): settle its entries in the tree.
-        ``headers``: the layer's entries read beforehand (``read_headers``, e.g. in another thread)."""
+        ``headers``: the layer's entries as another thread reads them (:class:`LayerHeaders`)."""
         index = len(self.layers)
         self.layers.append(blob)
-        self._touched, self._touched_prefixes = set(), set()
+        self._touched, self._touched_prefixes = {}, set()
         self._last_parent = None
         skipped: List[str] = []
         if headers is None:
             for ordinal, member, _tf in iter_members(blob):
                 self._apply_member(blob, index, ordinal, member, skipped)
-        else:
-            for ordinal, member in enumerate(headers.members):
+        else:  # an error of the reader is raised where reading stopped, as if read right here
+            for ordinal, member in enumerate(headers):
                 self._apply_member(blob, index, ordinal, member, skipped)
-            if headers.error is not None:  # raised where reading stopped, as if read right here
-                raise headers.error
         if skipped:
             shown = ", ".join(repr(s) for s in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
             note = f"layer {blob.label}: skipped {len(skipped)} device node(s)/unsupported entries: {shown}"
             self.notes.append(note)
             log.info("%s", note)
-        self._touched, self._touched_prefixes = set(), set()
+        self._touched, self._touched_prefixes = {}, set()
 
     def _check_name(self, blob: LayerBlob, name: str) -> None:
         if "\0" in name:
@@ -624,7 +670,7 @@ class RootfsTree:
         mode = m.mode & 0o7777
         self.newest_mtime = max(self.newest_mtime, mtime)
 
-        node: _Node
+        node: _Entry
         if m.type == tarfile.GNUTYPE_SPARSE or m.sparse is not None:
             self._check_sparse(blob, name, m)
         if m.isreg():
@@ -650,6 +696,7 @@ class RootfsTree:
                 node = _Fifo(target.mode, target.uid, target.gid, target.mtime)
             else:
                 node = target
+                target.linked = True
         elif m.isfifo():
             node = _Fifo(mode, m.uid, m.gid, mtime)
         else:  # char/block devices, anything else: not created; a lower entry there is removed
@@ -717,7 +764,7 @@ class RootfsTree:
         if child is None:
             return
         path = tuple(names) + (victim,)
-        if path in self._touched or path in self._touched_prefixes:
+        if victim in self._touched.get(path[:-1], ()) or path in self._touched_prefixes:
             # created by this same layer: only what lower layers had there goes
             if isinstance(child, _Dir):
                 self._hide_lower(child, path)
@@ -729,7 +776,7 @@ class RootfsTree:
     def add_extras(self, extras: Mapping[str, ExtraEntry], mtime: int) -> None:
         """Add generated entries (after all layers). They replace what is there unless ``only_if_absent``."""
         index = len(self.layers)
-        self._touched, self._touched_prefixes = set(), set()
+        self._touched, self._touched_prefixes = {}, set()
         self._last_parent = None
         mtime = _clamp_time(mtime)
         for path, e in extras.items():
@@ -742,7 +789,7 @@ class RootfsTree:
                                     name=path)
             assert res is not None
             parent = res[1]
-            node: _Node
+            node: _Entry
             if e.kind == "dir":
                 node = _Dir(e.mode, 0, 0, mtime)
             elif e.kind == "symlink":
@@ -757,74 +804,145 @@ class RootfsTree:
     # ---- walking the result
 
     def plan(self) -> "Plan":
+        """The final tree in writing order. A file costs the plan one tuple of references to what
+        the tree already holds (its directory's path, its name): full paths of files are only made
+        as they are written, and only hard-linked inodes are tracked by identity."""
         plan = Plan()
-        names_of: Dict[int, List[str]] = {}
-        inodes: Dict[int, _File] = {}
+        by_layer, links, generated = plan.by_layer, plan.links, plan.generated
         stack: List[Tuple[str, _Dir]] = [("", self.root)]
         while stack:
             prefix, d = stack.pop()
             subdirs = []
             for name in sorted(d.children):
                 node = d.children[name]
+                if isinstance(node, _File):
+                    if node.linked:
+                        names = links.get(id(node))
+                        if names is not None:
+                            names.append(prefix + name)
+                            continue
+                        links[id(node)] = [prefix + name]
+                    if node.data is not None:
+                        generated.append((node, [prefix + name]))
+                    else:
+                        by_layer.setdefault(node.layer, []).append((node, prefix, name))
+                    continue
                 path = prefix + name
                 if isinstance(node, _Dir):
                     plan.dirs.append((path, node))
                     subdirs.append((path + "/", node))
                 elif isinstance(node, _Symlink):
                     plan.symlinks.append((path, node))
-                elif isinstance(node, _Fifo):
-                    plan.fifos.append((path, node))
                 else:
-                    assert isinstance(node, _File)
-                    key = id(node)
-                    if key not in inodes:
-                        inodes[key] = node
-                        names_of[key] = []
-                    names_of[key].append(path)
+                    assert isinstance(node, _Fifo)
+                    plan.fifos.append((path, node))
             stack.extend(reversed(subdirs))
-        for key, node in inodes.items():
-            item = (node, names_of[key])
-            if node.data is not None:
-                plan.generated.append(item)
-            else:
-                plan.by_layer.setdefault(node.layer, {})[node.ordinal] = item
+        for items in by_layer.values():
+            items.sort(key=_ordinal_of)
         plan.root_mtime = self.root.mtime or self.newest_mtime
         return plan
 
 
+def _ordinal_of(item: Tuple[_File, str, str]) -> int:
+    return item[0].ordinal
+
+
 @dataclass
 class Plan:
-    """The final tree in writing order: directories (parents first), symlinks, FIFOs, file inodes by source."""
+    """The final tree in writing order: directories (parents first), symlinks, FIFOs, file inodes by source.
+
+    ``by_layer``: per layer, ``(inode, its directory's path with a trailing "/" or "", its name)``
+    in the order of the layer's stream; ``links``: every name of each inode a hard link named
+    (``id(inode)`` -> names, the first one written with the data)."""
 
     dirs: List[Tuple[str, _Dir]] = field(default_factory=list)
     symlinks: List[Tuple[str, _Symlink]] = field(default_factory=list)
     fifos: List[Tuple[str, _Fifo]] = field(default_factory=list)
-    by_layer: Dict[int, Dict[int, Tuple[_File, List[str]]]] = field(default_factory=dict)
+    by_layer: Dict[int, List[Tuple[_File, str, str]]] = field(default_factory=dict)
+    links: Dict[int, List[str]] = field(default_factory=dict)
     generated: List[Tuple[_File, List[str]]] = field(default_factory=list)
     root_mtime: int = 0
 
+    def names(self, node: _File, prefix: str, name: str) -> List[str]:
+        """Every name of a file inode of ``by_layer``."""
+        names = self.links.get(id(node)) if node.linked else None
+        return names if names is not None else [prefix + name]
 
-@dataclass
-class LayerHeaders:
-    """A layer's tar entries in order, read ahead of their turn; ``error``: why reading stopped early."""
-
-    members: List[tarfile.TarInfo]
-    error: Optional[LayerError] = None
-
-
-def read_headers(blob: LayerBlob) -> LayerHeaders:
-    """Read every entry's header (the data is decompressed and skipped); never raises LayerError."""
-    headers = LayerHeaders([])
-    try:
-        for _ordinal, member, _tf in iter_members(blob):
-            headers.members.append(member)
-    except LayerError as exc:
-        headers.error = exc
-    return headers
+    def inodes(self) -> Iterator[Tuple[_File, List[str]]]:
+        """Every file inode with its names: layer by layer in stream order, then the generated ones."""
+        for index in sorted(self.by_layer):
+            for node, prefix, name in self.by_layer[index]:
+                yield node, self.names(node, prefix, name)
+        yield from self.generated
 
 
 HEADER_READERS = 2  # layers whose headers are read at once, ahead of the merge
-READ_AHEAD = 4  # layers read ahead and not yet merged, at most (their headers are in memory)
+READ_AHEAD = 4  # layers read ahead and not yet merged, at most
+HEADER_CHUNK = 256  # headers a reader hands to the merge at once
+HEADER_CHUNKS = 8  # chunks a reader may hold before it waits for the merge to take them
+
+
+class LayerHeaders:
+    """A layer's tar entries, read in a worker thread and handed to the merge in order, in chunks.
+
+    Why chunks and not the whole layer: a reader more than ``HEADER_CHUNKS`` chunks ahead of the
+    merge waits, so read-ahead holds at most ``READ_AHEAD * HEADER_CHUNK * HEADER_CHUNKS`` headers
+    whatever a layer holds (TarInfos are large: one 100,000-file layer read ahead whole peaked 50-200
+    MB higher than ten layers of 10,000). Whatever stopped the reading (a LayerError,
+    or anything else) is handed over last, so the merge raises it where it gets there."""
+
+    def __init__(self) -> None:
+        import queue
+        import threading
+
+        self._queue: "queue.Queue[object]" = queue.Queue(HEADER_CHUNKS)
+        self._full = queue.Full
+        self._cancelled = threading.Event()
+        self._finished = False
+
+    def read(self, blob: LayerBlob) -> None:
+        """Read every entry's header (the data is decompressed and skipped); runs in a worker thread."""
+        chunk: List[tarfile.TarInfo] = []
+        end: Optional[BaseException] = None
+        try:
+            for _ordinal, member, _tf in iter_members(blob):
+                chunk.append(member)
+                if len(chunk) == HEADER_CHUNK:
+                    if not self._put(chunk):
+                        return
+                    chunk = []
+        except BaseException as exc:  # handed to the merge thread, which raises it in its turn
+            end = exc
+        if self._put(chunk) and self._put(end):
+            self._finished = True
+
+    def _put(self, item: object) -> bool:
+        while not self._cancelled.is_set():
+            try:
+                self._queue.put(item, timeout=0.2)
+                return True
+            except self._full:
+                continue
+        return False
+
+    def ready(self) -> bool:
+        """Whether the merge can take this layer without waiting for more than the reader's next chunk."""
+        return self._finished or self._queue.full()
+
+    def cancel(self) -> None:
+        """Stop the reader at its next hand-over (the merge has failed)."""
+        self._cancelled.set()
+
+    def __iter__(self) -> Iterator[tarfile.TarInfo]:
+        while True:
+            item = self._queue.get()
+            if isinstance(item, list):
+                yield from item
+            elif item is None:
+                return
+            else:
+                assert isinstance(item, BaseException)
+                raise item
 
 
 def build_tree(layers: Iterable[LayerBlob], extras: Optional[Mapping[str, ExtraEntry]] = None,
@@ -835,23 +953,28 @@ def build_tree(layers: Iterable[LayerBlob], extras: Optional[Mapping[str, ExtraE
     layer's headers are read in a worker thread as soon as it arrives, while later layers still
     download and earlier ones are merged; inflating, most of the work, runs without the GIL. The
     merge itself applies the layers strictly in order in this thread, with the same errors, in the
-    same order, as reading them here would give."""
+    same order, as reading them here would give. (A layer's reader always runs by the time the
+    merge waits for it: the pool starts readers in layer order and every earlier one is done.)"""
     from collections import deque
-    from concurrent.futures import Future, ThreadPoolExecutor
+    from concurrent.futures import ThreadPoolExecutor
 
     tree = RootfsTree()
-    ahead: "deque[Tuple[LayerBlob, Future]]" = deque()
+    ahead: "deque[Tuple[LayerBlob, LayerHeaders]]" = deque()
+    readers: List[LayerHeaders] = []
     pool = ThreadPoolExecutor(max_workers=HEADER_READERS, thread_name_prefix="layer-headers")
     try:
         for blob in layers:
-            ahead.append((blob, pool.submit(read_headers, blob)))
-            while ahead and (ahead[0][1].done() or len(ahead) >= READ_AHEAD):
-                first, future = ahead.popleft()
-                tree.apply_layer(first, future.result())
+            headers = LayerHeaders()
+            readers.append(headers)
+            pool.submit(headers.read, blob)
+            ahead.append((blob, headers))
+            while ahead and (ahead[0][1].ready() or len(ahead) >= READ_AHEAD):
+                tree.apply_layer(*ahead.popleft())
         while ahead:
-            first, future = ahead.popleft()
-            tree.apply_layer(first, future.result())
+            tree.apply_layer(*ahead.popleft())
     except BaseException:
+        for headers in readers:
+            headers.cancel()
         pool.shutdown(wait=False, cancel_futures=True)  # a layer being read is not waited for
         raise
     pool.shutdown(wait=True)
@@ -881,8 +1004,8 @@ def _iter_file_data(tree: RootfsTree, plan: Plan) -> Iterator[Tuple[_File, List[
         try:
             with open_layer(blob) as stream:
                 src = stream if isinstance(stream, io.BufferedReader) else _Sequential(stream)  # as pass 1 read it
-                for ordinal in sorted(wanted):
-                    node, names = wanted[ordinal]
+                for node, prefix, name in wanted:
+                    names = plan.names(node, prefix, name)
                     if src.seek(node.offset) != node.offset:
                         raise LayerError(f"layer {blob.label}: ended before all its entries were read (truncated?)")
                     if node.sparse is not None:
@@ -967,7 +1090,7 @@ def _label(tree: RootfsTree, node: _File) -> str:
 # ---- writer (b): one merged tar stream
 
 
-def _tarinfo(path: str, node: _Node, kind: bytes, linkname: str = "", size: int = 0) -> tarfile.TarInfo:
+def _tarinfo(path: str, node: _Entry, kind: bytes, linkname: str = "", size: int = 0) -> tarfile.TarInfo:
     ti = tarfile.TarInfo(path)
     ti.type = kind
     ti.mode = node.mode
@@ -987,20 +1110,21 @@ _USTAR_TAIL = b"ustar\x0000" + b"\0" * 247  # magic, version; no owner names, de
 _OCTAL_MAX_7, _OCTAL_MAX_11 = 8 ** 7, 8 ** 11
 
 
-def _fast_header(path: str, node: _Node, kind: bytes, linkname: str = "", size: int = 0) -> bytes:
+def _fast_header(path: str, node: _Entry, kind: bytes, linkname: str = "", size: int = 0) -> bytes:
     """``_header(_tarinfo(...))`` without building a TarInfo, for the common entry that fits a
     plain ustar header (ASCII names of at most 100 bytes, numbers that fit their octal fields);
     anything else goes through tarfile's pax writer. Byte-identical to tarfile's output
     (tests/test_layers.py): a 2 GB image has tens of thousands of files, and tarfile took ~35 us
     per header."""
     name = path + "/" if kind == tarfile.DIRTYPE and not path.endswith("/") else path  # as tarfile does
+    mode, uid, gid, mtime = node.mode, node.uid, node.gid, node.mtime  # each one an unpack for a _File
     if (len(name) > 100 or len(linkname) > 100 or not path.isascii() or not linkname.isascii()
-            or not (node.uid < _OCTAL_MAX_7 and node.gid < _OCTAL_MAX_7 and size < _OCTAL_MAX_11
-                    and 0 <= node.mtime < _OCTAL_MAX_11)):
+            or not (uid < _OCTAL_MAX_7 and gid < _OCTAL_MAX_7 and size < _OCTAL_MAX_11
+                    and 0 <= mtime < _OCTAL_MAX_11)):
         return _header(_tarinfo(path, node, kind, linkname=linkname, size=size))
     block = b"".join((
         name.encode().ljust(100, b"\0"),
-        b"%07o\0%07o\0%07o\0%011o\0%011o\0        " % (node.mode & 0o7777, node.uid, node.gid, size, node.mtime),
+        b"%07o\0%07o\0%07o\0%011o\0%011o\0        " % (mode & 0o7777, uid, gid, size, mtime),
         kind,
         linkname.encode().ljust(100, b"\0"),
         _USTAR_TAIL,

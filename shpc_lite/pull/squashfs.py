@@ -124,10 +124,14 @@ def _pseudo_name(path: str) -> Optional[str]:
     return re.sub(r"([^A-Za-z0-9/._+-])", r"\\\1", path)
 
 
-# mksquashfs's own memory (caches and read-ahead). Its default is a quarter of the RAM, which it
-# fills with read-ahead of the tar stream when fed faster than it compresses: 590 MB peak for a
-# 512 MB image, growing with the image. 256M held it at ~185 MB and was no slower (2 cores, zstd 3).
-MKSQUASHFS_MEM = "256M"
+# mksquashfs's own memory (read-ahead queue and caches). Its default is a quarter of the RAM, which
+# it fills with read-ahead of the tar stream when fed faster than it compresses: 590 MB peak for a
+# 512 MB image, growing with the image. Its peak is about this cap plus its tables (inodes,
+# directories, fragments, duplicate-check hashes: ~0.75-1 KB a file). Merge + mksquashfs of the
+# bench's 2.5 GB image (50,600 files, 2 cores, zstd 3; wall best of 2-4 on a shared machine, CPU
+# the same ~14.4 s at every cap): 256M 8.0 s, 236 MB peak; 128M 8.6 s, 140 MB; 64M 8.1 s, 96 MB;
+# 32M 10.7 s, 74 MB. 64M is the smallest cap that kept the speed.
+MKSQUASHFS_MEM = "64M"
 PIPE_BUFFER = 1 << 20  # bytes gathered before a write into mksquashfs's stdin, and the pipe's size
 
 
