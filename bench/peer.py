@@ -32,6 +32,7 @@ much of shpc's time it takes is measured and shown. shpc is installed into its o
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import re
 import resource
@@ -138,6 +139,12 @@ def shpc_settings(venv_python: Path, work: Path, registry: Path) -> Path:
     return path
 
 
+def move_aside(tree: Path, where: Path) -> None:
+    if tree.exists():
+        where.parent.mkdir(parents=True, exist_ok=True)
+        tree.rename(where)
+
+
 def timed(argv: list[str], env: dict, **kwargs) -> tuple[float, subprocess.CompletedProcess]:
     start = time.perf_counter()
     proc = subprocess.run(argv, env=env, capture_output=True, text=True, **kwargs)
@@ -222,15 +229,20 @@ def main() -> int:
         # (shpc, shpc-lite, shpc, ...) so a busy moment of the machine does not hit one tool only
         # shpc-lite as installed: its worker processes, one per usable core (config batch_workers
         # 0); and in one process (batch_workers=1), the row that compares one core with one core
+        # Each run starts from an empty tree: the previous run's is moved aside, not deleted. Deleting
+        # thousands of files just before makes ext4 create the next ones far slower for half a
+        # minute (new inodes skip recently deleted ones: ``recently_deleted`` in ext4_new_inode,
+        # seen with perf), which would time the bench's own clean-up rather than either tool.
         runs: dict[str, list[tuple[float, float]]] = {"shpc": [], "lite": [], "lite1": []}
         one_process = {**lite_env, "SHPC_LITE_BATCH_WORKERS": "1"}
+        aside = itertools.count()
         for _ in range(opts.install_runs):
             for tree in (work / "shpc", lite_root):
-                shutil.rmtree(tree, ignore_errors=True)
+                move_aside(tree, work / "old" / str(next(aside)))
             runs["shpc"].append(cpu_timed([str(venv_python), "-c", SHPC_INSTALL, str(settings), str(sif),
                                            *[p.uri for p in picks]], base_env))
             runs["lite"].append(cpu_timed([*lite, "-q", "batch", "install", str(manifest)], lite_env))
-            shutil.rmtree(lite_root)
+            move_aside(lite_root, work / "old" / str(next(aside)))
             runs["lite1"].append(cpu_timed([*lite, "-q", "batch", "install", str(manifest)], one_process))
         shpc_seconds, lite_seconds, lite1_seconds = (statistics.median(w for w, _ in runs[k])
                                                      for k in ("shpc", "lite", "lite1"))
