@@ -8,6 +8,17 @@ import time
 from typing import Optional
 
 
+# Bars need the terminal to themselves: a batch's worker processes (shpc_lite.workers) log plain
+# lines instead, so their pulls never draw over the bars of the process that owns the terminal.
+_BARS = True
+
+
+def plain_lines() -> None:
+    """Log progress as plain lines in this process from now on, even on a terminal."""
+    global _BARS
+    _BARS = False
+
+
 class Progress:
     """Byte and layer counts of one image; thread-safe (layers download concurrently)."""
 
@@ -24,7 +35,7 @@ class Progress:
         self._total = total_bytes
         if quiet:
             return
-        if self._stream.isatty():
+        if _BARS and self._stream.isatty():
             from tqdm import tqdm
 
             self._bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=label,
