@@ -382,10 +382,13 @@ def _stage_defaults(layout: Layout, names: list[str], config: Config, new: list[
     from shpc_lite.fsutil import temp_name, write_new
 
     staged: list[_StagedRc] = []
+    new_of: dict[str, list[Installed]] = {}
+    for record in new:
+        new_of.setdefault(record.name, []).append(record)
     try:
         for name in dict.fromkeys(names):
             rc = _StagedRc(name, layout.inside(layout.modulerc(name)))
-            text = _defaults_text(layout, name, config, [r for r in new if r.name == name])
+            text = _defaults_text(layout, name, config, new_of.get(name, []))
             if text is not None:
                 layout.make_dir(rc.path.parent)
                 rc.tmp = os.path.join(rc.path.parent, temp_name("rc"))

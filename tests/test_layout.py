@@ -86,3 +86,55 @@ def test_records_ignore_symlinked_module_dirs(tmp_path: Path) -> None:
     (foreign / "install.json").write_text("{}")
     os.symlink(foreign.parent, layout.wrapper_root("planted"))
     assert [(n, v) for n, v, _ in layout.records()] == [("real", "1.0")]
+
+
+def _inside_by_paths(layout, path):
+    """The containment rule read plainly with pathlib (what ``Layout.inside`` computes on
+    strings for speed): below the root, no '..', no symlink or file on the way."""
+    import stat as st
+
+    path = Path(path)
+    try:
+        parts = path.relative_to(layout.root).parts
+    except ValueError:
+        return "outside"
+    if not parts or ".." in parts:
+        return "not below"
+    current = layout.root
+    for part in parts[:-1]:
+        current = current / part
+        try:
+            mode = os.lstat(current).st_mode
+        except FileNotFoundError:
+            break
+        if not st.S_ISDIR(mode):
+            return "symlink" if st.S_ISLNK(mode) else "not a directory"
+    return str(path)
+
+
+def test_inside_agrees_with_the_plain_pathlib_rule(tmp_path):
+    """Random paths around a root with a symlink, a file and odd spellings ('//', '.', '..',
+    trailing '/'): the fast check accepts and refuses exactly what the plain rule does."""
+    import random
+
+    root = tmp_path / "root"
+    (root / "a" / "b").mkdir(parents=True)
+    os.symlink("/etc", root / "link")
+    os.symlink("a", root / "rel")
+    (root / "file").write_text("x")
+    rng = random.Random(7)
+    comps = ["a", "b", "c", "..", ".", "", "link", "file", "rel", "x y", "é"]
+    for base_root in (root, Path("/"), tmp_path):
+        layout = Layout(base_root)
+        for _ in range(3000):
+            base = rng.choice([str(base_root), str(base_root) + "/", str(base_root) + "x", "/etc", "rel",
+                               str(root), "//" + str(base_root).lstrip("/"), "///"])
+            path = base + "".join("/" + rng.choice(comps) for _ in range(rng.randint(0, 4)))
+            expected = _inside_by_paths(layout, path)
+            try:
+                got = str(layout.inside(path))
+            except StoreError as err:
+                message = str(err)
+                got = ("outside" if "is outside" in message else "not below" if "not a path below" in message
+                       else "symlink" if "is a symlink" in message else "not a directory")
+            assert got == expected, path
