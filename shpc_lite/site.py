@@ -354,7 +354,8 @@ def install(config: Config, entries: list[Entry], *, jobs: int, quiet: bool = Tr
     from shpc_lite.workers import map_forked, usable_cores
 
     explicit = config["batch_workers"]
-    parts = shards(entries, explicit or usable_cores(), minimum=1 if explicit else MIN_SHARD)
+    # auto: one per core, and never more than --jobs (the most pulls the admin wants at once)
+    parts = shards(entries, explicit or min(usable_cores(), jobs), minimum=1 if explicit else MIN_SHARD)
     share = max(1, jobs // len(parts))
 
     parent = os.getpid()

@@ -141,3 +141,21 @@ def test_batch_sync_split_over_workers_removes_only_what_the_manifest_dropped(si
     left = sorted(p.parent.name for p in (site.root / "modules").glob("*/1.0.lua"))
     assert left == names[2:], proc.stdout  # s0, s1 removed; s5 kept although it failed
     assert "2 removed" in proc.stdout and "3 unchanged" in proc.stdout
+
+
+def test_auto_workers_follow_the_cores_but_never_exceed_jobs(monkeypatch, tmp_path):
+    """Without ``batch_workers``: one worker per usable core, at most ``--jobs`` of them (an
+    admin's ``--jobs 1`` still means one pull at a time); set, it is taken as given."""
+    from shpc_lite import site, workers
+    from shpc_lite.config import load_config
+
+    seen = []
+    monkeypatch.setattr(workers, "usable_cores", lambda: 4)
+    monkeypatch.setattr(workers, "map_forked", lambda fn, parts, lost: seen.append(len(parts)) or [[] for _ in parts])
+    entries = [Entry(f"n{i}") for i in range(100)]
+    alone = {"SHPC_LITE_SYSTEM_CONFIG": "/nonexistent", "XDG_CONFIG_HOME": str(tmp_path / "xdg")}  # no config files
+    auto = load_config({"root": str(tmp_path)}, environ=alone)
+    for jobs in (1, 2, 8):
+        site.install(auto, entries, jobs=jobs)
+    site.install(load_config({"root": str(tmp_path), "batch_workers": 3}, environ=alone), entries, jobs=1)
+    assert seen == [1, 2, 4, 3]
