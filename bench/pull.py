@@ -23,8 +23,9 @@ in the same run:
 
 and the peak RSS of a builtin cold pull of a ``--rss-mb`` image (default 200 MB) beside the big one
 (its last round), for Python and mksquashfs separately, with each image's file count and the
-growth: both grow with the number of files, not with their bytes (docs/registries.md). Every mksquashfs call uses the same compression (zstd level
-3 unless --compression/--level) and all cores. Everything is on loopback, so the times show local
+growth, beside mksquashfs alone on umoci's tree of the same image (the floor's memory: squashfs
+tables grow with the number of files; docs/registries.md). Every mksquashfs call uses the same
+compression (zstd level 3 unless --compression/--level) and all cores. Everything is on loopback, so the times show local
 work, not network latency. Scratch space: about 3x the image size (registry, blob cache, umoci's
 rootfs); check ``df -h`` first.
 """
@@ -51,7 +52,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from shpc_lite.config import load_config  # noqa: E402
-from shpc_lite.pull.squashfs import compression_args  # noqa: E402
+from shpc_lite.pull.squashfs import MKSQUASHFS_MEM, compression_args  # noqa: E402
 from tests.imagetools import LAYER_TYPES, OCI_CONFIG, OCI_MANIFEST, Pusher, make_config  # noqa: E402
 from tests.registry_fixture import _start_registry, _stop  # noqa: E402
 
@@ -230,6 +231,24 @@ def pull_child(env: dict, ref: str, work: Path) -> dict:
     return result
 
 
+def mksquashfs_alone_kb(tree: Path, out: Path, squash: list, work: Path) -> int:
+    """Peak RSS of ``mksquashfs`` alone on an extracted tree, in KB, with the builtin's cache cap
+    (``-mem``; without it mksquashfs fills a quarter of RAM with read-ahead): the floor's memory."""
+    record = work / "alone.rss"
+    run("/usr/bin/time", "-o", str(record), "-f", "%M", "mksquashfs", str(tree), str(out), *squash,
+        "-mem", MKSQUASHFS_MEM)
+    return int(record.read_text().split()[-1])
+
+
+def unpack_with_umoci(ref: str, layout: Path, bundle: Path) -> None:
+    """skopeo + umoci: the reference unpack of ``ref`` into ``bundle/rootfs``."""
+    shutil.rmtree(bundle, ignore_errors=True)
+    # umoci 0.4.7 (Debian 12) refuses zstd layers: skopeo recompresses them to gzip
+    run("skopeo", "copy", "-q", "--src-tls-verify=false", "--dest-compress-format", "gzip",
+        f"docker://{ref}", f"oci:{layout}:{TAG}")
+    run("umoci", "unpack", "--rootless", "--image", f"{layout}:{TAG}", str(bundle))
+
+
 def download_alone(env: dict, ref: str) -> tuple:
     """The builtin's download step alone: every layer fetched concurrently and verified."""
     from shpc_lite.oci.reference import parse_reference
@@ -317,26 +336,29 @@ def main() -> int:
             layout, bundle, out = work / f"oci-{rnd}", work / f"bundle-{rnd}", work / f"peer-{rnd}.sqfs"
 
             def peer() -> None:
-                shutil.rmtree(bundle, ignore_errors=True)
-                # umoci 0.4.7 (Debian 12) refuses zstd layers: skopeo recompresses them to gzip
-                run("skopeo", "copy", "-q", "--src-tls-verify=false", "--dest-compress-format", "gzip",
-                    f"docker://{ref}", f"oci:{layout}:{TAG}")
-                run("umoci", "unpack", "--rootless", "--image", f"{layout}:{TAG}", str(bundle))
+                unpack_with_umoci(ref, layout, bundle)
                 run("mksquashfs", str(bundle / "rootfs"), str(out), *squash)
 
             rows.setdefault("skopeo + umoci + mksquashfs cold", []).append(timed(peer))
             sizes["peer"] = out.stat().st_size
             rows.setdefault("mksquashfs alone (umoci's tree)", []).append(
                 timed(lambda: run("mksquashfs", str(bundle / "rootfs"), str(out), *squash)))
+            cold["alone_kb"] = mksquashfs_alone_kb(bundle / "rootfs", out, squash, work)
             for path in (layout, bundle):
                 shutil.rmtree(path, ignore_errors=True)
             out.unlink()
 
         if small is not None:
             root = work / "root-small"
-            rss[opts.rss_mb] = pull_child(
-                {**base_env, "SHPC_LITE_ROOT": str(root)}, f"{host}/bench/small:{TAG}", work)
+            small_ref = f"{host}/bench/small:{TAG}"
+            rss[opts.rss_mb] = pull_child({**base_env, "SHPC_LITE_ROOT": str(root)}, small_ref, work)
             shutil.rmtree(root)
+            layout, bundle, out = work / "oci-small", work / "bundle-small", work / "small.sqfs"
+            unpack_with_umoci(small_ref, layout, bundle)
+            rss[opts.rss_mb]["alone_kb"] = mksquashfs_alone_kb(bundle / "rootfs", out, squash, work)
+            for path in (layout, bundle):
+                shutil.rmtree(path, ignore_errors=True)
+            out.unlink()
 
         best = {name: min(times) for name, times in rows.items()}  # the round with the least wall time
         floor = tuple(a + b for a, b in zip(best["download alone (builtin, verified)"],
@@ -355,7 +377,8 @@ def main() -> int:
         columns = [f"{mb} MB image, {images[mb]['files']} files" for mb in sizes_mb]
         head = "".join(f"{c:>30}" for c in columns)
         print(f"\n{'peak RSS of a builtin cold pull, MB':<40}{head}{'growth':>10}")
-        for label, key in (("python (the pulling process)", "python_kb"), ("mksquashfs", "children_kb")):
+        for label, key in (("python (the pulling process)", "python_kb"), ("mksquashfs (fed a tar stream)", "children_kb"),
+                           (f"mksquashfs -mem {MKSQUASHFS_MEM} alone on umoci's tree", "alone_kb")):
             peaks = [rss[mb][key] / 1024 for mb in sizes_mb]
             print(f"{label:<40}" + "".join(f"{p:>30.0f}" for p in peaks) + f"{peaks[-1] - peaks[0]:>+10.0f}")
         return 0

@@ -289,7 +289,8 @@ def registry_image(config: Any, ref: Any, *, quiet: bool = True) -> Image:
     except LayerError as err:
         raise LayerError(f"{ref}: {err}") from None
     path_var = config_path(image.config)
-    found = commands(read_tree(rootfs_entries(tree)), path_var)
+    with tree:
+        found = commands(read_tree(rootfs_entries(tree)), path_var)
     return Image(str(ref), tuple(found), tuple(layer.digest for layer in image.layers))
 
 

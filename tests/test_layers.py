@@ -354,7 +354,8 @@ def test_lookup_follows_symlinks_inside_the_tree(tmp_path):
         E("run/hosts", data=b"h"), E("etc/hosts", "symlink", link="../run/hosts"), E("tmp", "symlink", link="/var/tmp"),
         E("var/tmp", "dir"), E("x", "symlink", link="y"), E("y", "symlink", link="x"), E("dangling", "symlink", link="/no"),
     ])])
-    assert tree.lookup("etc/hosts", follow=True) is tree.lookup("run/hosts")
+    hosts = tree.lookup("run/hosts")
+    assert hosts is not None and tree.lookup("etc/hosts", follow=True).packed() == hosts.packed()  # the same inode
     assert tree.lookup("tmp", follow=True) is tree.lookup("var/tmp")
     assert tree.lookup("tmp/..", follow=True) is tree.lookup("var")
     assert tree.lookup("x", follow=True) is None and tree.lookup("dangling", follow=True) is None
@@ -510,7 +511,7 @@ def test_fast_ustar_headers_are_tarfiles_bytes():
         for kind in (tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.FIFOTYPE):
             for uid, gid in ((0, 0), (1000, 5), (8 ** 7 - 1, 8 ** 7), (2 ** 32 - 1, 0)):
                 for mode, mtime in ((0o644, 0), (0o4755, MTIME), (0o7777, 2 ** 32 - 1), (0, 8 ** 11)):
-                    node = L._File(mode, uid, gid, mtime, 0, 0, 0)
+                    node = L._File(mode, uid, gid, mtime, 0, 0, 0, 0)
                     for link in ("", "target", "t" * 100, "t" * 101):
                         for size in (0, 1, 8 ** 11 - 1, 8 ** 11):
                             fast = L._fast_header(path, node, kind, link, size)
@@ -594,3 +595,46 @@ def test_a_bad_layer_behind_waiting_readers_fails_without_hanging(tmp_path, monk
     layers = [good[0], LayerBlob(bad, "application/vnd.oci.image.layer.v1.tar+gzip", "sha256:bad"), *good[1:]]
     with pytest.raises(LayerError, match="sha256:bad"):
         build_tree(iter(layers))
+
+
+# ---- issue 13: the merge's memory does not grow with the number of files
+
+_PEAK_OF_A_MERGE = r"""
+import sys
+from shpc_lite.pull.layers import LayerBlob, build_tree, write_merged_tar
+
+class Sink:
+    def write(self, chunk):
+        pass
+
+with build_tree([LayerBlob(sys.argv[1], "application/vnd.oci.image.layer.v1.tar+gzip", "sha256:x")]) as tree:
+    write_merged_tar(tree, Sink())
+status = open("/proc/self/status").read()
+print(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
+"""
+
+
+def _many_files_layer(path: Path, files: int) -> None:
+    """A gzip layer of ``files`` small files, 200 to a directory, written as a stream."""
+    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1) as gz:
+        with tarfile.open(fileobj=gz, mode="w|", format=tarfile.USTAR_FORMAT) as tf:
+            for i in range(files):
+                ti = tarfile.TarInfo(f"usr/lib/python3/site-packages/pkg{i // 200}/module_{i}.py")
+                ti.size, ti.mtime = 8, MTIME
+                tf.addfile(ti, io.BytesIO(b"%08d" % i))
+
+
+def test_the_merge_memory_does_not_grow_with_the_file_count(tmp_path):
+    """A pull's merge keeps its files on disk (SQLite, a capped cache), not one object per file: a
+    layer of 80,000 files peaks within a few MB of one of 2,000 (one object each cost ~0.3 KB: +23 MB)."""
+    import subprocess
+    import sys
+
+    peaks = {}
+    for files in (2_000, 80_000):
+        layer = tmp_path / f"{files}.tar.gz"
+        _many_files_layer(layer, files)
+        out = subprocess.run([sys.executable, "-c", _PEAK_OF_A_MERGE, str(layer)], capture_output=True, text=True,
+                             timeout=300, check=True).stdout
+        peaks[files] = int(out.split()[-1]) / 1024
+    assert peaks[80_000] - peaks[2_000] < 6, peaks

@@ -1,4 +1,4 @@
-"""Apply OCI image layers: an in-memory model of the final root filesystem, then two writers.
+"""Apply OCI image layers: a model of the final root filesystem, then two writers.
 
 Why a model first: every path of every layer is resolved *inside* the model, as container runtimes
 resolve it inside the rootfs (a symlink in a parent component is followed within the tree, an
@@ -7,6 +7,10 @@ directories, hard links and symlink tricks are settled before a single byte is w
 is a tree whose every node sits under real directories; the writers then only create fresh entries
 in a fresh tree (``O_CREAT|O_EXCL|O_NOFOLLOW``), so nothing can land outside it and no existing
 file is ever written through.
+
+The model's directories, symlinks and FIFOs are objects; its regular files, most of any image,
+are rows of an on-disk index (:class:`_FileIndex`), so a pull's memory does not grow with the
+number of files.
 
 Pass 1 (:meth:`RootfsTree.apply_layer`) reads only tar headers. Pass 2 streams the file data that
 survived into either a directory (:func:`write_rootfs_dir`, for ``mksquashfs DIR``) or one merged
@@ -31,10 +35,12 @@ import contextlib
 import errno
 import gzip
 import io
+import itertools
 import logging
 import lzma
 import os
 import re
+import sqlite3
 import struct
 import tarfile
 import zlib
@@ -420,12 +426,19 @@ class _Node:
         self.mode, self.uid, self.gid, self.mtime = mode, uid, gid, mtime
 
 
+_DIR_IDS = itertools.count()
+
+
 class _Dir(_Node):
-    __slots__ = ("children",)
+    """A directory: its children that are not layer files (those are in the :class:`_FileIndex`,
+    under ``ident``; an id is never reused, so files of a directory that was removed are unreachable)."""
+
+    __slots__ = ("children", "ident")
 
     def __init__(self, mode: int, uid: int, gid: int, mtime: int):
         super().__init__(mode, uid, gid, mtime)
         self.children: Dict[str, "_Entry"] = {}
+        self.ident = next(_DIR_IDS)
 
 
 class _Symlink(_Node):
@@ -442,57 +455,119 @@ class _Fifo(_Node):
     __slots__ = ()
 
 
-# mode uid gid mtime size offset layer ordinal, packed into one bytes object per file
+# mode uid gid mtime size offset layer ordinal: a file's numbers as the _FileIndex stores them
 _FILE_META = struct.Struct("<HIIqQQIi")
 
 
-def _meta_field(index: int) -> property:
-    unpack = _FILE_META.unpack_from
-    return property(lambda self: unpack(self._m)[index])
-
-
 class _File:
-    """A regular file's inode: the same object under several names is a hard link.
+    """A regular file's inode. ``offset`` is where the data starts in the layer's uncompressed
+    stream (pass 2 reads it from there without parsing a tar header again); ``layer`` and
+    ``ordinal`` (its place in the layer) are its identity.
 
-    Files are most of an image's entries and the model holds them all until the data is written,
-    so their numbers live packed in one bytes object (48 + 80 bytes a file, against 112 + five int
-    objects of ~32 as plain slots); ``offset`` is where the data starts in the layer's uncompressed
-    stream (pass 2 reads it from there without parsing a tar header again). ``linked`` is set once a
-    hard link names it, so only such files are tracked by identity when the tree is walked."""
+    Layer files live in the :class:`_FileIndex`, and an object is made only for one looked up or
+    being written. Generated files (``data``: their bytes) stay in their directory's ``children``,
+    where the same object under several names is a hard link (``linked`` is then set)."""
 
-    __slots__ = ("_m", "linked")
-    data: Optional[bytes] = None  # generated files only (:class:`_FileExtra`)
-    sparse: Optional[List[Tuple[int, int]]] = None  # sparse files only: the map of data segments
+    __slots__ = ("mode", "uid", "gid", "mtime", "size", "offset", "layer", "ordinal", "data", "sparse", "linked")
 
-    mode, uid, gid, mtime, size, offset, layer, ordinal = (_meta_field(i) for i in range(8))
-
-    def __new__(cls, mode: int, uid: int, gid: int, mtime: int, size: int, layer: int, ordinal: int,
-                data: Optional[bytes] = None, offset: int = 0,
-                sparse: Optional[List[Tuple[int, int]]] = None) -> "_File":
-        if cls is _File and (data is not None or sparse is not None):
-            cls = _FileExtra
-        return object.__new__(cls)
-
-    def __init__(self, mode: int, uid: int, gid: int, mtime: int, size: int, layer: int, ordinal: int,
-                 data: Optional[bytes] = None, offset: int = 0,
-                 sparse: Optional[List[Tuple[int, int]]] = None):
-        self._m = _FILE_META.pack(mode, uid, gid, mtime, size, offset, layer, ordinal)
+    def __init__(self, mode: int, uid: int, gid: int, mtime: int, size: int, offset: int, layer: int, ordinal: int,
+                 data: Optional[bytes] = None, sparse: Optional[List[Tuple[int, int]]] = None):
+        self.mode, self.uid, self.gid, self.mtime, self.size = mode, uid, gid, mtime, size
+        self.offset, self.layer, self.ordinal = offset, layer, ordinal
+        self.data, self.sparse = data, sparse  # generated files only; sparse files only: the map of data segments
         self.linked = False
 
-
-class _FileExtra(_File):
-    """A generated file (its bytes in memory) or a sparse one (its map): few in any image."""
-
-    __slots__ = ("data", "sparse")  # type: ignore[assignment]
-
-    def __init__(self, mode: int, uid: int, gid: int, mtime: int, size: int, layer: int, ordinal: int,
-                 data: Optional[bytes] = None, offset: int = 0,
-                 sparse: Optional[List[Tuple[int, int]]] = None):
-        super().__init__(mode, uid, gid, mtime, size, layer, ordinal, offset=offset)
-        self.data, self.sparse = data, sparse
+    def packed(self) -> bytes:
+        return _FILE_META.pack(self.mode, self.uid, self.gid, self.mtime, self.size, self.offset, self.layer,
+                               self.ordinal)
 
 
 _Entry = Union[_Node, _File]  # what a directory's children are
+
+_SPARSE_SEGMENT = struct.Struct("<QQ")
+
+
+def _file_from_row(meta: bytes, sparse: Optional[bytes]) -> _File:
+    """The :class:`_File` a row of the :class:`_FileIndex` stands for."""
+    return _File(*_FILE_META.unpack(meta), sparse=None if sparse is None else list(_SPARSE_SEGMENT.iter_unpack(sparse)))
+
+
+def _sparse_blob(sparse: Optional[List[Tuple[int, int]]]) -> Optional[bytes]:
+    return None if sparse is None else b"".join(_SPARSE_SEGMENT.pack(*seg) for seg in sparse)
+
+
+def _name_key(name: str) -> bytes:
+    return name.encode("utf-8", "surrogateescape")  # a tar name need not be UTF-8
+
+
+class _FileIndex:
+    """The layers' regular files, on disk: a private temporary SQLite database.
+
+    Why: files are most of an image's entries (a 2 GB image has ~50,000, an NGC one a few hundred
+    thousand), and held as objects they made the merge grow by ~0.3 KB each. Here a row costs disk;
+    memory is SQLite's page cache, capped at ``CACHE_KIB`` whatever the image (what does not fit
+    goes to a temp file that SQLite unlinks as it opens it: a crash leaves nothing behind).
+    Directories, symlinks and FIFOs stay objects, as paths are resolved through them.
+
+    A row is one name of a file: its directory's id (:class:`_Dir`), the name (bytes), ``gen`` the
+    layer that put the name there (whiteouts of that same layer spare it), the inode's layer and
+    ordinal (its identity: a hard link's row copies its target's), its packed numbers (the form of
+    :class:`_File`) and its sparse map, if any. Only the merge thread writes; pass 2 only reads."""
+
+    CACHE_KIB = 2048
+    BATCH = 512
+
+    def __init__(self) -> None:
+        db = sqlite3.connect("", isolation_level=None, check_same_thread=False)
+        for pragma in (f"cache_size=-{self.CACHE_KIB}", "journal_mode=OFF", "synchronous=OFF", "temp_store=FILE"):
+            db.execute(f"PRAGMA {pragma}")
+        db.execute("CREATE TABLE f (dir INTEGER NOT NULL, name BLOB NOT NULL, gen INTEGER NOT NULL,"
+                   " layer INTEGER NOT NULL, ordinal INTEGER NOT NULL, meta BLOB NOT NULL, sparse BLOB,"
+                   " PRIMARY KEY (dir, name)) WITHOUT ROWID")
+        db.execute("BEGIN")  # one transaction, never committed: nothing here outlives the process
+        self._execute = db.execute
+        self._db = db
+        # rows not yet inserted: one executemany per BATCH costs ~1 us a row, an execute ~4
+        self._pending: Dict[Tuple[int, str], Tuple[int, bytes, int, int, int, bytes, Optional[bytes]]] = {}
+
+    def put(self, directory: int, name: str, gen: int, meta: bytes, layer: int, ordinal: int,
+            sparse: Optional[bytes]) -> None:
+        pending = self._pending
+        pending[directory, name] = (directory, _name_key(name), gen, layer, ordinal, meta, sparse)
+        if len(pending) >= self.BATCH:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            self._db.executemany("INSERT OR REPLACE INTO f VALUES (?, ?, ?, ?, ?, ?, ?)", self._pending.values())
+            self._pending.clear()
+
+    def get(self, directory: int, name: str) -> Optional[Tuple[int, _File]]:
+        """``(gen, file)`` of the name, or ``None``."""
+        row = self._pending.get((directory, name))
+        if row is not None:
+            return row[2], _file_from_row(row[5], row[6])
+        found = self._execute("SELECT gen, meta, sparse FROM f WHERE dir = ? AND name = ?",
+                              (directory, _name_key(name))).fetchone()
+        return None if found is None else (found[0], _file_from_row(found[1], found[2]))
+
+    def delete(self, directory: int, name: str) -> None:
+        self._pending.pop((directory, name), None)
+        self._execute("DELETE FROM f WHERE dir = ? AND name = ?", (directory, _name_key(name)))
+
+    def delete_lower(self, directory: int, gen: int) -> None:
+        """Remove the directory's files not put there by layer ``gen`` (an opaque whiteout of it)."""
+        self._flush()
+        self._execute("DELETE FROM f WHERE dir = ? AND gen != ?", (directory, gen))
+
+    def rows(self) -> Iterator[Tuple[int, int, int, bytes, bytes, Optional[bytes]]]:
+        """``(layer, ordinal, dir, name, meta, sparse)`` of every name, by layer and ordinal (SQLite's
+        sorter works within the same cache and spills to temp files)."""
+        self._flush()
+        return self._execute("SELECT layer, ordinal, dir, name, meta, sparse FROM f ORDER BY layer, ordinal")
+
+    def close(self) -> None:
+        self._db.close()
 
 
 def split_path(name: str) -> List[str]:
@@ -518,7 +593,9 @@ class RootfsTree:
 
     def __init__(self) -> None:
         self.root = _Dir(0o755, 0, 0, 0)
+        self.files = _FileIndex()  # the layers' regular files (everything else is under root)
         self.layers: List[LayerBlob] = []
+        self._gen = -1  # the layer being applied
         self.notes: List[str] = []
         self.newest_mtime = 0
         # per layer being applied: the names it created in each directory (by path), and the
@@ -530,6 +607,16 @@ class RootfsTree:
         # Entries of one directory mostly come in a row; adding entries cannot change how an existing
         # path resolves, so it stays valid until a node is replaced or removed (then it is dropped).
         self._last_parent: Optional[Tuple[List[str], Tuple[List[str], _Dir]]] = None
+
+    def close(self) -> None:
+        """Drop the file index (its temp file goes with it)."""
+        self.files.close()
+
+    def __enter__(self) -> "RootfsTree":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # ---- path resolution inside the tree
 
@@ -554,6 +641,10 @@ class RootfsTree:
             if child is None:
                 if not create:
                     return None
+                if self.files.get(cur.ident, comp) is not None:
+                    if blob is None:
+                        return None
+                    raise _entry_error(blob, name, f"parent {'/'.join(names + [comp])!r} is not a directory")
                 child = _Dir(0o755, 0, 0, mtime)
                 cur.children[comp] = child
                 self._mark(tuple(names) + (comp,))
@@ -590,6 +681,9 @@ class RootfsTree:
                 return None
             names, parent = res
             node = parent.children.get(comps[-1])
+            if node is None:
+                found = self.files.get(parent.ident, comps[-1])
+                return None if found is None else found[1]
             if not (follow and isinstance(node, _Symlink)):
                 return node
             todo = node.target.split("/")
@@ -608,9 +702,19 @@ class RootfsTree:
                 break
             self._touched_prefixes.add(prefix)
 
+    def _mark_parents(self, names: List[str]) -> None:
+        """What :meth:`_mark` records for a file at ``names + [its name]``: its directory and their
+        ancestors are used by this layer (the file itself is marked by its row's ``gen``)."""
+        for i in range(len(names), 0, -1):
+            prefix = tuple(names[:i])
+            if prefix in self._touched_prefixes:
+                break
+            self._touched_prefixes.add(prefix)
+
     def _hide_lower(self, directory: _Dir, path: Tuple[str, ...]) -> None:
         """Remove from ``directory`` everything not created by the layer being applied."""
         created = self._touched.get(path, ())
+        self.files.delete_lower(directory.ident, self._gen)
         for name, child in list(directory.children.items()):
             p = path + (name,)
             if name in created or p in self._touched_prefixes:
@@ -624,7 +728,7 @@ class RootfsTree:
     def apply_layer(self, blob: LayerBlob, headers: Optional["LayerHeaders"] = None) -> None:
         """Pass 1 for one layer (call in order, lowest first): settle its entries in the tree.
         ``headers``: the layer's entries as another thread reads them (:class:`LayerHeaders`)."""
-        index = len(self.layers)
+        index = self._gen = len(self.layers)
         self.layers.append(blob)
         self._touched, self._touched_prefixes = {}, set()
         self._last_parent = None
@@ -670,13 +774,15 @@ class RootfsTree:
         mode = m.mode & 0o7777
         self.newest_mtime = max(self.newest_mtime, mtime)
 
-        node: _Entry
+        node: Optional[_Entry] = None
+        row: Optional[Tuple[bytes, int, int, Optional[bytes]]] = None  # a layer file: meta, layer, ordinal, sparse
         if m.type == tarfile.GNUTYPE_SPARSE or m.sparse is not None:
             self._check_sparse(blob, name, m)
         if m.isreg():
             if m.size < 0 or m.size > MAX_ENTRY_SIZE:
                 raise _entry_error(blob, name, f"absurd size {m.size}")
-            node = _File(mode, m.uid, m.gid, mtime, m.size, index, ordinal, None, m.offset_data, m.sparse)
+            meta = _FILE_META.pack(mode, m.uid, m.gid, mtime, m.size, m.offset_data, index, ordinal)
+            row = meta, index, ordinal, _sparse_blob(m.sparse)
         elif m.isdir():
             node = _Dir(mode, m.uid, m.gid, mtime)
         elif m.issym():
@@ -694,6 +800,8 @@ class RootfsTree:
                 node = _Symlink(target.mode, target.uid, target.gid, target.mtime, target.target)
             elif isinstance(target, _Fifo):  # likewise a hard-linked FIFO (a pipe has no data to share)
                 node = _Fifo(target.mode, target.uid, target.gid, target.mtime)
+            elif isinstance(target, _File) and target.data is None:  # a layer file: a row for the same inode
+                row = target.packed(), target.layer, target.ordinal, _sparse_blob(target.sparse)
             else:
                 node = target
                 target.linked = True
@@ -704,7 +812,8 @@ class RootfsTree:
             self._last_parent = None
             res = self._resolve_dir(parts[:-1], create=False, mtime=mtime, blob=blob, name=name)
             if res is not None:
-                res[1].children.pop(base, None)
+                if res[1].children.pop(base, None) is None:
+                    self.files.delete(res[1].ident, base)
             return
 
         dir_parts = parts[:-1]
@@ -716,7 +825,17 @@ class RootfsTree:
             assert res is not None
             self._last_parent = (dir_parts, res)
         names, parent = res
-        existing = parent.children.get(base)
+        existing = parent.children.get(base)  # a name is either there or in self.files, never both
+        if row is not None:
+            if existing is not None:
+                del parent.children[base]
+                self._last_parent = None  # a replaced node may have been on the cached path
+            self.files.put(parent.ident, base, index, *row)
+            self._mark_parents(names)
+            return
+        assert node is not None
+        if existing is None:
+            self.files.delete(parent.ident, base)
         if isinstance(node, _Dir) and isinstance(existing, _Dir):
             existing.mode, existing.uid, existing.gid, existing.mtime = node.mode, node.uid, node.gid, node.mtime
         else:
@@ -762,6 +881,9 @@ class RootfsTree:
             return
         child = parent.children.get(victim)
         if child is None:
+            found = self.files.get(parent.ident, victim)
+            if found is not None and found[0] != self._gen:  # a file of this same layer stays
+                self.files.delete(parent.ident, victim)
             return
         path = tuple(names) + (victim,)
         if victim in self._touched.get(path[:-1], ()) or path in self._touched_prefixes:
@@ -775,7 +897,7 @@ class RootfsTree:
 
     def add_extras(self, extras: Mapping[str, ExtraEntry], mtime: int) -> None:
         """Add generated entries (after all layers). They replace what is there unless ``only_if_absent``."""
-        index = len(self.layers)
+        index = self._gen = len(self.layers)
         self._touched, self._touched_prefixes = {}, set()
         self._last_parent = None
         mtime = _clamp_time(mtime)
@@ -795,37 +917,39 @@ class RootfsTree:
             elif e.kind == "symlink":
                 node = _Symlink(0o777, 0, 0, mtime, e.data.decode())
             else:
-                node = _File(e.mode, 0, 0, mtime, len(e.data), index, -1, e.data)
+                node = _File(e.mode, 0, 0, mtime, len(e.data), 0, index, -1, data=e.data)
             existing = parent.children.get(parts[-1])
             if isinstance(node, _Dir) and isinstance(existing, _Dir):
                 continue  # keep the image's own directory
+            if existing is None:
+                self.files.delete(parent.ident, parts[-1])
             parent.children[parts[-1]] = node
 
     # ---- walking the result
 
     def plan(self) -> "Plan":
-        """The final tree in writing order. A file costs the plan one tuple of references to what
-        the tree already holds (its directory's path, its name): full paths of files are only made
-        as they are written, and only hard-linked inodes are tracked by identity."""
-        plan = Plan()
-        by_layer, links, generated = plan.by_layer, plan.links, plan.generated
+        """The final tree in writing order. Directories, symlinks and FIFOs are listed; the layers'
+        files are read from the index as they are written, so the plan holds a path per directory
+        and nothing per file."""
+        plan = Plan(self.files)
+        links, generated, dir_paths = plan.links, plan.generated, plan.dir_paths
         stack: List[Tuple[str, _Dir]] = [("", self.root)]
         while stack:
             prefix, d = stack.pop()
+            dir_paths[d.ident] = (len(dir_paths), prefix)
             subdirs = []
             for name in sorted(d.children):
                 node = d.children[name]
-                if isinstance(node, _File):
+                if isinstance(node, _File):  # generated (layer files are in self.files)
                     if node.linked:
                         names = links.get(id(node))
                         if names is not None:
                             names.append(prefix + name)
                             continue
-                        links[id(node)] = [prefix + name]
-                    if node.data is not None:
-                        generated.append((node, [prefix + name]))
+                        names = links[id(node)] = [prefix + name]
                     else:
-                        by_layer.setdefault(node.layer, []).append((node, prefix, name))
+                        names = [prefix + name]
+                    generated.append((node, names))
                     continue
                 path = prefix + name
                 if isinstance(node, _Dir):
@@ -837,42 +961,56 @@ class RootfsTree:
                     assert isinstance(node, _Fifo)
                     plan.fifos.append((path, node))
             stack.extend(reversed(subdirs))
-        for items in by_layer.values():
-            items.sort(key=_ordinal_of)
         plan.root_mtime = self.root.mtime or self.newest_mtime
         return plan
 
 
-def _ordinal_of(item: Tuple[_File, str, str]) -> int:
-    return item[0].ordinal
+def _in_walk_order(names: List[Tuple[int, str]]) -> List[str]:
+    if len(names) > 1:
+        names.sort()
+    return [path for _, path in names]
 
 
 @dataclass
 class Plan:
     """The final tree in writing order: directories (parents first), symlinks, FIFOs, file inodes by source.
 
-    ``by_layer``: per layer, ``(inode, its directory's path with a trailing "/" or "", its name)``
-    in the order of the layer's stream; ``links``: every name of each inode a hard link named
-    (``id(inode)`` -> names, the first one written with the data)."""
+    ``dir_paths``: each directory still in the tree (by id) -> its place in the walk and its path
+    with a trailing "/" (or ""); the index's rows under any other directory were removed with it.
+    ``generated``: Apptainer's files, each with every name (``links``: by identity)."""
 
+    files: _FileIndex
     dirs: List[Tuple[str, _Dir]] = field(default_factory=list)
     symlinks: List[Tuple[str, _Symlink]] = field(default_factory=list)
     fifos: List[Tuple[str, _Fifo]] = field(default_factory=list)
-    by_layer: Dict[int, List[Tuple[_File, str, str]]] = field(default_factory=dict)
+    dir_paths: Dict[int, Tuple[int, str]] = field(default_factory=dict)
     links: Dict[int, List[str]] = field(default_factory=dict)
     generated: List[Tuple[_File, List[str]]] = field(default_factory=list)
     root_mtime: int = 0
 
-    def names(self, node: _File, prefix: str, name: str) -> List[str]:
-        """Every name of a file inode of ``by_layer``."""
-        names = self.links.get(id(node)) if node.linked else None
-        return names if names is not None else [prefix + name]
+    def layer_inodes(self) -> Iterator[Tuple[_File, List[str]]]:
+        """Every layer file inode still in the tree with all its names, layer by layer in the order
+        of the layer's stream; a hard link's names in walk order, the first one to carry the data."""
+        paths = self.dir_paths
+        node: Optional[_File] = None
+        names: List[Tuple[int, str]] = []  # (walk position, path) of the inode's names
+        for layer, ordinal, directory, name, meta, sparse in self.files.rows():
+            where = paths.get(directory)
+            if where is None:
+                continue
+            path = where[1] + name.decode("utf-8", "surrogateescape")
+            if node is not None and node.ordinal == ordinal and node.layer == layer:
+                names.append((where[0], path))
+                continue
+            if node is not None:
+                yield node, _in_walk_order(names)
+            node, names = _file_from_row(meta, sparse), [(where[0], path)]
+        if node is not None:
+            yield node, _in_walk_order(names)
 
     def inodes(self) -> Iterator[Tuple[_File, List[str]]]:
         """Every file inode with its names: layer by layer in stream order, then the generated ones."""
-        for index in sorted(self.by_layer):
-            for node, prefix, name in self.by_layer[index]:
-                yield node, self.names(node, prefix, name)
+        yield from self.layer_inodes()
         yield from self.generated
 
 
@@ -997,21 +1135,23 @@ def _iter_file_data(tree: RootfsTree, plan: Plan) -> Iterator[Tuple[_File, List[
     decompresses and skips forward: no tar header is parsed twice. The offsets are trusted because
     the blob is the one pass 1 read (verified against its digest when it was fetched, then never
     written again); a stream that ends early is still reported as truncated."""
-    for index, blob in enumerate(tree.layers):
-        wanted = plan.by_layer.get(index)
-        if not wanted:
-            continue
+    inodes = plan.layer_inodes()
+    item = next(inodes, None)
+    while item is not None:
+        index = item[0].layer
+        blob = tree.layers[index]
         try:
             with open_layer(blob) as stream:
                 src = stream if isinstance(stream, io.BufferedReader) else _Sequential(stream)  # as pass 1 read it
-                for node, prefix, name in wanted:
-                    names = plan.names(node, prefix, name)
+                while item is not None and item[0].layer == index:
+                    node, names = item
                     if src.seek(node.offset) != node.offset:
                         raise LayerError(f"layer {blob.label}: ended before all its entries were read (truncated?)")
                     if node.sparse is not None:
                         yield node, names, _SparseReader(src, node.offset, node.sparse, node.size)
                     else:
                         yield node, names, src
+                    item = next(inodes, None)
         except _READ_ERRORS as exc:
             raise LayerError(f"layer {blob.label}: unreadable: {exc}") from None
     for node, names in plan.generated:
@@ -1117,7 +1257,7 @@ def _fast_header(path: str, node: _Entry, kind: bytes, linkname: str = "", size:
     (tests/test_layers.py): a 2 GB image has tens of thousands of files, and tarfile took ~35 us
     per header."""
     name = path + "/" if kind == tarfile.DIRTYPE and not path.endswith("/") else path  # as tarfile does
-    mode, uid, gid, mtime = node.mode, node.uid, node.gid, node.mtime  # each one an unpack for a _File
+    mode, uid, gid, mtime = node.mode, node.uid, node.gid, node.mtime
     if (len(name) > 100 or len(linkname) > 100 or not path.isascii() or not linkname.isascii()
             or not (uid < _OCTAL_MAX_7 and gid < _OCTAL_MAX_7 and size < _OCTAL_MAX_11
                     and 0 <= mtime < _OCTAL_MAX_11)):

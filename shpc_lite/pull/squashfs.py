@@ -237,7 +237,7 @@ def build_squashfs(
     try:
         tree = build_tree(layers, extras, _created_time(image_config) or _created_time(cfg))
         workdir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=workdir, prefix="squashfs-") as scratch:
+        with tree, tempfile.TemporaryDirectory(dir=workdir, prefix="squashfs-") as scratch:
             if method == "tar":
                 _build_tar(tree, dest, common, Path(scratch), preserve_owners, mksquashfs)
             else:
