@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Pull a big synthetic image into a SIF with the builtin puller, against the floor and the peer.
 
-    python3 bench/pull.py [--size-mb 2048] [--layers 30] [--rss-mb 200] [--rounds 1]
+    python3 bench/pull.py [--size-mb 2048] [--layers 30] [--rss-mb 200] [--rss-layers N] [--rounds 1]
 
 The bench makes the image itself and pushes it to a CNCF distribution registry
 (``docker-registry``) it starts on 127.0.0.1: ``--layers`` layers, alternately gzip and zstd
@@ -21,8 +21,8 @@ in the same run:
   mksquashfs alone   on the tree umoci unpacked
   floor              download alone + mksquashfs alone: what a pull cannot beat
 
-and the peak RSS of a builtin cold pull of a ``--rss-mb`` image (default 200 MB) beside the big one
-(its last round), for Python and mksquashfs separately, with each image's file count and the
+and the peak RSS of a builtin cold pull of a ``--rss-mb`` image (default 200 MB, as many layers)
+beside the big one (its last round), for Python and mksquashfs separately, with each image's file count and the
 growth, beside mksquashfs alone on umoci's tree of the same image (the floor's memory: squashfs
 tables grow with the number of files; docs/registries.md). Every mksquashfs call uses the same
 compression (zstd level 3 unless --compression/--level) and all cores. Everything is on loopback, so the times show local
@@ -275,6 +275,7 @@ def main() -> int:
     ap.add_argument("--size-mb", type=int, default=2048)
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--rss-mb", type=int, default=200, help="also pull an image this big for the peak-RSS row (0: no)")
+    ap.add_argument("--rss-layers", type=int, default=0, help="layers of that image (default: as many as --layers)")
     ap.add_argument("--rounds", type=int, default=1, help="each row is the best of this many runs")
     ap.add_argument("--compression", default="zstd")
     ap.add_argument("--level", type=int, default=None)
@@ -307,8 +308,7 @@ def main() -> int:
               f"level {level or 'default'}", flush=True)
         small = None
         if opts.rss_mb:
-            small = make_and_push(pusher, "bench/small", opts.rss_mb, max(4, opts.layers * opts.rss_mb // opts.size_mb),
-                                  seed=2)
+            small = make_and_push(pusher, "bench/small", opts.rss_mb, opts.rss_layers or opts.layers, seed=2)
         ref = f"{host}/bench/big:{TAG}"
 
         rows: dict[str, list[tuple]] = {}  # name -> [(wall s, CPU s)] per round

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -638,3 +639,37 @@ def test_the_merge_memory_does_not_grow_with_the_file_count(tmp_path):
                              timeout=300, check=True).stdout
         peaks[files] = int(out.split()[-1]) / 1024
     assert peaks[80_000] - peaks[2_000] < 6, peaks
+
+
+def test_the_file_index_is_on_disk_and_a_killed_merge_leaves_nothing(tmp_path):
+    """The index's temp file is in SQLITE_TMPDIR while the merge runs, already unlinked: a merge
+    killed with SIGKILL leaves nothing there."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    layer = tmp_path / "many.tar.gz"
+    _many_files_layer(layer, 150_000)
+    scratch = tmp_path / "sqlite-tmp"
+    scratch.mkdir()
+    script = ("import sys, time\nfrom shpc_lite.pull.layers import LayerBlob, build_tree\n"
+              "tree = build_tree([LayerBlob(sys.argv[1], '', 'sha256:x')])\nprint('built', flush=True)\ntime.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(layer)], env={**os.environ, "SQLITE_TMPDIR": str(scratch)},
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        held = []
+        deadline = time.monotonic() + 60
+        while not held and proc.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(OSError):  # an fd closed while listed: look again
+                for fd in Path(f"/proc/{proc.pid}/fd").iterdir():
+                    target = os.readlink(fd)
+                    if target.startswith(str(scratch)) and target.endswith(" (deleted)"):
+                        held.append(target)
+            time.sleep(0.05)
+        assert held, "the merge never wrote its index to SQLITE_TMPDIR"
+        assert list(scratch.iterdir()) == []  # unlinked as soon as it was opened
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert list(scratch.iterdir()) == []
