@@ -269,7 +269,7 @@ def registry_image(config: Any, ref: Any, *, quiet: bool = True) -> Image:
     headers are read, whiteouts and opaque dirs applied in order (shpc_lite.pull.layers).
     The merged tree holds headers only, so memory grows with the number of files, not their
     size. ``quiet=False`` shows the download as a pull does (a bar on a terminal)."""
-    from shpc_lite.errors import LayerError
+    from shpc_lite.errors import LayerError, PullError
     from shpc_lite.imagetree import rootfs_entries
     from shpc_lite.progress import Progress
     from shpc_lite.pull.layers import build_tree
@@ -284,13 +284,12 @@ def registry_image(config: Any, ref: Any, *, quiet: bool = True) -> Image:
         blobs = list(source.fetch_layers(image, config, progress, None))  # into the blob cache
     finally:
         progress.close()
-    try:
-        tree = build_tree(blobs)
-    except LayerError as err:
-        raise LayerError(f"{ref}: {err}") from None
     path_var = config_path(image.config)
-    with tree:
-        found = commands(read_tree(rootfs_entries(tree)), path_var)
+    try:
+        with build_tree(blobs) as tree:
+            found = commands(read_tree(rootfs_entries(tree)), path_var)
+    except (LayerError, PullError) as err:  # add the image (a LayerError names the layer and entry)
+        raise type(err)(f"{ref}: {err}") from None
     return Image(str(ref), tuple(found), tuple(layer.digest for layer in image.layers))
 
 

@@ -673,3 +673,24 @@ def test_the_file_index_is_on_disk_and_a_killed_merge_leaves_nothing(tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     assert list(scratch.iterdir()) == []
+
+
+def test_a_full_temp_dir_for_the_file_index_is_one_line(tmp_path):
+    """A temp dir too small for the index (here a 1 MiB file size limit) stops the merge with one
+    line saying where the index lives, not an SQLite traceback."""
+    import subprocess
+    import sys
+
+    layer = tmp_path / "many.tar.gz"
+    _many_files_layer(layer, 80_000)
+    script = ("import resource, signal, sys\nfrom shpc_lite.errors import PullError\n"
+              "from shpc_lite.pull.layers import LayerBlob, build_tree\n"
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))\n"
+              "try:\n    build_tree([LayerBlob(sys.argv[1], '', 'sha256:x')])\n"
+              "except PullError as err:\n    print(err)\n    sys.exit(1)\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(layer)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "SQLITE_TMPDIR": str(tmp_path)})
+    assert proc.returncode == 1 and proc.stderr == "", proc.stderr
+    message = proc.stdout.strip()
+    assert "\n" not in message and "file index" in message and "SQLITE_TMPDIR" in message, message

@@ -50,7 +50,7 @@ from typing import IO, BinaryIO, Callable, Dict, Iterable, Iterator, List, Mappi
 
 import zstandard
 
-from ..errors import LayerError
+from ..errors import LayerError, PullError
 from .apptainer_files import ExtraEntry
 from .ustar import checksum as header_checksum
 from .ustar import next_member
@@ -500,6 +500,21 @@ def _name_key(name: str) -> bytes:
     return name.encode("utf-8", "surrogateescape")  # a tar name need not be UTF-8
 
 
+class _IndexErrors:
+    """Turns an SQLite failure of the file index (a full or unwritable temp dir) into one line."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, exc: object, tb: object) -> None:
+        if isinstance(exc, sqlite3.Error):
+            raise PullError(f"the merge's file index (in SQLITE_TMPDIR, else TMPDIR, else /var/tmp or /tmp) "
+                            f"failed: {exc}") from None
+
+
+_INDEX_ERRORS = _IndexErrors()
+
+
 class _FileIndex:
     """The layers' regular files, on disk: a private temporary SQLite database.
 
@@ -518,13 +533,14 @@ class _FileIndex:
     BATCH = 512
 
     def __init__(self) -> None:
-        db = sqlite3.connect("", isolation_level=None, check_same_thread=False)
-        for pragma in (f"cache_size=-{self.CACHE_KIB}", "journal_mode=OFF", "synchronous=OFF", "temp_store=FILE"):
-            db.execute(f"PRAGMA {pragma}")
-        db.execute("CREATE TABLE f (dir INTEGER NOT NULL, name BLOB NOT NULL, gen INTEGER NOT NULL,"
-                   " layer INTEGER NOT NULL, ordinal INTEGER NOT NULL, meta BLOB NOT NULL, sparse BLOB,"
-                   " PRIMARY KEY (dir, name)) WITHOUT ROWID")
-        db.execute("BEGIN")  # one transaction, never committed: nothing here outlives the process
+        with _INDEX_ERRORS:
+            db = sqlite3.connect("", isolation_level=None, check_same_thread=False)
+            for pragma in (f"cache_size=-{self.CACHE_KIB}", "journal_mode=OFF", "synchronous=OFF", "temp_store=FILE"):
+                db.execute(f"PRAGMA {pragma}")
+            db.execute("CREATE TABLE f (dir INTEGER NOT NULL, name BLOB NOT NULL, gen INTEGER NOT NULL,"
+                       " layer INTEGER NOT NULL, ordinal INTEGER NOT NULL, meta BLOB NOT NULL, sparse BLOB,"
+                       " PRIMARY KEY (dir, name)) WITHOUT ROWID")
+            db.execute("BEGIN")  # one transaction, never committed: nothing here outlives the process
         self._execute = db.execute
         self._db = db
         # rows not yet inserted: one executemany per BATCH costs ~1 us a row, an execute ~4
@@ -539,7 +555,8 @@ class _FileIndex:
 
     def _flush(self) -> None:
         if self._pending:
-            self._db.executemany("INSERT OR REPLACE INTO f VALUES (?, ?, ?, ?, ?, ?, ?)", self._pending.values())
+            with _INDEX_ERRORS:
+                self._db.executemany("INSERT OR REPLACE INTO f VALUES (?, ?, ?, ?, ?, ?, ?)", self._pending.values())
             self._pending.clear()
 
     def get(self, directory: int, name: str) -> Optional[Tuple[int, _File]]:
@@ -547,24 +564,28 @@ class _FileIndex:
         row = self._pending.get((directory, name))
         if row is not None:
             return row[2], _file_from_row(row[5], row[6])
-        found = self._execute("SELECT gen, meta, sparse FROM f WHERE dir = ? AND name = ?",
-                              (directory, _name_key(name))).fetchone()
+        with _INDEX_ERRORS:
+            found = self._execute("SELECT gen, meta, sparse FROM f WHERE dir = ? AND name = ?",
+                                  (directory, _name_key(name))).fetchone()
         return None if found is None else (found[0], _file_from_row(found[1], found[2]))
 
     def delete(self, directory: int, name: str) -> None:
         self._pending.pop((directory, name), None)
-        self._execute("DELETE FROM f WHERE dir = ? AND name = ?", (directory, _name_key(name)))
+        with _INDEX_ERRORS:
+            self._execute("DELETE FROM f WHERE dir = ? AND name = ?", (directory, _name_key(name)))
 
     def delete_lower(self, directory: int, gen: int) -> None:
         """Remove the directory's files not put there by layer ``gen`` (an opaque whiteout of it)."""
         self._flush()
-        self._execute("DELETE FROM f WHERE dir = ? AND gen != ?", (directory, gen))
+        with _INDEX_ERRORS:
+            self._execute("DELETE FROM f WHERE dir = ? AND gen != ?", (directory, gen))
 
     def rows(self) -> Iterator[Tuple[int, int, int, bytes, bytes, Optional[bytes]]]:
         """``(layer, ordinal, dir, name, meta, sparse)`` of every name, by layer and ordinal (SQLite's
         sorter works within the same cache and spills to temp files)."""
         self._flush()
-        return self._execute("SELECT layer, ordinal, dir, name, meta, sparse FROM f ORDER BY layer, ordinal")
+        with _INDEX_ERRORS:  # the sorter may need the temp dir too
+            yield from self._execute("SELECT layer, ordinal, dir, name, meta, sparse FROM f ORDER BY layer, ordinal")
 
     def close(self) -> None:
         self._db.close()

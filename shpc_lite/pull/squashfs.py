@@ -247,8 +247,8 @@ def build_squashfs(
             dest.unlink()
         if isinstance(exc, OSError):  # scratch space full, unwritable workdir ...
             raise PullError(f"building {dest.name} in {workdir} failed: {exc}") from None
-        if isinstance(exc, LayerError):  # it names the layer and the entry; add the image they belong to
-            raise LayerError(f"{source_ref}: {exc}") from None
+        if isinstance(exc, (LayerError, PullError)):  # add the image (a LayerError names the layer and entry)
+            raise type(exc)(f"{source_ref}: {exc}") from None
         raise
     return method
 
