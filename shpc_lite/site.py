@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -358,13 +357,12 @@ def install(config: Config, entries: list[Entry], *, jobs: int, quiet: bool = Tr
     parts = shards(entries, explicit or min(usable_cores(), jobs), minimum=1 if explicit else MIN_SHARD)
     share = max(1, jobs // len(parts))
 
-    parent = os.getpid()
+    if len(parts) > 1:  # processes sharing a terminal: bars would overwrite each other's lines
+        from shpc_lite.progress import plain_lines
+
+        plain_lines()  # here, and so in every worker forked from here
 
     def one(part: list[Entry]) -> list[Outcome]:
-        if os.getpid() != parent:  # a worker: the terminal's progress bars are the parent's
-            from shpc_lite.progress import plain_lines
-
-            plain_lines()
         return run(config, plan(config, part), jobs=share, quiet=quiet)
 
     def lost(part: list[Entry], reason: str) -> list[Outcome]:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from shpc_lite.site import Entry, shards
 from shpc_lite.workers import map_forked
+from tests import imagetools as it
+from tests.imagetools import image_recipe
 
 
 def _lost(shard, reason):
@@ -159,3 +161,63 @@ def test_auto_workers_follow_the_cores_but_never_exceed_jobs(monkeypatch, tmp_pa
         site.install(auto, entries, jobs=jobs)
     site.install(load_config({"root": str(tmp_path), "batch_workers": 3}, environ=alone), entries, jobs=1)
     assert seen == [1, 2, 4, 3]
+
+
+def _on_a_terminal(argv: list, env: dict, timeout: float = 300) -> tuple:
+    """Run ``argv`` with stdout and stderr on a pseudo-terminal, as from an admin's shell:
+    ``(everything it wrote, exit status)``."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # 24 rows, 100 columns
+    proc = subprocess.Popen(argv, env={**env, "TERM": "xterm"}, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
+    os.close(slave)
+    chunks = []
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if select.select([master], [], [], 1)[0]:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # EIO: every writer has closed the terminal
+                    break
+                if not data:
+                    break
+                chunks.append(data)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+        os.close(master)
+    return b"".join(chunks).decode(errors="replace"), proc.returncode
+
+
+def test_on_a_terminal_workers_log_plain_lines_where_one_process_draws_bars(site, registry, unique_repo):
+    """One process on a terminal draws a progress bar per pull; worker processes share that
+    terminal, so bars would overwrite each other: each worker logs its pulls as plain lines."""
+    import re
+
+    for name in ("pa", "pb"):
+        image = it.make_image([it.make_layer([it.Dir("usr"), it.Dir("usr/bin"),
+                                              it.File("usr/bin/tool", f"#!/bin/sh\necho {name}\n", 0o755)], "gzip")])
+        registry.pusher().push_image(f"{unique_repo}-{name}", image, tags=["1.0"])
+        image_recipe(site, name, f"{registry.host}/{unique_repo}-{name}", {"1.0": "1.0"})
+    manifest = site.tmp / "site.yaml"
+    manifest.write_text("modules:\n  - pa:1.0\n  - pb:1.0\n")
+    out = {}
+    for workers in (1, 2):
+        argv = [sys.executable, "-m", "shpc_lite", "--root", str(site.tmp / f"root-{workers}"), "--set", "puller=builtin",
+                "--set", f"batch_workers={workers}", "batch", "install", str(manifest)]
+        text, status = _on_a_terminal(argv, site.env)
+        assert status == 0, text
+        out[workers] = text.replace("\r\n", "\n")  # the terminal's own line ends
+    bar = re.compile(r"\d+%\|")  # tqdm's bar: "100%|####|"
+    assert bar.search(out[1]) and "\r" in out[1], repr(out[1])
+    assert not bar.search(out[2]) and "\r" not in out[2], out[2]
+    for name in ("pa", "pb"):
+        assert re.search(rf"^shpc-lite: pulling \S*{unique_repo}-{name}\S*: 1 layers", out[2], re.M), out[2]
+        assert f"{name}/1.0" in out[2]
