@@ -1,0 +1,78 @@
+#!/usr/bin/env python3
+"""Peak RSS of the layer merge as images grow in files: the pull's own memory, without mksquashfs.
+
+Run by hand: python3 bench/merge_memory.py [--files 1000,100000,1000000] [--layers 10]. For each
+count, gzip layers of that many small files in total (200 to a directory, as in a Python image's
+site-packages) are written to a temp dir, then merged and written as the merged tar into a null
+sink (``build_tree`` + ``write_merged_tar``, what a pull does before mksquashfs) in a fresh
+interpreter, which reports its VmHWM. The table shows how memory grows with the file count: the
+index of files is on disk (docs/registries.md, "Memory of a pull"), so past its fixed caps it
+should not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import io
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+MERGE = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from shpc_lite.pull.layers import LayerBlob, build_tree, write_merged_tar
+
+class Sink:
+    def write(self, chunk):
+        pass
+
+with build_tree([LayerBlob(p, "application/vnd.oci.image.layer.v1.tar+gzip", "") for p in sys.argv[2:]]) as tree:
+    write_merged_tar(tree, Sink())
+status = open("/proc/self/status").read()
+print(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
+"""
+
+
+def write_layer(path: Path, first: int, count: int) -> None:
+    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1) as gz:
+        with tarfile.open(fileobj=gz, mode="w|", format=tarfile.USTAR_FORMAT) as tf:
+            for i in range(first, first + count):
+                ti = tarfile.TarInfo(f"usr/lib/python3/site-packages/pkg{i // 200}/module_{i}.py")
+                ti.size, ti.mtime = 8, 1_700_000_000
+                tf.addfile(ti, io.BytesIO(b"%08d" % i))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--files", default="1000,100000,1000000", help="comma-separated file counts")
+    ap.add_argument("--layers", type=int, default=10)
+    opts = ap.parse_args()
+    counts = [int(c) for c in opts.files.split(",")]
+    print(f"{'files':>10}{'layers':>8}{'peak RSS MB':>13}{'merge s':>9}")
+    with tempfile.TemporaryDirectory(prefix="shpc-lite-bench-merge-") as tmp:
+        for count in counts:
+            layers = max(1, min(opts.layers, count))
+            paths = []
+            for k in range(layers):
+                path = Path(tmp) / f"{count}-{k}.tar.gz"
+                write_layer(path, k * (count // layers), count // layers)
+                paths.append(str(path))
+            start = time.perf_counter()
+            out = subprocess.run([sys.executable, "-c", MERGE, str(REPO), *paths], capture_output=True, text=True,
+                                 check=True, timeout=3600).stdout
+            seconds = time.perf_counter() - start
+            print(f"{count:>10,}{layers:>8}{int(out.split()[-1]) / 1024:>13.0f}{seconds:>9.1f}", flush=True)
+            for path in paths:
+                Path(path).unlink()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
