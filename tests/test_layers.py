@@ -694,3 +694,24 @@ def test_a_full_temp_dir_for_the_file_index_is_one_line(tmp_path):
     assert proc.returncode == 1 and proc.stderr == "", proc.stderr
     message = proc.stdout.strip()
     assert "\n" not in message and "file index" in message and "SQLITE_TMPDIR" in message, message
+
+
+def test_names_that_are_not_utf8_keep_their_bytes(tmp_path):
+    """Tar names are bytes: a Latin-1 name (a file, its directory, a hard link to it, a whiteout
+    of it) comes out byte for byte, through the index of files as through the directories."""
+    def raw_layer(entries):
+        out = io.BytesIO()
+        with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT, encoding="latin-1") as tf:
+            for name, kind, data, link in entries:
+                ti = tarfile.TarInfo(name)
+                ti.type, ti.linkname, ti.size, ti.mtime = kind, link, len(data), MTIME
+                tf.addfile(ti, io.BytesIO(data) if data else None)
+        return blob_from_tar(tmp_path, out.getvalue(), "gzip")
+
+    l1 = raw_layer([("dé", tarfile.DIRTYPE, b"", ""), ("dé/café.txt", tarfile.REGTYPE, b"latte", ""),
+                    ("dé/lien", tarfile.LNKTYPE, b"", "dé/café.txt"), ("dé/thé.txt", tarfile.REGTYPE, b"tea", "")])
+    l2 = raw_layer([("dé/.wh.café.txt", tarfile.REGTYPE, b"", "")])
+    root = apply_to_dir(tmp_path, [l1, l2])
+    inside = root / os.fsdecode(b"d\xe9")
+    assert sorted(os.listdir(os.fsencode(inside))) == [b"lien", b"th\xe9.txt"]
+    assert (inside / "lien").read_bytes() == b"latte" and (inside / os.fsdecode(b"th\xe9.txt")).read_bytes() == b"tea"
