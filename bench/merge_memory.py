@@ -13,16 +13,16 @@ should not.
 from __future__ import annotations
 
 import argparse
-import gzip
-import io
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.imagetools import many_files_layer  # noqa: E402
 
 MERGE = """
 import sys
@@ -40,15 +40,6 @@ print(next(line.split()[1] for line in status.splitlines() if line.startswith("V
 """
 
 
-def write_layer(path: Path, first: int, count: int) -> None:
-    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1) as gz:
-        with tarfile.open(fileobj=gz, mode="w|", format=tarfile.USTAR_FORMAT) as tf:
-            for i in range(first, first + count):
-                ti = tarfile.TarInfo(f"usr/lib/python3/site-packages/pkg{i // 200}/module_{i}.py")
-                ti.size, ti.mtime = 8, 1_700_000_000
-                tf.addfile(ti, io.BytesIO(b"%08d" % i))
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--files", default="1000,100000,1000000", help="comma-separated file counts")
@@ -62,7 +53,7 @@ def main() -> int:
             paths = []
             for k in range(layers):
                 path = Path(tmp) / f"{count}-{k}.tar.gz"
-                write_layer(path, k * (count // layers), count // layers)
+                many_files_layer(path, count // layers, first=k * (count // layers))
                 paths.append(str(path))
             start = time.perf_counter()
             out = subprocess.run([sys.executable, "-c", MERGE, str(REPO), *paths], capture_output=True, text=True,

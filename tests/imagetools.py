@@ -567,3 +567,14 @@ def sif_tree(sif: Path, tmp: Path) -> tuple[dict[str, str], Path]:
         else:
             tree[rel] = f"file {st.st_mode & 0o7777:o} nlink={st.st_nlink}"
     return tree, out
+
+
+def many_files_layer(path: Path, count: int, first: int = 0) -> None:
+    """A gzip layer of ``count`` 8-byte files (numbered from ``first``), 200 to a directory as in a
+    Python image's site-packages, written as a stream (memory holds one entry)."""
+    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1) as gz:
+        with tarfile.open(fileobj=gz, mode="w|", format=tarfile.USTAR_FORMAT) as tf:
+            for i in range(first, first + count):
+                ti = tarfile.TarInfo(f"usr/lib/python3/site-packages/pkg{i // 200}/module_{i}.py")
+                ti.size, ti.mtime = 8, 1_700_000_000
+                tf.addfile(ti, io.BytesIO(b"%08d" % i))

@@ -615,16 +615,6 @@ print(next(line.split()[1] for line in status.splitlines() if line.startswith("V
 """
 
 
-def _many_files_layer(path: Path, files: int) -> None:
-    """A gzip layer of ``files`` small files, 200 to a directory, written as a stream."""
-    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1) as gz:
-        with tarfile.open(fileobj=gz, mode="w|", format=tarfile.USTAR_FORMAT) as tf:
-            for i in range(files):
-                ti = tarfile.TarInfo(f"usr/lib/python3/site-packages/pkg{i // 200}/module_{i}.py")
-                ti.size, ti.mtime = 8, MTIME
-                tf.addfile(ti, io.BytesIO(b"%08d" % i))
-
-
 def test_the_merge_memory_does_not_grow_with_the_file_count(tmp_path):
     """A pull's merge keeps its files on disk (SQLite, a capped cache), not one object per file: a
     layer of 80,000 files peaks within a few MB of one of 2,000 (one object each cost ~0.3 KB: +23 MB)."""
@@ -634,7 +624,7 @@ def test_the_merge_memory_does_not_grow_with_the_file_count(tmp_path):
     peaks = {}
     for files in (2_000, 80_000):
         layer = tmp_path / f"{files}.tar.gz"
-        _many_files_layer(layer, files)
+        it.many_files_layer(layer, files)
         out = subprocess.run([sys.executable, "-c", _PEAK_OF_A_MERGE, str(layer)], capture_output=True, text=True,
                              timeout=300, check=True).stdout
         peaks[files] = int(out.split()[-1]) / 1024
@@ -650,7 +640,7 @@ def test_the_file_index_is_on_disk_and_a_killed_merge_leaves_nothing(tmp_path):
     import time
 
     layer = tmp_path / "many.tar.gz"
-    _many_files_layer(layer, 150_000)
+    it.many_files_layer(layer, 150_000)
     scratch = tmp_path / "sqlite-tmp"
     scratch.mkdir()
     script = ("import sys, time\nfrom shpc_lite.pull.layers import LayerBlob, build_tree\n"
@@ -682,7 +672,7 @@ def test_a_full_temp_dir_for_the_file_index_is_one_line(tmp_path):
     import sys
 
     layer = tmp_path / "many.tar.gz"
-    _many_files_layer(layer, 80_000)
+    it.many_files_layer(layer, 80_000)
     script = ("import resource, signal, sys\nfrom shpc_lite.errors import PullError\n"
               "from shpc_lite.pull.layers import LayerBlob, build_tree\n"
               "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
