@@ -705,3 +705,13 @@ def test_names_that_are_not_utf8_keep_their_bytes(tmp_path):
     inside = root / os.fsdecode(b"d\xe9")
     assert sorted(os.listdir(os.fsencode(inside))) == [b"lien", b"th\xe9.txt"]
     assert (inside / "lien").read_bytes() == b"latte" and (inside / os.fsdecode(b"th\xe9.txt")).read_bytes() == b"tea"
+
+
+def test_a_python_without_sqlite3_gets_one_line(tmp_path, monkeypatch):
+    from shpc_lite.errors import PullError
+    from shpc_lite.pull import layers as L
+
+    monkeypatch.setattr(L, "sqlite3", None)
+    with pytest.raises(PullError) as ei:
+        build_tree([make_layer(tmp_path, [E("a", data=b"a")])])
+    assert "no sqlite3 module" in str(ei.value) and "puller apptainer" in str(ei.value) and "\n" not in str(ei.value)

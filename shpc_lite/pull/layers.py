@@ -40,8 +40,8 @@ import logging
 import lzma
 import os
 import re
-import sqlite3
 import struct
+import sys
 import tarfile
 import zlib
 from dataclasses import dataclass, field
@@ -49,6 +49,11 @@ from pathlib import Path
 from typing import IO, BinaryIO, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Set, Tuple, Union
 
 import zstandard
+
+try:
+    import sqlite3
+except ImportError:  # a Python built without libsqlite3: said in one line when a merge starts
+    sqlite3 = None  # type: ignore[assignment]
 
 from ..errors import LayerError, PullError
 from .apptainer_files import ExtraEntry
@@ -507,7 +512,7 @@ class _IndexErrors:
         return None
 
     def __exit__(self, kind: object, exc: object, tb: object) -> None:
-        if isinstance(exc, sqlite3.Error):
+        if sqlite3 is not None and isinstance(exc, sqlite3.Error):
             raise PullError(f"the merge's file index (in SQLITE_TMPDIR, else TMPDIR, else /var/tmp or /tmp) "
                             f"failed: {exc}") from None
 
@@ -533,6 +538,9 @@ class _FileIndex:
     BATCH = 512
 
     def __init__(self) -> None:
+        if sqlite3 is None:
+            raise PullError(f"this Python ({sys.executable}) has no sqlite3 module, which the builtin puller needs "
+                            "(build Python with libsqlite3, or use puller apptainer)")
         with _INDEX_ERRORS:
             db = sqlite3.connect("", isolation_level=None, check_same_thread=False)
             for pragma in (f"cache_size=-{self.CACHE_KIB}", "journal_mode=OFF", "synchronous=OFF", "temp_store=FILE"):
