@@ -715,3 +715,15 @@ def test_a_python_without_sqlite3_gets_one_line(tmp_path, monkeypatch):
     with pytest.raises(PullError) as ei:
         build_tree([make_layer(tmp_path, [E("a", data=b"a")])])
     assert "no sqlite3 module" in str(ei.value) and "puller apptainer" in str(ei.value) and "\n" not in str(ei.value)
+
+
+def test_an_image_of_too_many_entries_is_refused(tmp_path, monkeypatch):
+    """Empty tar headers compress about 100x: a small layer could fill the temp dir with index rows."""
+    from shpc_lite.pull import layers as L
+
+    monkeypatch.setattr(L, "MAX_ENTRIES", 1000)
+    layers = [make_layer(tmp_path, [E(f"d{k}/f{i}") for i in range(600)]) for k in range(2)]
+    build_tree(layers[:1])
+    with pytest.raises(LayerError) as ei:
+        build_tree(layers)
+    assert "more than 1,000 entries" in str(ei.value) and layers[1].digest in str(ei.value)

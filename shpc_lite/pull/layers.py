@@ -70,6 +70,9 @@ MAX_TIME = 2**32 - 1  # squashfs stores unsigned 32-bit seconds
 COPY_CHUNK = 1 << 20
 MAX_HEADER_READ = 64 << 20  # largest single read of a compressed layer's stream (pax/long-name data)
 MAX_SPARSE_ENTRIES = 1 << 16  # data segments of one sparse file (GNU tar writes one per run of data)
+# entries of all layers together (an NGC image has a few hundred thousand): past this a layer of
+# empty headers, which compress ~100x, is refused before its file index fills the temp dir
+MAX_ENTRIES = 10_000_000
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -625,6 +628,7 @@ class RootfsTree:
         self.files = _FileIndex()  # the layers' regular files (everything else is under root)
         self.layers: List[LayerBlob] = []
         self._gen = -1  # the layer being applied
+        self._entries = 0  # of all layers so far (MAX_ENTRIES)
         self.notes: List[str] = []
         self.newest_mtime = 0
         # per layer being applied: the names it created in each directory (by path), and the
@@ -783,6 +787,9 @@ class RootfsTree:
 
     def _apply_member(self, blob: LayerBlob, index: int, ordinal: int, m: tarfile.TarInfo, skipped: List[str]) -> None:
         name = m.name
+        self._entries += 1
+        if self._entries > MAX_ENTRIES:
+            raise _entry_error(blob, name, f"the image has more than {MAX_ENTRIES:,} entries")
         self._check_name(blob, name)
         parts = split_path(name)
         for comp in parts:
