@@ -1150,10 +1150,15 @@ def build_tree(layers: Iterable[LayerBlob], extras: Optional[Mapping[str, ExtraE
         for headers in readers:
             headers.cancel()
         pool.shutdown(wait=False, cancel_futures=True)  # a layer being read is not waited for
+        tree.close()
         raise
     pool.shutdown(wait=True)
     if extras:
-        tree.add_extras(extras, tree.newest_mtime if extras_mtime is None else extras_mtime)
+        try:
+            tree.add_extras(extras, tree.newest_mtime if extras_mtime is None else extras_mtime)
+        except BaseException:
+            tree.close()
+            raise
     return tree
 
 
