@@ -268,7 +268,8 @@ def registry_image(config: Any, ref: Any, *, quiet: bool = True) -> Image:
     install and taken from there when present: nothing is downloaded twice), then only its
     headers are read, whiteouts and opaque dirs applied in order (shpc_lite.pull.layers).
     The merge keeps its files on disk and this keeps only symlinks and executables, so memory
-    grows with those, not with the image's files or their size. ``quiet=False`` shows the download as a pull does (a bar on a terminal)."""
+    grows with those, not with the image's files or their size. ``quiet=False`` shows the
+    download as a pull does (a bar on a terminal)."""
     from shpc_lite.errors import LayerError, PullError
     from shpc_lite.imagetree import rootfs_entries
     from shpc_lite.progress import Progress

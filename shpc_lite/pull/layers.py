@@ -46,7 +46,7 @@ import tarfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, BinaryIO, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Set, Tuple, Union
+from typing import IO, BinaryIO, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import zstandard
 
@@ -729,15 +729,11 @@ class RootfsTree:
             created.add(path[-1])
             return
         self._touched[path[:-1]] = {path[-1]}
-        for i in range(len(path) - 1, 0, -1):
-            prefix = path[:i]
-            if prefix in self._touched_prefixes:
-                break
-            self._touched_prefixes.add(prefix)
+        self._mark_parents(path[:-1])
 
-    def _mark_parents(self, names: List[str]) -> None:
-        """What :meth:`_mark` records for a file at ``names + [its name]``: its directory and their
-        ancestors are used by this layer (the file itself is marked by its row's ``gen``)."""
+    def _mark_parents(self, names: Sequence[str]) -> None:
+        """Record that the directory ``names`` and its ancestors hold something this layer made
+        (a file alone is marked only so: the file itself is marked by its row's ``gen``)."""
         for i in range(len(names), 0, -1):
             prefix = tuple(names[:i])
             if prefix in self._touched_prefixes:
