@@ -193,9 +193,16 @@ def check_subids() -> list[Finding]:
 def check_mksquashfs(config: Config) -> Finding:
     found = shutil.which("mksquashfs")
     if not found:
+        from shpc_lite.pull.squashfs_writer import supports
+
+        compression = config["squashfs_compression"]
+        if supports(compression):  # the builtin puller writes gzip and zstd squashfs itself
+            return Finding("ok", "mksquashfs", f"not found, not needed: the builtin puller writes {compression} "
+                           "squashfs itself (squashfs_compression xz, lz4 or lzo would need it)")
         level = "warn" if shutil.which("apptainer") or shutil.which("singularity") else "error"
-        return Finding(level, "mksquashfs", "not found: the builtin puller cannot build SIF files",
-                       "apt-get install squashfs-tools (or dnf install squashfs-tools)")
+        return Finding(level, "mksquashfs", f"not found: the builtin puller cannot build {compression} SIF files",
+                       "apt-get install squashfs-tools (or dnf install squashfs-tools), or set squashfs_compression "
+                       "to zstd or gzip")
     return Finding("ok", "mksquashfs", f"{found}: {_version_of([found, '-version'])}")
 
 

@@ -260,7 +260,7 @@ def _build_builtin(config: Config, source: "ImageSource", tmp_sif: Path, scratch
                    quiet: bool) -> tuple[str, ...]:
     """Any source's image -> squashfs -> SIF at ``tmp_sif``: the one build every install uses.
     Returns the layer digests (the install record keeps them: discover's base by shared layers)."""
-    from shpc_lite.pull import build_squashfs, mksquashfs_features
+    from shpc_lite.pull import build_squashfs, writes_in_place
     from shpc_lite.sif import InPlace, build_container_sif, container_partition_offset
 
     start = time.monotonic()
@@ -283,9 +283,9 @@ def _build_builtin(config: Config, source: "ImageSource", tmp_sif: Path, scratch
     try:
         deffile = image.deffile.encode()
         json_objects = {"oci-config.json": json.dumps(image.config.get("config") or {}, sort_keys=True).encode()}
-        # mksquashfs writes the squashfs straight to its place in the SIF (no copy of a multi-GB
-        # partition), where its -offset option exists (squashfs-tools >= 4.4)
-        in_place = "-offset" in mksquashfs_features()
+        # the squashfs is written straight to its place in the SIF (no copy of a multi-GB partition)
+        # by the native writer, or by mksquashfs where its -offset option exists (squashfs-tools >= 4.4)
+        in_place = writes_in_place(config["squashfs_compression"])
         offset = container_partition_offset(deffile=deffile, json_objects=json_objects, arch=image.arch)
         squashfs = tmp_sif if in_place else scratch / "rootfs.squashfs"
         build_squashfs(

@@ -523,6 +523,12 @@ class _IndexErrors:
 _INDEX_ERRORS = _IndexErrors()
 
 
+def index_errors() -> _IndexErrors:
+    """A context in which an SQLite failure becomes a one-line PullError (for users of
+    :attr:`_FileIndex.connection`)."""
+    return _INDEX_ERRORS
+
+
 class _FileIndex:
     """The layers' regular files, on disk: a private temporary SQLite database.
 
@@ -597,6 +603,13 @@ class _FileIndex:
         self._flush()
         with _INDEX_ERRORS:  # the sorter may need the temp dir too
             yield from self._execute("SELECT layer, ordinal, dir, name, meta, sparse FROM f ORDER BY layer, ordinal")
+
+    @property
+    def connection(self) -> "sqlite3.Connection":
+        """The index's database, where a writer keeps its own per-file tables (same temp file,
+        same capped cache; run statements under :func:`index_errors`)."""
+        self._flush()
+        return self._db
 
     def close(self) -> None:
         self._db.close()

@@ -35,12 +35,13 @@ from typing import Any, Iterable, List, Mapping, Optional, Sequence
 
 from ..errors import LayerError, PullError
 from .apptainer_files import apptainer_files, inner_config
+from . import squashfs_writer
 from .layers import LayerBlob, RootfsTree, build_tree, is_root, write_merged_tar, write_rootfs_dir
 
 log = logging.getLogger(__name__)
 
-DEFAULT_METHOD = "tar"
-METHODS = ("auto", "tar", "dir")
+DEFAULT_METHOD = "tar"  # of the mksquashfs methods
+METHODS = ("auto", "native", "tar", "dir")
 
 # compressor -> (lowest level, highest level, level used when none is given) or None (no levels)
 COMPRESSORS = {
@@ -67,25 +68,40 @@ def mksquashfs_features(exe: str = "mksquashfs") -> frozenset:
     return frozenset(feats)
 
 
-def compression_args(compression: str, level: Optional[int], feats: frozenset = frozenset()) -> List[str]:
-    """``-comp`` and level options for mksquashfs (see the module docstring for the trade-offs)."""
+def compression_level(compression: str, level: Optional[int]) -> Optional[int]:
+    """The level to compress with (``level`` checked, or the compressor's default here); None for
+    compressors without levels."""
     if compression not in COMPRESSORS:
         raise PullError(f"unknown squashfs compression {compression!r} (one of {', '.join(sorted(COMPRESSORS))})")
-    if feats and f"comp:{compression}" not in feats:
-        raise PullError(f"this mksquashfs cannot compress with {compression}; use gzip")
-    args = ["-comp", compression]
     levels = COMPRESSORS[compression]
     if levels is None:
-        if compression == "lz4" and level is not None and level > 1:
-            args.append("-Xhc")
-        elif level is not None:
-            log.info("squashfs compression %s takes no level; %s ignored", compression, level)
-        return args
+        return None
     lo, hi, default = levels
     lvl = default if level is None else level
     if not isinstance(lvl, int) or not lo <= lvl <= hi:
         raise PullError(f"squashfs {compression} level must be {lo}..{hi}, not {level!r}")
-    return args + ["-Xcompression-level", str(lvl)]
+    return lvl
+
+
+def compression_args(compression: str, level: Optional[int], feats: frozenset = frozenset()) -> List[str]:
+    """``-comp`` and level options for mksquashfs (see the module docstring for the trade-offs)."""
+    lvl = compression_level(compression, level)
+    if feats and f"comp:{compression}" not in feats:
+        raise PullError(f"this mksquashfs cannot compress with {compression}; use gzip")
+    args = ["-comp", compression]
+    if lvl is not None:
+        return args + ["-Xcompression-level", str(lvl)]
+    if compression == "lz4" and level is not None and level > 1:
+        args.append("-Xhc")
+    elif level is not None:
+        log.info("squashfs compression %s takes no level; %s ignored", compression, level)
+    return args
+
+
+def writes_in_place(compression: str, mksquashfs: str = "mksquashfs") -> bool:
+    """Whether ``build_squashfs(method="auto")`` can write at an offset into the SIF (``offset``):
+    always with the native writer, with mksquashfs where it has ``-offset`` (>= 4.4)."""
+    return squashfs_writer.supports(compression) or "-offset" in mksquashfs_features(mksquashfs)
 
 
 def _created_time(cfg: Mapping[str, Any]) -> Optional[int]:
@@ -210,38 +226,34 @@ def build_squashfs(
 
     Raises LayerError for unsafe or unreadable layers, PullError when mksquashfs fails.
     """
+    dest = Path(dest)
     if method not in METHODS:
         raise PullError(f"unknown squashfs build method {method!r} (one of {', '.join(METHODS)})")
-    feats = mksquashfs_features(mksquashfs)
-    comp_args = compression_args(compression, level, feats)
-    has_tar = {"-tar", "-no-strip", "-root-mode"} <= feats
-    if method == "auto":
-        method = DEFAULT_METHOD if has_tar or DEFAULT_METHOD == "dir" else "dir"
-    if method == "tar" and not has_tar:
-        raise PullError(f"{mksquashfs} has no -tar mode (squashfs-tools >= 4.5 needed); use method 'dir'")
+    if method == "auto" and squashfs_writer.supports(compression):
+        method = "native"
+    if method == "native":
+        if not squashfs_writer.supports(compression):
+            raise PullError(f"squashfs compression {compression} needs mksquashfs (the native writer does "
+                            "gzip and zstd)")
+        lvl = compression_level(compression, level)
+        assert lvl is not None
+
+        def build(tree: RootfsTree, scratch: Path) -> None:
+            squashfs_writer.write_squashfs(tree, dest, compression=compression, level=lvl,
+                                           workers=processors or os.cpu_count() or 1, owners=preserve_owners,
+                                           offset=offset, scratch=scratch)
+    else:
+        build = _mksquashfs_build(method, dest, compression, level, processors, preserve_owners, mksquashfs, offset)
+        method = "dir" if build.func is _build_dir else "tar"  # type: ignore[attr-defined]
 
     cfg = inner_config(image_config)
     extras = apptainer_files(image_config, source_ref=source_ref, source_digest=source_digest)
-    dest = Path(dest)
     workdir = Path(workdir)
-    common = ["-noappend", *comp_args, "-no-xattrs"]
-    if processors:
-        common += ["-processors", str(int(processors))]
-    if "-mem" in feats:
-        common += ["-mem", MKSQUASHFS_MEM]
-    if offset:
-        if "-offset" not in feats:
-            raise PullError(f"{mksquashfs} has no -offset option (squashfs-tools >= 4.4 needed)")
-        common += ["-offset", str(int(offset))]
-    common += [o for o in ("-quiet", "-no-progress", "-exit-on-error") if o in feats]
     try:
         tree = build_tree(layers, extras, _created_time(image_config) or _created_time(cfg))
         workdir.mkdir(parents=True, exist_ok=True)
         with tree, tempfile.TemporaryDirectory(dir=workdir, prefix="squashfs-") as scratch:
-            if method == "tar":
-                _build_tar(tree, dest, common, Path(scratch), preserve_owners, mksquashfs)
-            else:
-                _build_dir(tree, dest, common, Path(scratch), preserve_owners and is_root(), mksquashfs)
+            build(tree, Path(scratch))
     except BaseException as exc:
         with contextlib.suppress(OSError):
             dest.unlink()
@@ -253,7 +265,33 @@ def build_squashfs(
     return method
 
 
-def _build_tar(tree: RootfsTree, dest: Path, common: List[str], scratch: Path, owners: bool, exe: str) -> None:
+def _mksquashfs_build(method: str, dest: Path, compression: str, level: Optional[int], processors: Optional[int],
+                      preserve_owners: bool, mksquashfs: str, offset: int) -> "functools.partial[None]":
+    """``build(tree, scratch)`` for method ``"tar"``, ``"dir"`` or ``"auto"`` (whichever this
+    mksquashfs has), with the options both share."""
+    feats = mksquashfs_features(mksquashfs)
+    comp_args = compression_args(compression, level, feats)
+    has_tar = {"-tar", "-no-strip", "-root-mode"} <= feats
+    if method == "auto":
+        method = DEFAULT_METHOD if has_tar or DEFAULT_METHOD == "dir" else "dir"
+    if method == "tar" and not has_tar:
+        raise PullError(f"{mksquashfs} has no -tar mode (squashfs-tools >= 4.5 needed); use method 'dir'")
+    common = ["-noappend", *comp_args, "-no-xattrs"]
+    if processors:
+        common += ["-processors", str(int(processors))]
+    if "-mem" in feats:
+        common += ["-mem", MKSQUASHFS_MEM]
+    if offset:
+        if "-offset" not in feats:
+            raise PullError(f"{mksquashfs} has no -offset option (squashfs-tools >= 4.4 needed)")
+        common += ["-offset", str(int(offset))]
+    common += [o for o in ("-quiet", "-no-progress", "-exit-on-error") if o in feats]
+    if method == "tar":
+        return functools.partial(_build_tar, dest=dest, common=common, owners=preserve_owners, exe=mksquashfs)
+    return functools.partial(_build_dir, dest=dest, common=common, chown=preserve_owners and is_root(), exe=mksquashfs)
+
+
+def _build_tar(tree: RootfsTree, scratch: Path, *, dest: Path, common: List[str], owners: bool, exe: str) -> None:
     cmd = [exe, "-", str(dest), "-tar", "-no-strip", *common,
            "-root-mode", "0755", "-root-uid", "0", "-root-gid", "0"]  # -root-time is ignored with -tar (4.5.1)
     if not owners:
@@ -265,7 +303,7 @@ def _build_tar(tree: RootfsTree, dest: Path, common: List[str], scratch: Path, o
     _run(cmd, stdin_writer=feed, stderr_path=scratch / "mksquashfs.err")
 
 
-def _build_dir(tree: RootfsTree, dest: Path, common: List[str], scratch: Path, chown: bool, exe: str) -> None:
+def _build_dir(tree: RootfsTree, scratch: Path, *, dest: Path, common: List[str], chown: bool, exe: str) -> None:
     rootfs = scratch / "rootfs"
     rootfs.mkdir()
     try:
