@@ -82,6 +82,7 @@ _BASIC_DIR = struct.Struct("<IIHHI")  # listing block, nlink, size + 3, listing 
 _LONG_DIR = struct.Struct("<IIIIHHI")  # nlink, size + 3, listing block, parent, index count, offset, xattr
 _DIR_HEADER = struct.Struct("<III")  # entries - 1, inode block, base inode number
 _DIR_ENTRY = struct.Struct("<HhHH")  # inode offset, number - base, type, name length - 1
+_DIR_INDEX = struct.Struct("<III")  # header's place in the listing, its metadata block, first name's length - 1
 _FRAGMENT = struct.Struct("<QII")  # start, size word, unused
 _ZERO_BLOCK = bytes(BLOCK_SIZE)
 
@@ -316,13 +317,19 @@ class _Inode:
 
 
 class _Listing:
-    """One directory's entries, written to the directory table in runs under a shared header."""
+    """One directory's entries, written to the directory table in runs under a shared header.
+
+    A listing that crosses metadata blocks also gets an index (one entry per block a header starts
+    in: the header's place and its first name), as mksquashfs writes it: the kernel and squashfuse
+    look a name up from the last index entry not after it instead of from the listing's start."""
 
     def __init__(self, table: _MetadataTable):
         self._table = table
         self.ref = table.ref()
         self.size = 0
+        self.index: List[bytes] = []  # entries of the extended directory inode's index
         self._run: List[bytes] = []
+        self._first = b""
         self._block = self._base = 0
 
     def add(self, name: bytes, inode: _Inode) -> None:
@@ -331,10 +338,13 @@ class _Listing:
         if run and (block != self._block or len(run) == DIR_RUN or not -32768 <= number - self._base <= 32767):
             self._flush()
         if not run:
-            self._block, self._base = block, number
+            self._block, self._base, self._first = block, number, name
         run.append(_DIR_ENTRY.pack(inode.ref & 0xFFFF, number - self._base, inode.kind, len(name) - 1) + name)
 
     def _flush(self) -> None:
+        at = self._table.ref() >> 16
+        if at != self.ref >> 16 and (not self.index or at != _DIR_INDEX.unpack_from(self.index[-1])[1]):
+            self.index.append(_DIR_INDEX.pack(self.size, at, len(self._first) - 1) + self._first)
         data = _DIR_HEADER.pack(len(self._run) - 1, self._block, self._base) + b"".join(self._run)
         self._table.add(data)
         self.size += len(data)
@@ -527,13 +537,13 @@ class _Writer:
             node = d if parent is not None else _Dir(0o755, 0, 0, root_mtime)
             size = listing.size + 3
             block, offset = listing.ref >> 16, listing.ref & 0xFFFF
-            if size <= 0xFFFF:
+            if size <= 0xFFFF and not listing.index:
                 body = self._header(DIR, node, number) + _BASIC_DIR.pack(block, nlink, size, offset, parent_number)
                 inode = self._add_inode(DIR, body, number)
             else:
-                body = self._header(LDIR, node, number) + _LONG_DIR.pack(nlink, size, block, parent_number, 0, offset,
-                                                                          NO_XATTR)
-                inode = self._add_inode(LDIR, body, number)
+                body = self._header(LDIR, node, number) + _LONG_DIR.pack(
+                    nlink, size, block, parent_number, len(listing.index), offset, NO_XATTR)
+                inode = self._add_inode(LDIR, body + b"".join(listing.index), number)
             written[d.ident] = inode
             root_ref = inode.ref
         return root_ref
