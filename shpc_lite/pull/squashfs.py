@@ -1,12 +1,15 @@
 """Build an image's squashfs (the SIF's root filesystem partition) from layer blobs and its config.
 
-Two build paths, both producing the same tree (the layers merged in memory first, see ``layers``):
+Three build paths, all producing the same tree (the layers merged first, see ``layers``):
 
+- ``"native"``: the merged tree written as squashfs by :mod:`.squashfs_writer`, no mksquashfs
+  needed; memory does not grow with the number of files (mksquashfs's tables do, ~0.7 KB a file).
+  The default for zstd and gzip, the compressors it has.
 - ``"tar"``: one merged, whiteout-applied tar stream piped into ``mksquashfs - OUT -tar``
   (squashfs-tools >= 4.5). No rootfs on disk, owners and modes come from the tar headers, and
-  decompressing the layers overlaps with mksquashfs compressing. The default: on 204 MB of file
-  data in 4 gzip layers (``bench/squashfs_paths.py``, 2 cores, zstd 3) it took 2.3-2.9 s against
-  4.1-5.7 s for ``"dir"`` over several runs (gzip 9: 8.9 s against 11.3 s).
+  decompressing the layers overlaps with mksquashfs compressing. The default for xz, lz4 and lzo:
+  on 204 MB of file data in 4 gzip layers (``bench/squashfs_paths.py``, 2 cores, zstd 3) it took
+  2.3-2.9 s against 4.1-5.7 s for ``"dir"`` over several runs (gzip 9: 8.9 s against 11.3 s).
 - ``"dir"``: the tree written to a directory under ``workdir``, then ``mksquashfs DIR OUT``. The
   fallback for older squashfs-tools without ``-tar`` (4.3/4.4 are common on HPC hosts).
 
@@ -213,18 +216,21 @@ def build_squashfs(
 
     ``layers`` may be a lazy iterable that yields each layer once it is downloaded and verified:
     pass 1 (headers) then runs while later layers download. Pass 2 streams the surviving data,
-    decompressed once more, into mksquashfs, which compresses with its own threads (all cores
-    unless ``processors``). Memory holds the tree of names (not data); disk holds only the blobs.
+    decompressed once more, into the native writer or mksquashfs (see the module docstring), both
+    compressing with a thread per core (``processors`` to choose: by default every core this
+    process may run on, a Slurm job's, for the native writer; every core for mksquashfs). Memory
+    holds the tree of directories (not files, nor data); disk holds only the blobs.
 
-    ``dest`` is written by mksquashfs directly (the caller publishes it with temp + rename; it is
-    removed here on failure), from byte ``offset`` on (``-offset``: the squashfs goes straight to
-    its place in the SIF, see ``shpc_lite.sif.InPlace``; mksquashfs >= 4.4). ``workdir`` holds scratch files (and the rootfs for ``method="dir"``).
-    ``level`` None means the compressor's default here (zstd 3, gzip 9). ``processors`` None lets
-    mksquashfs use every core. Owners from the image are kept when ``preserve_owners`` and the build
-    can express them (``"tar"`` always; ``"dir"`` only as root); otherwise everything is root-owned
-    (``-all-root``), as an unprivileged ``apptainer pull`` does. Returns the method used.
+    ``dest`` is written directly (the caller publishes it with temp + rename; it is removed here on
+    failure), from byte ``offset`` on: the squashfs goes straight to its place in the SIF, see
+    ``shpc_lite.sif.InPlace`` (mksquashfs needs ``-offset``, >= 4.4). ``workdir`` holds scratch
+    files (and the rootfs for ``method="dir"``). ``level`` None means the compressor's default here
+    (zstd 3, gzip 9). Owners from the image are kept when ``preserve_owners`` and the build can
+    express them (``"native"`` and ``"tar"`` always; ``"dir"`` only as root); otherwise everything
+    is root-owned (``-all-root``), as an unprivileged ``apptainer pull`` does. Returns the method
+    used.
 
-    Raises LayerError for unsafe or unreadable layers, PullError when mksquashfs fails.
+    Raises LayerError for unsafe or unreadable layers, PullError when the build fails.
     """
     dest = Path(dest)
     if method not in METHODS:
@@ -238,9 +244,11 @@ def build_squashfs(
         lvl = compression_level(compression, level)
         assert lvl is not None
 
+        from ..workers import usable_cores
+
         def build(tree: RootfsTree, scratch: Path) -> None:
             squashfs_writer.write_squashfs(tree, dest, compression=compression, level=lvl,
-                                           workers=processors or os.cpu_count() or 1, owners=preserve_owners,
+                                           workers=processors or usable_cores(), owners=preserve_owners,
                                            offset=offset, scratch=scratch)
     else:
         build = _mksquashfs_build(method, dest, compression, level, processors, preserve_owners, mksquashfs, offset)
