@@ -1,4 +1,6 @@
-"""Squashfs builds (merged tar stream and rootfs directory) checked with unsquashfs; Apptainer's files."""
+"""Squashfs builds (merged tar stream, rootfs directory, native writer) checked with unsquashfs; Apptainer's files.
+
+The native writer is compared with ``mksquashfs -tar`` at length in tests/test_squashfs_native.py."""
 
 from __future__ import annotations
 
@@ -90,15 +92,15 @@ def _build(layers, tmp_path, method, **kw) -> Path:
     return dest
 
 
-def test_both_paths_build_the_same_expected_tree(image, tmp_path):
+def test_all_paths_build_the_same_expected_tree(image, tmp_path):
     trees, lists = {}, {}
     as_root = os.geteuid() == 0  # only root can keep the image's owners in a rootfs directory
-    for method in ("tar", "dir"):
+    for method in ("tar", "dir", "native"):
         sqfs = _build(image, tmp_path, method, preserve_owners=as_root)
         lists[method] = listing(sqfs)
         trees[method] = extract(sqfs, tmp_path / f"x-{method}")
-    assert lists["tar"] == lists["dir"]
-    assert trees["tar"] == trees["dir"]
+    assert lists["tar"] == lists["dir"] == lists["native"]
+    assert trees["tar"] == trees["dir"] == trees["native"]
     ls, t = lists["tar"], trees["tar"]
     assert ls[""][0] == "drwxr-xr-x"
     assert ls["tmp"][0] == "drwxrwxrwt" and ls["var/tmp"][0] == "drwxrwxrwt"
@@ -134,26 +136,27 @@ def test_both_paths_build_the_same_expected_tree(image, tmp_path):
         assert t[path][4] == files[path].data
 
 
-def test_existing_paths_are_kept(tmp_path):
+@pytest.mark.parametrize("method", ["tar", "native"])
+def test_existing_paths_are_kept(tmp_path, method):
     layers = [make_layer(tmp_path, [E("tmp", "symlink", link="var/tmp"), E("var/tmp", "dir", mode=0o1777),
                                     E("etc/hosts", data=b"127.0.0.1 localhost\n"), E("home", "dir", mode=0o711),
                                     E("run/resolv.conf", data=b"nameserver 1.1.1.1\n"),
                                     E("etc/resolv.conf", "symlink", link="../run/resolv.conf"),
                                     E("proc", "symlink", link="/nowhere")])]
-    ls = listing(_build(layers, tmp_path, "tar"))
+    ls = listing(_build(layers, tmp_path, method))
     assert ls["tmp"][2] == "var/tmp" and ls["home"][0] == "drwx--x--x"
     assert ls["etc/resolv.conf"][2] == "../run/resolv.conf"
     assert ls["proc"][0] == "drwxr-xr-x"  # a dangling symlink is no mount point: replaced
-    t = extract(tmp_path / "tar.sqfs", tmp_path / "x")
+    t = extract(tmp_path / f"{method}.sqfs", tmp_path / "x")
     assert t["etc/hosts"][4] == b"127.0.0.1 localhost\n"
 
 
-@pytest.mark.parametrize("method", ["tar", "dir"])
+@pytest.mark.parametrize("method", ["tar", "dir", "native"])
 def test_owners_can_be_dropped(image, tmp_path, method):
     ls = listing(_build(image, tmp_path, method, preserve_owners=False))
     assert {v[1] for v in ls.values()} == {"0/0"}
-    if method == "tar":
-        assert listing(_build(image, tmp_path, "tar", preserve_owners=True))["home/user"][1] == "1000/1000"
+    if method != "dir":  # the stream methods keep owners without root
+        assert listing(_build(image, tmp_path, method, preserve_owners=True))["home/user"][1] == "1000/1000"
     assert ls["usr/bin/su"][0] == "-rwsr-xr-x" and ls["secret"][0] == "----------"
 
 
@@ -163,6 +166,55 @@ def test_other_compressors(tmp_path, compression, level):
     sqfs = _build(layers, tmp_path, "tar", compression=compression, level=level, processors=1)
     out = subprocess.run(["unsquashfs", "-s", str(sqfs)], capture_output=True, text=True).stdout
     assert f"Compression {compression}" in out
+
+
+@pytest.mark.parametrize("compression,level", [("gzip", 1), ("gzip", None), ("zstd", 1), ("zstd", None),
+                                               ("zstd", 19)])
+def test_native_compressors(tmp_path, compression, level):
+    """The native writer compresses with what was asked (``unsquashfs -s`` says so) at any level."""
+    data = b"hello" * 30_000 + os.urandom(1000)
+    layers = [make_layer(tmp_path, [E("f", data=data), E("small", data=b"tiny")])]
+    sqfs = _build(layers, tmp_path, "native", compression=compression, level=level)
+    out = subprocess.run(["unsquashfs", "-s", str(sqfs)], capture_output=True, text=True).stdout
+    assert f"Compression {compression}" in out
+    t = extract(sqfs, tmp_path / "x")
+    assert t["f"][4] == data and t["small"][4] == b"tiny"
+    assert sqfs.stat().st_size < 20_000  # compressed, not stored
+
+
+@pytest.mark.parametrize("compression", ["xz", "lz4", "lzo"])
+def test_native_refuses_other_compressors(tmp_path, compression):
+    """Only zstd and gzip are written natively: another compressor is one line, before any layer is
+    read; ``auto`` takes mksquashfs for them."""
+    layers = [make_layer(tmp_path, [E("f", data=b"x")])]
+    dest = tmp_path / "o.sqfs"
+    taken = []
+
+    def downloads():  # as the puller passes them: each layer once it has arrived
+        for layer in layers:
+            taken.append(layer)
+            yield layer
+
+    with pytest.raises(PullError) as ei:
+        build_squashfs(downloads(), CONFIG, dest, source_ref="r", source_digest="d", workdir=tmp_path / "w",
+                       method="native", compression=compression)
+    assert compression in str(ei.value) and "\n" not in str(ei.value) and not dest.exists()
+    assert taken == []  # refused before waiting for a download
+    assert build_squashfs(layers, CONFIG, dest, source_ref="r", source_digest="d", workdir=tmp_path / "w",
+                          method="auto", compression=compression) == "tar"
+    assert f"Compression {compression}" in subprocess.run(["unsquashfs", "-s", str(dest)], capture_output=True,
+                                                           text=True).stdout
+
+
+@pytest.mark.parametrize("compression", ["zstd", "gzip"])
+def test_auto_is_native_and_needs_no_mksquashfs(tmp_path, compression):
+    """``auto`` writes zstd and gzip images itself: a host without squashfs-tools can still pull."""
+    layers = [make_layer(tmp_path, [E("f", data=b"x" * 1000)])]
+    dest = tmp_path / "o.sqfs"
+    used = build_squashfs(layers, CONFIG, dest, source_ref="r", source_digest="d", workdir=tmp_path / "w",
+                          method="auto", compression=compression, mksquashfs=str(tmp_path / "no-mksquashfs"))
+    assert used == "native"
+    assert extract(dest, tmp_path / "x")["f"][4] == b"x" * 1000
 
 
 def test_compression_args():
@@ -175,7 +227,7 @@ def test_compression_args():
             compression_args(*bad)
 
 
-@pytest.mark.parametrize("method", ["tar", "dir"])
+@pytest.mark.parametrize("method", ["tar", "dir", "native"])
 def test_hostile_layer_fails_the_build_cleanly(tmp_path, method):
     sentinel = tmp_path / "sentinel"
     sentinel.mkdir()
@@ -211,6 +263,48 @@ def test_truncated_layer_during_streaming_kills_mksquashfs(tmp_path, monkeypatch
     with pytest.raises(LayerError):
         build_squashfs([layer], CONFIG, dest, source_ref="r", source_digest="d", workdir=tmp_path / "w", method="tar")
     assert not dest.exists()
+
+
+def test_truncated_layer_during_native_write_names_the_layer(tmp_path, monkeypatch):
+    """The blob changes between the merge (headers) and the data pass: the native writer stops with
+    the layer's one-line LayerError and leaves neither the image nor scratch files behind."""
+    layer = make_layer(tmp_path, [E("f", data=os.urandom(300_000)), E("g", data=b"after")], "none")
+    from shpc_lite.pull import squashfs as squashfs_mod
+
+    real = squashfs_mod.build_tree
+
+    def merge_then_cut(*args, **kwargs):
+        tree = real(*args, **kwargs)
+        cut = layer.path.with_suffix(".cut")
+        cut.write_bytes(layer.path.read_bytes()[:512 + 150_000])  # f's header and half its data
+        os.replace(cut, layer.path)
+        return tree
+
+    monkeypatch.setattr(squashfs_mod, "build_tree", merge_then_cut)
+    whole = layer.path.read_bytes()
+    dest = tmp_path / "t.sqfs"
+    for offset in (0, 4096):  # a plain image, and one in place in a SIF
+        layer.path.write_bytes(whole)
+        with pytest.raises(LayerError) as ei:
+            build_squashfs([layer], CONFIG, dest, source_ref="r", source_digest="d", workdir=tmp_path / "w",
+                           method="native", offset=offset)
+        msg = str(ei.value)
+        assert layer.digest in msg and "'f'" in msg and "\n" not in msg, msg
+        assert not dest.exists() and list((tmp_path / "w").iterdir()) == []
+
+
+def test_native_write_failures_are_one_line(tmp_path):
+    """A destination that cannot be written and a work dir that is a file: one PullError line each."""
+    layer = make_layer(tmp_path, [E("f", data=b"x")])
+    with pytest.raises(PullError) as ei:
+        build_squashfs([layer], CONFIG, tmp_path / "missing-dir" / "o.sqfs", source_ref="r", source_digest="d",
+                       workdir=tmp_path / "w", method="native")
+    assert "\n" not in str(ei.value) and "o.sqfs" in str(ei.value)
+    (tmp_path / "not-a-dir").write_text("")
+    with pytest.raises(PullError) as ei:
+        build_squashfs([layer], CONFIG, tmp_path / "o.sqfs", source_ref="r", source_digest="d",
+                       workdir=tmp_path / "not-a-dir", method="native")
+    assert "\n" not in str(ei.value) and not (tmp_path / "o.sqfs").exists()
 
 
 def test_mksquashfs_failure_is_a_pull_error(tmp_path):
@@ -302,7 +396,7 @@ LONG_NAME = "hard/" + "ő" * 60  # 120 bytes of UTF-8: a pax path, and a pax lin
 DEEP = "deep/" + "/".join(["ü" * 60] * 5) + "/f"  # a path of more than 600 bytes
 
 
-@pytest.mark.parametrize("method", ["tar", "dir"])
+@pytest.mark.parametrize("method", ["tar", "dir", "native"])
 def test_link_targets_and_long_names_are_stored_verbatim(tmp_path, method):
     layers = [make_layer(tmp_path, [
         E(f"usr/share/ca-certificates/mozilla/{CERT}.crt", data=b"cert"),
@@ -316,7 +410,8 @@ def test_link_targets_and_long_names_are_stored_verbatim(tmp_path, method):
     assert t[DEEP][4] == b"deep"
 
 
-@pytest.mark.parametrize("writer,method", [("gnu", "tar"), ("bsdtar", "tar"), ("bsdtar", "dir")])
+@pytest.mark.parametrize("writer,method", [("gnu", "tar"), ("bsdtar", "tar"), ("bsdtar", "dir"), ("gnu", "native"),
+                                           ("bsdtar", "native")])
 def test_sparse_files_in_the_squashfs(tmp_path, writer, method):
     expected = sparse_sources(tmp_path / "src")
     layer = blob_from_tar(tmp_path, it.tar_directory(writer, tmp_path / "src"), "zstd")

@@ -127,6 +127,11 @@ class _MetadataTable:
     def ref(self) -> int:
         return self.length << 16 | len(self._buf)
 
+    @property
+    def pending(self) -> int:
+        """Bytes of the metadata block being filled."""
+        return len(self._buf)
+
     def add(self, data: bytes) -> None:
         self._buf += data
         while len(self._buf) >= METADATA_SIZE:
@@ -330,16 +335,23 @@ class _Listing:
         self.index: List[bytes] = []  # entries of the extended directory inode's index
         self._run: List[bytes] = []
         self._first = b""
-        self._block = self._base = 0
+        self._block = self._base = self._run_bytes = 0
 
     def add(self, name: bytes, inode: _Inode) -> None:
         block, number = inode.ref >> 16, inode.number
         run = self._run
-        if run and (block != self._block or len(run) == DIR_RUN or not -32768 <= number - self._base <= 32767):
+        # a new header where the inode block changes, the run is full, the number is out of reach
+        # of the base, or the run would cross into the next metadata block (so every block of a
+        # long listing has a header to index, as with mksquashfs)
+        if run and (block != self._block or len(run) == DIR_RUN or not -32768 <= number - self._base <= 32767
+                    or self._table.pending + self._run_bytes + _DIR_ENTRY.size + len(name) > METADATA_SIZE):
             self._flush()
         if not run:
             self._block, self._base, self._first = block, number, name
-        run.append(_DIR_ENTRY.pack(inode.ref & 0xFFFF, number - self._base, inode.kind, len(name) - 1) + name)
+            self._run_bytes = _DIR_HEADER.size
+        entry = _DIR_ENTRY.pack(inode.ref & 0xFFFF, number - self._base, inode.kind, len(name) - 1) + name
+        run.append(entry)
+        self._run_bytes += len(entry)
 
     def _flush(self) -> None:
         at = self._table.ref() >> 16
