@@ -153,11 +153,19 @@ class _MetadataTable:
             self._emit(bytes(self._buf))
             self._buf.clear()
 
-    def copy_to(self, out: BinaryIO) -> None:
+    def copy_to(self, out: BinaryIO, at: int) -> int:
+        """Append the table's blocks to ``out``, where the image is at ``at``; returns where it ends."""
         self.finish()
         self._spool.flush()
         self._spool.seek(0)
         shutil.copyfileobj(self._spool, out, 1 << 20)
+        return at + self.length
+
+    def write_index(self, out: BinaryIO, blocks_at: int, at: int) -> int:
+        """Append the index of the table's blocks (copied to ``blocks_at``), as the fragment and id
+        tables have; returns where it ends."""
+        out.write(b"".join(struct.pack("<Q", blocks_at + start) for start in self.block_starts))
+        return at + 8 * len(self.block_starts)
 
 
 class _Ids:
@@ -377,14 +385,14 @@ class _Writer:
     def __init__(self, tree: RootfsTree, out: BinaryIO, spool_dir: Path, compress: Callable[[bytes], bytes],
                  workers: int, owners: bool):
         self.tree = tree
-        self.out = out
         self.owners = owners
         self.ids = _Ids()
         self.compress = compress
         self._spools: List[BinaryIO] = []
-        self.inodes = self._table(spool_dir)
-        self.listings = self._table(spool_dir)
-        self.fragments = self._table(spool_dir)
+        self._spool_dir = spool_dir
+        self.inodes = self._table()
+        self.listings = self._table()
+        self.fragments = self._table()
         self.data = _DataWriter(out, compress, workers, self.fragments, self._placed)
         self.count = 0  # inode numbers given
         self.db = tree.files.connection
@@ -398,10 +406,16 @@ class _Writer:
         self._generated: Dict[int, Tuple[_Stored, int]] = {}  # generated files by identity: data, nlink
         self._generated_links: Dict[int, _Inode] = {}
 
-    def _table(self, spool_dir: Path) -> _MetadataTable:
-        spool = tempfile.TemporaryFile(dir=spool_dir, prefix="squashfs-table-")
+    def _table(self) -> _MetadataTable:
+        spool = tempfile.TemporaryFile(dir=self._spool_dir, prefix="squashfs-table-")
         self._spools.append(spool)
         return _MetadataTable(self.compress, spool)
+
+    def id_table(self) -> _MetadataTable:
+        """The owners and groups the inodes named, by index (after every inode is written)."""
+        table = self._table()
+        table.add(b"".join(struct.pack("<I", value) for value in self.ids.order))
+        return table
 
     def close(self) -> None:
         self.data.close()
@@ -576,21 +590,15 @@ def write_squashfs(tree: RootfsTree, dest: Path, *, compression: str, level: int
         try:
             plan = writer.write_data()
             root_ref = writer.write_tree(plan.root_mtime)
+            # the tables after the data, in the order the kernel checks them
             inode_start = writer.data.position
-            writer.inodes.copy_to(out)
-            dir_start = inode_start + writer.inodes.length
-            writer.listings.copy_to(out)
-            fragment_start = dir_start + writer.listings.length
-            writer.fragments.copy_to(out)
-            fragment_index = fragment_start + writer.fragments.length
-            out.write(b"".join(struct.pack("<Q", fragment_start + s) for s in writer.fragments.block_starts))
-            id_blocks = fragment_index + 8 * len(writer.fragments.block_starts)
-            ids = writer._table(scratch)
-            ids.add(b"".join(struct.pack("<I", v) for v in writer.ids.order))
-            ids.copy_to(out)
-            id_index = id_blocks + ids.length
-            out.write(b"".join(struct.pack("<Q", id_blocks + s) for s in ids.block_starts))
-            used = id_index + 8 * len(ids.block_starts)
+            dir_start = writer.inodes.copy_to(out, inode_start)
+            fragment_blocks = writer.listings.copy_to(out, dir_start)
+            fragment_index = writer.fragments.copy_to(out, fragment_blocks)
+            id_blocks = writer.fragments.write_index(out, fragment_blocks, fragment_index)
+            ids = writer.id_table()
+            id_index = ids.copy_to(out, id_blocks)
+            used = ids.write_index(out, id_blocks, id_index)
             out.write(bytes(-used % PAD))
             out.seek(offset)
             out.write(SUPERBLOCK.pack(
