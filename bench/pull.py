@@ -15,6 +15,8 @@ in the same run:
                      and gzip; mksquashfs, measured separately, for other compressors), SIF
   builtin warm       the same with the blob cache kept (nothing downloaded)
   builtin keep_blobs=false cold   the same with config keep_blobs false
+  builtin squashfs_writer=mksquashfs cold   the same with the merged tar streamed into
+                     ``mksquashfs -tar`` instead of the native writer
   download alone     the builtin's concurrent, verified download of every layer, nothing else
   skopeo+umoci+mksquashfs   ``skopeo copy docker://... oci:DIR`` + ``umoci unpack --rootless`` +
                      ``mksquashfs rootfs OUT`` (what ``apptainer pull`` does inside, without the SIF;
@@ -314,6 +316,7 @@ def main() -> int:
 
         rows: dict[str, list[tuple]] = {}  # name -> [(wall s, CPU s)] per round
         rss: dict[int, dict] = {}  # image size in MB -> the peaks of its cold pull
+        rss_tool: dict[int, dict] = {}  # the same with squashfs_writer=mksquashfs
         sizes: dict[str, int] = {}
         for rnd in range(opts.rounds):
             root = work / f"root-{rnd}"
@@ -329,6 +332,10 @@ def main() -> int:
             shutil.rmtree(root)
             nokeep = pull_child({**env, "SHPC_LITE_KEEP_BLOBS": "false"}, ref, work)
             rows.setdefault("builtin cold, keep_blobs=false", []).append((nokeep["seconds"], nokeep["cpu"]))
+            shutil.rmtree(root)
+            tool = pull_child({**env, "SHPC_LITE_SQUASHFS_WRITER": "mksquashfs"}, ref, work)
+            rows.setdefault("builtin cold, squashfs_writer=mksquashfs", []).append((tool["seconds"], tool["cpu"]))
+            rss_tool[opts.size_mb] = tool
             shutil.rmtree(root)
             rows.setdefault("download alone (builtin, verified)", []).append(download_alone(env, ref))
             shutil.rmtree(root)
@@ -354,6 +361,9 @@ def main() -> int:
             small_ref = f"{host}/bench/small:{TAG}"
             rss[opts.rss_mb] = pull_child({**base_env, "SHPC_LITE_ROOT": str(root)}, small_ref, work)
             shutil.rmtree(root)
+            rss_tool[opts.rss_mb] = pull_child({**base_env, "SHPC_LITE_ROOT": str(root),
+                                                "SHPC_LITE_SQUASHFS_WRITER": "mksquashfs"}, small_ref, work)
+            shutil.rmtree(root)
             layout, bundle, out = work / "oci-small", work / "bundle-small", work / "small.sqfs"
             unpack_with_umoci(small_ref, layout, bundle)
             rss[opts.rss_mb]["alone_kb"] = mksquashfs_alone_kb(bundle / "rootfs", out, squash, work)
@@ -378,13 +388,11 @@ def main() -> int:
         columns = [f"{mb} MB image, {images[mb]['files']} files" for mb in sizes_mb]
         head = "".join(f"{c:>30}" for c in columns)
         print(f"\n{'peak RSS of a builtin cold pull, MB':<40}{head}{'growth':>10}")
-        for label, key in (("the pull (download, merge, squashfs)", "python_kb"),
-                           ("mksquashfs run by the pull", "children_kb"),
-                           (f"mksquashfs -mem {MKSQUASHFS_MEM} alone on umoci's tree", "alone_kb")):
-            if key == "children_kb" and not any(rss[mb][key] for mb in sizes_mb):
-                print(f"{label:<40}{'none (native squashfs writer)':>30}")
-                continue
-            peaks = [rss[mb][key] / 1024 for mb in sizes_mb]
+        for label, peaks_of, key in (("the pull (one process, native writer)", rss, "python_kb"),
+                                     ("squashfs_writer=mksquashfs: Python", rss_tool, "python_kb"),
+                                     ("squashfs_writer=mksquashfs: mksquashfs", rss_tool, "children_kb"),
+                                     (f"mksquashfs -mem {MKSQUASHFS_MEM} alone, umoci's tree", rss, "alone_kb")):
+            peaks = [peaks_of[mb][key] / 1024 for mb in sizes_mb]
             print(f"{label:<40}" + "".join(f"{p:>30.0f}" for p in peaks) + f"{peaks[-1] - peaks[0]:>+10.0f}")
         return 0
     finally:

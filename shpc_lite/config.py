@@ -49,6 +49,8 @@ KEYS: dict[str, tuple[Any, str, tuple[str, ...]]] = {
     "puller": ("auto", "str", ("auto", "apptainer", "builtin")),
     "squashfs_compression": ("zstd", "str", ("zstd", "gzip", "xz", "lz4", "lzo")),
     "squashfs_level": (0, "int", ()),  # 0: the compressor's own default (zstd 3, gzip 9)
+    # who writes the squashfs: auto (native for zstd and gzip, else mksquashfs), native, mksquashfs
+    "squashfs_writer": ("auto", "str", ("auto", "native", "mksquashfs")),
     "group": ("", "str", ()),
     "file_mode": ("0644", "str", ()),
     "lustre_stripe_count": (0, "int", ()),

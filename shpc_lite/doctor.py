@@ -196,7 +196,7 @@ def check_mksquashfs(config: Config) -> Finding:
         from shpc_lite.pull.squashfs_writer import supports
 
         compression = config["squashfs_compression"]
-        if supports(compression):  # the builtin puller writes gzip and zstd squashfs itself
+        if supports(compression) and config["squashfs_writer"] != "mksquashfs":  # the builtin puller writes gzip and zstd squashfs itself
             return Finding("ok", "mksquashfs", f"not found, not needed: the builtin puller writes {compression} "
                            "squashfs itself (squashfs_compression xz, lz4 or lzo would need it)")
         level = "warn" if shutil.which("apptainer") or shutil.which("singularity") else "error"

@@ -285,14 +285,14 @@ def _build_builtin(config: Config, source: "ImageSource", tmp_sif: Path, scratch
         json_objects = {"oci-config.json": json.dumps(image.config.get("config") or {}, sort_keys=True).encode()}
         # the squashfs is written straight to its place in the SIF (no copy of a multi-GB partition)
         # by the native writer, or by mksquashfs where its -offset option exists (squashfs-tools >= 4.4)
-        in_place = writes_in_place(config["squashfs_compression"])
+        in_place = writes_in_place(config["squashfs_compression"], config["squashfs_writer"])
         offset = container_partition_offset(deffile=deffile, json_objects=json_objects, arch=image.arch)
         squashfs = tmp_sif if in_place else scratch / "rootfs.squashfs"
         build_squashfs(
             arriving, image.config, squashfs,
             source_ref=image.label, source_digest=image.digest,
             compression=config["squashfs_compression"], level=config["squashfs_level"] or None,
-            workdir=scratch, offset=offset if in_place else 0,
+            workdir=scratch, offset=offset if in_place else 0, method=config["squashfs_writer"],
         )
         payload = InPlace(tmp_sif.stat().st_size - offset) if in_place else squashfs
         build_container_sif(tmp_sif, payload, deffile=deffile, json_objects=json_objects, arch=image.arch)

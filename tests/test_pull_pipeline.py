@@ -154,3 +154,31 @@ def test_keep_blobs_false_from_an_oci_layout_writes_no_blob(site, tmp_path):
     (tmp_path / "t").mkdir()
     tree, _ = sif_tree(sif, tmp_path / "t")
     assert tree["/data/big.bin"].startswith("file 600") and "/data/old.txt" not in tree
+
+
+def test_squashfs_writer_config_chooses_who_writes_the_squashfs(site, registry, unique_repo, tmp_path):
+    """The default (``auto`` with zstd) writes the squashfs natively and never runs mksquashfs (a
+    recording wrapper first on PATH); ``squashfs_writer=mksquashfs`` runs it. Both SIFs hold the same
+    tree with the same contents (directory sizes aside: the writers lay out listings differently)."""
+    image = mixed_image()
+    registry.pusher().push_image(unique_repo, image, tags=["1.0"])
+    bindir, calls = tmp_path / "wrap", tmp_path / "mksquashfs-calls"
+    bindir.mkdir()
+    (bindir / "mksquashfs").write_text(f'#!/bin/sh\necho "$@" >> {calls}\nexec {shutil.which("mksquashfs")} "$@"\n')
+    (bindir / "mksquashfs").chmod(0o755)
+    env = {"PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"}
+    sif = site.root / "containers" / f"sha256-{image.digest.split(':')[1]}.sif"
+    trees = {}
+    for n, writer in enumerate(("auto", "mksquashfs")):
+        image_recipe(site, f"w{n}", f"{registry.host}/{unique_repo}", {"1.0": "1.0"})
+        proc = site.cli("--set", "puller=builtin", "--set", f"squashfs_writer={writer}", "install", f"w{n}:1.0",
+                        extra_env=env)
+        assert proc.returncode == 0, proc.stderr
+        assert calls.exists() == (writer == "mksquashfs"), writer
+        listing, hashes = squashfs_listing(sif, tmp_path / writer)
+        lines = sorted(" ".join(f for i, f in enumerate(line.split()) if not (line.startswith("d") and i == 2))
+                       for line in listing.splitlines() if "squashfs-root/" in line)
+        trees[writer] = lines, hashes
+        sif.unlink()
+    assert trees["auto"] == trees["mksquashfs"]
+    assert len(trees["auto"][1]) > 60

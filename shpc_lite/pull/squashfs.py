@@ -44,7 +44,7 @@ from .layers import LayerBlob, RootfsTree, build_tree, is_root, write_merged_tar
 log = logging.getLogger(__name__)
 
 DEFAULT_METHOD = "tar"  # of the mksquashfs methods
-METHODS = ("auto", "native", "tar", "dir")
+METHODS = ("auto", "native", "mksquashfs", "tar", "dir")  # mksquashfs: tar where it has -tar, else dir
 
 # compressor -> (lowest level, highest level, level used when none is given) or None (no levels)
 COMPRESSORS = {
@@ -101,10 +101,12 @@ def compression_args(compression: str, level: Optional[int], feats: frozenset = 
     return args
 
 
-def writes_in_place(compression: str, mksquashfs: str = "mksquashfs") -> bool:
-    """Whether ``build_squashfs(method="auto")`` can write at an offset into the SIF (``offset``):
-    always with the native writer, with mksquashfs where it has ``-offset`` (>= 4.4)."""
-    return squashfs_writer.supports(compression) or "-offset" in mksquashfs_features(mksquashfs)
+def writes_in_place(compression: str, method: str = "auto", mksquashfs: str = "mksquashfs") -> bool:
+    """Whether ``build_squashfs`` with this ``method`` can write at an offset into the SIF
+    (``offset``): always with the native writer, with mksquashfs where it has ``-offset`` (>= 4.4)."""
+    if method == "native" or (method == "auto" and squashfs_writer.supports(compression)):
+        return True
+    return "-offset" in mksquashfs_features(mksquashfs)
 
 
 def _created_time(cfg: Mapping[str, Any]) -> Optional[int]:
@@ -251,7 +253,7 @@ def build_squashfs(
                                            workers=processors or usable_cores(), owners=preserve_owners,
                                            offset=offset, scratch=scratch)
     else:
-        build = _mksquashfs_build(method, dest, compression, level, processors, preserve_owners, mksquashfs, offset)
+        build = _mksquashfs_build("auto" if method == "mksquashfs" else method, dest, compression, level, processors, preserve_owners, mksquashfs, offset)
         method = "dir" if build.func is _build_dir else "tar"  # type: ignore[attr-defined]
 
     cfg = inner_config(image_config)
