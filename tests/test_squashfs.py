@@ -307,6 +307,30 @@ def test_native_write_failures_are_one_line(tmp_path):
     assert "\n" not in str(ei.value) and not (tmp_path / "o.sqfs").exists()
 
 
+def test_a_full_disk_during_a_native_write_is_one_line_and_leaves_nothing(tmp_path):
+    """The image's data blocks are written by a thread of their own: a write that fails there (here
+    a 2 MiB file size limit standing for a full disk, with 6 MB of random data to write) still
+    stops the build with one line, and the half-written image is removed."""
+    import sys
+
+    layer = make_layer(tmp_path, [E("big", data=os.urandom(6 << 20)), E("small", data=b"s")])
+    dest = tmp_path / "o.sqfs"
+    script = ("import resource, signal, sys\nfrom pathlib import Path\nfrom shpc_lite.errors import PullError\n"
+              "from shpc_lite.pull import LayerBlob, build_squashfs\n"
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (2 << 20, 2 << 20))\n"
+              "try:\n    build_squashfs([LayerBlob(Path(sys.argv[1]), '', 'sha256:x')], {}, Path(sys.argv[2]),\n"
+              "                   source_ref='site/img:1', source_digest='d', workdir=Path(sys.argv[3]), method='native')\n"
+              "except PullError as err:\n    print(err)\n    sys.exit(1)\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(layer.path), str(dest), str(tmp_path / "w")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr == "", proc.stderr
+    message = proc.stdout.strip()
+    assert "\n" not in message and "o.sqfs" in message and "File too large" in message, message
+    assert not dest.exists()
+    assert not (tmp_path / "w").exists() or list((tmp_path / "w").iterdir()) == []
+
+
 def test_mksquashfs_failure_is_a_pull_error(tmp_path):
     layer = make_layer(tmp_path, [E("f", data=b"x")])
     with pytest.raises(PullError) as ei:
