@@ -434,7 +434,7 @@ def _by_name(entry: Tuple[bytes, object, object]) -> bytes:
 
 
 class _Writer:
-    """Both passes over one tree (see the module docstring)."""
+    """Both passes over one tree, data then metadata (see the module docstring)."""
 
     def __init__(self, tree: RootfsTree, out: BinaryIO, spool_dir: Path, compress: Callable[[bytes], bytes],
                  workers: int, owners: bool):
@@ -476,7 +476,7 @@ class _Writer:
         for spool in self._spools:
             spool.close()
 
-    # ---- pass 1: data
+    # ---- data
 
     def write_data(self) -> Plan:
         plan = self.tree.plan()
@@ -503,7 +503,7 @@ class _Writer:
                 self.db.executemany("INSERT INTO stored VALUES (?, ?, ?, ?)", self._stored_rows)
             self._stored_rows.clear()
 
-    # ---- pass 2: inodes and directories
+    # ---- metadata: inodes and directories
 
     def _header(self, kind: int, node: "_Entry", number: int) -> bytes:
         uid, gid = (node.uid, node.gid) if self.owners else (0, 0)
@@ -519,18 +519,15 @@ class _Writer:
         return self.count
 
     def _file_inode(self, node: _File, stored: _Stored, nlink: int) -> _Inode:
+        """A file's inode: basic unless it needs an extended one's fields (links, holes, 4 GiB)."""
         number = self._next_number()
-        size = node.size
-        if nlink == 1 and not stored.sparse and stored.start < 1 << 32 and size < 1 << 32:
+        if nlink == 1 and not stored.sparse and stored.start < 1 << 32 and node.size < 1 << 32:
             body = self._header(REG, node, number) + _BASIC_FILE.pack(stored.start, stored.fragment, stored.offset,
-                                                                         size)
-            kind = REG
-        else:
-            body = self._header(LREG, node, number) + _LONG_FILE.pack(stored.start, size, stored.sparse, nlink,
-                                                                         stored.fragment, stored.offset, NO_XATTR)
-            kind = LREG
-        inode = self._add_inode(kind, body + stored.sizes.tobytes(), number)
-        return inode
+                                                                         node.size)
+            return self._add_inode(REG, body + stored.sizes.tobytes(), number)
+        body = self._header(LREG, node, number) + _LONG_FILE.pack(stored.start, node.size, stored.sparse, nlink,
+                                                                     stored.fragment, stored.offset, NO_XATTR)
+        return self._add_inode(LREG, body + stored.sizes.tobytes(), number)
 
     def _layer_file(self, layer: int, ordinal: int, meta: bytes, data: bytes, nlink: int) -> _Inode:
         if nlink > 1:
@@ -572,8 +569,35 @@ class _Writer:
                                    " WHERE f.dir = ? ORDER BY f.name", (d.ident,))
             yield from heapq.merge(objects, ((r[0], None, r[1:]) for r in rows), key=_by_name)
 
+    def _directory(self, d: _Dir, number: int, parent: Optional[int], subdirs: Dict[int, _Inode],
+                   root_mtime: int) -> _Inode:
+        """Write the inodes of ``d``'s entries that are not directories (``subdirs`` has those),
+        its listing, then its own inode. The root (``parent`` None) is 0755 root:root, with the
+        image's time, and names as its parent one past the last inode number, as mksquashfs does."""
+        listing = _Listing(self.listings)
+        nlink = 2
+        for name, node, row in self._entries(d):
+            if row is not None:
+                inode = self._layer_file(*row)
+            else:
+                assert node is not None
+                nlink += isinstance(node, _Dir)
+                inode = self._other(node, subdirs)
+            listing.add(name, inode)
+        listing.finish()
+        node = d if parent is not None else _Dir(0o755, 0, 0, root_mtime)
+        parent = self.count + 1 if parent is None else parent
+        size = listing.size + 3  # readers count "." and ".." as 3 bytes
+        block, offset = listing.ref >> 16, listing.ref & 0xFFFF
+        if size <= 0xFFFF and not listing.index:
+            body = self._header(DIR, node, number) + _BASIC_DIR.pack(block, nlink, size, offset, parent)
+            return self._add_inode(DIR, body, number)
+        body = self._header(LDIR, node, number) + _LONG_DIR.pack(nlink, size, block, parent, len(listing.index),
+                                                                  offset, NO_XATTR)
+        return self._add_inode(LDIR, body + b"".join(listing.index), number)
+
     def write_tree(self, root_mtime: int) -> int:
-        """Pass 2; returns the root inode's reference."""
+        """Every inode and listing, depth first (children before parents); returns the root's reference."""
         # directory numbers first, so that a directory's inode can name its parent's
         numbers: Dict[int, int] = {}
         stack = [self.tree.root]
@@ -597,33 +621,11 @@ class _Writer:
                 enter(child, d)
                 continue
             todo.pop()
-            listing = _Listing(self.listings)
-            nlink = 2
-            for name, node, row in self._entries(d):
-                if row is not None:
-                    inode = self._layer_file(row[0], row[1], row[2], row[3], row[4])
-                else:
-                    assert node is not None
-                    if isinstance(node, _Dir):
-                        nlink += 1
-                    inode = self._other(node, written)
-                listing.add(name, inode)
+            parent_number = numbers[parent.ident] if parent is not None else None
+            inode = self._directory(d, numbers[d.ident], parent_number, written, root_mtime)
             for c in d.children.values():
                 if isinstance(c, _Dir):
                     del written[c.ident]
-            listing.finish()
-            number = numbers[d.ident]
-            parent_number = numbers[parent.ident] if parent is not None else self.count + 1  # as mksquashfs
-            node = d if parent is not None else _Dir(0o755, 0, 0, root_mtime)
-            size = listing.size + 3
-            block, offset = listing.ref >> 16, listing.ref & 0xFFFF
-            if size <= 0xFFFF and not listing.index:
-                body = self._header(DIR, node, number) + _BASIC_DIR.pack(block, nlink, size, offset, parent_number)
-                inode = self._add_inode(DIR, body, number)
-            else:
-                body = self._header(LDIR, node, number) + _LONG_DIR.pack(
-                    nlink, size, block, parent_number, len(listing.index), offset, NO_XATTR)
-                inode = self._add_inode(LDIR, body + b"".join(listing.index), number)
             written[d.ident] = inode
             root_ref = inode.ref
         return root_ref
