@@ -193,10 +193,10 @@ def check_subids() -> list[Finding]:
 def check_mksquashfs(config: Config) -> Finding:
     found = shutil.which("mksquashfs")
     if not found:
-        from shpc_lite.pull.squashfs_writer import supports
+        from shpc_lite.pull.squashfs import uses_native
 
         compression = config["squashfs_compression"]
-        if supports(compression) and config["squashfs_writer"] != "mksquashfs":  # the builtin puller writes gzip and zstd squashfs itself
+        if uses_native(compression, config["squashfs_writer"]):  # the builtin puller writes gzip and zstd squashfs itself
             return Finding("ok", "mksquashfs", f"not found, not needed: the builtin puller writes {compression} "
                            "squashfs itself (squashfs_compression xz, lz4 or lzo would need it)")
         level = "warn" if shutil.which("apptainer") or shutil.which("singularity") else "error"

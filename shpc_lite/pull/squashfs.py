@@ -34,7 +34,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, List, Mapping, Optional, Sequence
+from typing import Any, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from ..errors import LayerError, PullError
 from .apptainer_files import apptainer_files, inner_config
@@ -101,12 +101,16 @@ def compression_args(compression: str, level: Optional[int], feats: frozenset = 
     return args
 
 
+def uses_native(compression: str, method: str = "auto") -> bool:
+    """Whether ``build_squashfs`` with this ``method`` writes the squashfs itself (else mksquashfs
+    does): ``native``, or ``auto`` with a compressor the native writer has."""
+    return method == "native" or (method == "auto" and squashfs_writer.supports(compression))
+
+
 def writes_in_place(compression: str, method: str = "auto", mksquashfs: str = "mksquashfs") -> bool:
     """Whether ``build_squashfs`` with this ``method`` can write at an offset into the SIF
     (``offset``): always with the native writer, with mksquashfs where it has ``-offset`` (>= 4.4)."""
-    if method == "native" or (method == "auto" and squashfs_writer.supports(compression)):
-        return True
-    return "-offset" in mksquashfs_features(mksquashfs)
+    return uses_native(compression, method) or "-offset" in mksquashfs_features(mksquashfs)
 
 
 def _created_time(cfg: Mapping[str, Any]) -> Optional[int]:
@@ -237,9 +241,8 @@ def build_squashfs(
     dest = Path(dest)
     if method not in METHODS:
         raise PullError(f"unknown squashfs build method {method!r} (one of {', '.join(METHODS)})")
-    if method == "auto" and squashfs_writer.supports(compression):
+    if uses_native(compression, method):
         method = "native"
-    if method == "native":
         if not squashfs_writer.supports(compression):
             raise PullError(f"squashfs compression {compression} needs mksquashfs (the native writer does "
                             "gzip and zstd)")
@@ -253,8 +256,8 @@ def build_squashfs(
                                            workers=processors or usable_cores(), owners=preserve_owners,
                                            offset=offset, scratch=scratch)
     else:
-        build = _mksquashfs_build("auto" if method == "mksquashfs" else method, dest, compression, level, processors, preserve_owners, mksquashfs, offset)
-        method = "dir" if build.func is _build_dir else "tar"  # type: ignore[attr-defined]
+        method, build = _mksquashfs_build("auto" if method == "mksquashfs" else method, dest, compression, level,
+                                          processors, preserve_owners, mksquashfs, offset)
 
     cfg = inner_config(image_config)
     extras = apptainer_files(image_config, source_ref=source_ref, source_digest=source_digest)
@@ -276,9 +279,9 @@ def build_squashfs(
 
 
 def _mksquashfs_build(method: str, dest: Path, compression: str, level: Optional[int], processors: Optional[int],
-                      preserve_owners: bool, mksquashfs: str, offset: int) -> "functools.partial[None]":
-    """``build(tree, scratch)`` for method ``"tar"``, ``"dir"`` or ``"auto"`` (whichever this
-    mksquashfs has), with the options both share."""
+                      preserve_owners: bool, mksquashfs: str, offset: int) -> Tuple[str, "functools.partial[None]"]:
+    """The method (``"tar"`` or ``"dir"``; for ``"auto"`` whichever this mksquashfs has) and its
+    ``build(tree, scratch)``, with the options both share."""
     feats = mksquashfs_features(mksquashfs)
     comp_args = compression_args(compression, level, feats)
     has_tar = {"-tar", "-no-strip", "-root-mode"} <= feats
@@ -297,8 +300,9 @@ def _mksquashfs_build(method: str, dest: Path, compression: str, level: Optional
         common += ["-offset", str(int(offset))]
     common += [o for o in ("-quiet", "-no-progress", "-exit-on-error") if o in feats]
     if method == "tar":
-        return functools.partial(_build_tar, dest=dest, common=common, owners=preserve_owners, exe=mksquashfs)
-    return functools.partial(_build_dir, dest=dest, common=common, chown=preserve_owners and is_root(), exe=mksquashfs)
+        return method, functools.partial(_build_tar, dest=dest, common=common, owners=preserve_owners, exe=mksquashfs)
+    return method, functools.partial(_build_dir, dest=dest, common=common, chown=preserve_owners and is_root(),
+                                     exe=mksquashfs)
 
 
 def _build_tar(tree: RootfsTree, scratch: Path, *, dest: Path, common: List[str], owners: bool, exe: str) -> None:

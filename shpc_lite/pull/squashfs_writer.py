@@ -50,9 +50,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO, Callable, Deque, Dict, Iterator, List, Optional, Tuple
 
-from ..errors import LayerError, PullError
+from ..errors import PullError
 from .layers import (
-    Plan, RootfsTree, _Data, _Dir, _Entry, _Fifo, _File, _FILE_META, _Symlink, _label, _name_key, _READ_ERRORS,
+    Plan, RootfsTree, _Data, _Dir, _Entry, _Fifo, _File, _FILE_META, _Symlink, _label, _name_key, _copy_exact,
     _iter_file_data, index_errors,
 )
 
@@ -357,17 +357,8 @@ class _DataWriter:
 
 def _read_exact(reader: _Data, size: int, label: str, name: str) -> bytes:
     """Exactly ``size`` bytes of a file's data (a short read is the layer's fault: LayerError)."""
-    parts = []
-    left = size
-    try:
-        while left:
-            chunk = reader.read(left)
-            if not chunk:
-                raise LayerError(f"layer {label}: entry {name!r}: data truncated")
-            parts.append(chunk)
-            left -= len(chunk)
-    except _READ_ERRORS as exc:
-        raise LayerError(f"layer {label}: entry {name!r}: unreadable data: {exc}") from None
+    parts: List[bytes] = []
+    _copy_exact(reader, size, parts.append, label, name)
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
